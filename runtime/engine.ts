@@ -1,0 +1,170 @@
+/**
+ * The Engine is what an entry point builds once and hands to the HTTP app: the model folder, its ONNX
+ * session on the chosen backend, the tokenizer, the chat template, and the FIFO queue in front of them.
+ * It speaks messages, text and token ids; it knows no HTTP.
+ */
+import { selectBackend, type BackendName, type BackendRequest } from "./backend.ts";
+import { ChatTemplate, type ChatMessage, type RenderOptions } from "./chat-template.ts";
+import { RuntimeError, invalidRequest } from "./errors.ts";
+import { generate, type GenerateResult } from "./generate.ts";
+import { LlamaModel } from "./llama-model.ts";
+import { loadModelFolder, variantUsesFloat16, type ModelVariant } from "./model-folder.ts";
+import { RequestQueue } from "./request-queue.ts";
+import { DEFAULT_SAMPLING, type SamplingParams } from "./sampling.ts";
+import { TextTokenizer } from "./tokenizer.ts";
+
+export interface EngineOptions {
+  modelDir: string;
+  /** Model id reported by /v1/models; defaults to the folder name. */
+  modelId?: string;
+  variant: ModelVariant | "auto";
+  backend: BackendRequest;
+  threads: number;
+  queueLimit: number;
+  /** Tokens of context a request may use (prompt + completion); 0 means the model's max_position_embeddings. */
+  contextLength: number;
+  prefillChunk: number;
+}
+
+export interface EngineInfo {
+  modelId: string;
+  modelDir: string;
+  variant: ModelVariant;
+  backend: BackendName;
+  backendDetail: string;
+  contextLength: number;
+  vocabSize: number;
+  kvDtype: string;
+  /** KV bytes one token of context costs on this model. */
+  kvBytesPerToken: number;
+  loadMs: number;
+  createdAt: number;
+}
+
+export interface CompletionJob {
+  promptIds: number[];
+  /** Undefined: up to the end of the context. */
+  maxTokens?: number;
+  sampling: Partial<SamplingParams>;
+  stop: string[];
+  /** Generate past eos ids (llama.cpp's ignore_eos). */
+  ignoreEos?: boolean;
+  signal?: AbortSignal;
+}
+
+export interface EngineMetrics {
+  requests: number;
+  promptTokens: number;
+  completionTokens: number;
+  prefillMs: number;
+  decodeMs: number;
+}
+
+export class Engine {
+  readonly metrics: EngineMetrics = { requests: 0, promptTokens: 0, completionTokens: 0, prefillMs: 0, decodeMs: 0 };
+
+  private constructor(
+    readonly info: EngineInfo,
+    readonly model: LlamaModel,
+    readonly tokenizer: TextTokenizer,
+    readonly template: ChatTemplate,
+    private readonly queue: RequestQueue,
+    private readonly prefillChunk: number,
+  ) {}
+
+  static async load(options: EngineOptions): Promise<Engine> {
+    const t0 = performance.now();
+    const folder = await loadModelFolder(options.modelDir, options.variant);
+    const backend = await selectBackend(options.backend, options.threads, { float16Io: variantUsesFloat16(folder.variant) });
+    const model = await LlamaModel.load(folder, backend);
+    const tokenizer = new TextTokenizer(folder.tokenizerJson, folder.tokenizerConfig);
+    const template = new ChatTemplate(folder.tokenizerConfig);
+    const c = folder.config;
+    const kvBytesPerToken = c.numLayers * 2 * c.numKeyValueHeads * c.headDim * (model.io.kvDtype === "float16" ? 2 : 4);
+    const info: EngineInfo = {
+      modelId: options.modelId ?? folder.id,
+      modelDir: folder.dir,
+      variant: folder.variant,
+      backend: backend.name,
+      backendDetail: backend.detail,
+      contextLength: options.contextLength > 0 ? Math.min(options.contextLength, c.maxPositionEmbeddings) : c.maxPositionEmbeddings,
+      vocabSize: c.vocabSize,
+      kvDtype: model.io.kvDtype,
+      kvBytesPerToken,
+      loadMs: Math.round(performance.now() - t0),
+      createdAt: Math.floor(Date.now() / 1000),
+    };
+    return new Engine(info, model, tokenizer, template, new RequestQueue(options.queueLimit), options.prefillChunk);
+  }
+
+  get queueState(): { busy: boolean; waiting: number; limit: number } {
+    return { busy: this.queue.busy, waiting: this.queue.waiting, limit: this.queue.limit };
+  }
+
+  renderChat(messages: ChatMessage[], options: RenderOptions = {}): string {
+    return this.template.render(messages, options);
+  }
+
+  /** Token ids of a chat: the template's text already holds the BOS token, so none is added. */
+  encodeChat(messages: ChatMessage[], options: RenderOptions = {}): number[] {
+    return this.tokenizer.encode(this.renderChat(messages, options), false);
+  }
+
+  /** Token ids of a raw prompt; BOS is added unless the text already starts with it. */
+  encodePrompt(text: string): number[] {
+    const bos = this.tokenizer.specials.bosToken;
+    return this.tokenizer.encode(text, !(bos && text.startsWith(bos)));
+  }
+
+  /** Request values win; then the model's generation_config.json; then neutral defaults. */
+  resolveSampling(requested: Partial<SamplingParams>): SamplingParams {
+    const g = this.model.folder.generation;
+    const fromModel: Partial<SamplingParams> = {};
+    if (g.doSample === false) fromModel.temperature = 0;
+    else if (g.temperature !== undefined) fromModel.temperature = g.temperature;
+    if (g.topP !== undefined) fromModel.topP = g.topP;
+    if (g.topK !== undefined) fromModel.topK = g.topK;
+    if (g.repetitionPenalty !== undefined) fromModel.repetitionPenalty = g.repetitionPenalty;
+    const defined = Object.fromEntries(Object.entries(requested).filter(([, v]) => v !== undefined)) as Partial<SamplingParams>;
+    const seed = defined.seed ?? crypto.getRandomValues(new Uint32Array(1))[0]!;
+    return { ...DEFAULT_SAMPLING, ...fromModel, ...defined, seed };
+  }
+
+  /** Queues a completion and runs it on a fresh KV cache; text deltas go to onDelta as they are decoded. */
+  async complete(job: CompletionJob, onDelta: (text: string) => void | Promise<void> = () => {}): Promise<GenerateResult> {
+    const context = this.info.contextLength;
+    const promptTokens = job.promptIds.length;
+    if (promptTokens === 0) throw invalidRequest("the prompt is empty", "prompt");
+    if (promptTokens >= context) {
+      throw invalidRequest(`the prompt has ${promptTokens} tokens but the context holds ${context}; shorten it`, "messages");
+    }
+    const vocab = this.info.vocabSize;
+    const bad = job.promptIds.find((id) => !Number.isInteger(id) || id < 0 || id >= vocab);
+    if (bad !== undefined) throw invalidRequest(`token id ${bad} is outside the vocabulary (0..${vocab - 1})`, "prompt");
+    const room = context - promptTokens;
+    const maxTokens = Math.min(job.maxTokens ?? room, room);
+    const sampling = this.resolveSampling(job.sampling);
+    const eosIds = new Set(job.ignoreEos ? [] : this.model.folder.generation.eosTokenIds);
+
+    const result = await this.queue.run(async () => {
+      const cache = this.model.newCache();
+      return generate(
+        { model: this.model, tokenizer: this.tokenizer, prefillChunk: this.prefillChunk },
+        cache,
+        { promptIds: job.promptIds, maxTokens, sampling, stop: job.stop, eosIds, signal: job.signal },
+        onDelta,
+      );
+    }, job.signal);
+    this.metrics.requests++;
+    this.metrics.promptTokens += result.promptTokens;
+    this.metrics.completionTokens += result.completionTokens;
+    this.metrics.prefillMs += result.prefillMs;
+    this.metrics.decodeMs += result.decodeMs;
+    return result;
+  }
+
+  async close(): Promise<void> {
+    await this.model.release();
+  }
+}
+

@@ -1,0 +1,135 @@
+/**
+ * The generation loop, top to bottom: prefill the prompt (chunked, last-position logits only), then
+ * sample / decode one token at a time with the KV cache until an eos id, a stop string, max_tokens or the
+ * context end. Text reaches the caller as deltas that never split a UTF-8 character and never show a
+ * stop string or the start of one that may still complete.
+ */
+import { RuntimeError } from "./errors.ts";
+import type { KvCache } from "./kv-cache.ts";
+import type { LlamaModel } from "./llama-model.ts";
+import { createRng, sampleToken, type SamplingParams } from "./sampling.ts";
+import type { TextTokenizer } from "./tokenizer.ts";
+
+export type FinishReason = "stop" | "length" | "cancelled";
+
+export interface GenerateRequest {
+  promptIds: number[];
+  maxTokens: number;
+  sampling: SamplingParams;
+  stop: string[];
+  /** Token ids that end generation (every eos id of the model, plus any the caller adds). */
+  eosIds: ReadonlySet<number>;
+  signal?: AbortSignal;
+}
+
+export interface GenerateResult {
+  text: string;
+  tokenIds: number[];
+  finishReason: FinishReason;
+  /** Which stop string or eos id ended generation, for clients that ask (llama.cpp's stopping_word). */
+  stoppedBy: string | number | null;
+  promptTokens: number;
+  completionTokens: number;
+  /** Milliseconds: prefill (to first token), and the decode phase. */
+  prefillMs: number;
+  decodeMs: number;
+}
+
+export interface GenerateContext {
+  model: LlamaModel;
+  tokenizer: TextTokenizer;
+  prefillChunk: number;
+}
+
+/** Length of the longest suffix of `text` that is a proper prefix of some stop string. */
+function pendingStopPrefix(text: string, stops: string[]): number {
+  let longest = 0;
+  for (const stop of stops) {
+    for (let n = Math.min(stop.length - 1, text.length); n > longest; n--) {
+      if (text.endsWith(stop.slice(0, n))) {
+        longest = n;
+        break;
+      }
+    }
+  }
+  return longest;
+}
+
+export async function generate(
+  ctx: GenerateContext,
+  cache: KvCache,
+  req: GenerateRequest,
+  onDelta: (text: string) => void | Promise<void>,
+): Promise<GenerateResult> {
+  const { model, tokenizer } = ctx;
+  const t0 = performance.now();
+  const random = createRng(req.sampling.seed);
+  const stops = req.stop.filter((s) => s.length > 0);
+  const decoder = tokenizer.streamDecoder(true);
+  const history = new Int32Array(req.promptIds.length + req.maxTokens);
+  history.set(req.promptIds);
+  let historyLength = req.promptIds.length;
+
+  const tokenIds: number[] = [];
+  let text = "";
+  let emitted = 0;
+  let finishReason: FinishReason = "length";
+  let stoppedBy: string | number | null = null;
+  let prefillMs = 0;
+
+  const checkCancelled = () => {
+    if (req.signal?.aborted) throw new RuntimeError("cancelled", "the request was cancelled");
+  };
+
+  let logits = await model.prefill(cache, req.promptIds, ctx.prefillChunk, req.signal);
+  prefillMs = performance.now() - t0;
+  while (tokenIds.length < req.maxTokens) {
+    checkCancelled();
+    const id = sampleToken(logits, history, historyLength, req.sampling, random);
+    if (req.eosIds.has(id)) {
+      finishReason = "stop";
+      stoppedBy = id;
+      break;
+    }
+    tokenIds.push(id);
+    history[historyLength++] = id;
+    text += decoder.push(id);
+
+    let stopAt = -1;
+    if (stops.length) {
+      // Text that could begin a stop string is never emitted, so a stop can only start at or after `emitted`.
+      for (const stop of stops) {
+        const at = text.indexOf(stop, emitted);
+        if (at !== -1 && (stopAt === -1 || at < stopAt)) {
+          stopAt = at;
+          stoppedBy = stop;
+        }
+      }
+    }
+    if (stopAt !== -1) {
+      text = text.slice(0, stopAt);
+      finishReason = "stop";
+      break;
+    }
+    const safeEnd = text.length - pendingStopPrefix(text, stops);
+    if (safeEnd > emitted) {
+      await onDelta(text.slice(emitted, safeEnd));
+      emitted = safeEnd;
+    }
+    if (tokenIds.length >= req.maxTokens) break;
+    logits = await model.forward(cache, [id]);
+  }
+  if (finishReason !== "stop") text += decoder.flush();
+  if (text.length > emitted) await onDelta(text.slice(emitted));
+
+  return {
+    text,
+    tokenIds,
+    finishReason,
+    stoppedBy,
+    promptTokens: req.promptIds.length,
+    completionTokens: tokenIds.length,
+    prefillMs,
+    decodeMs: performance.now() - t0 - prefillMs,
+  };
+}

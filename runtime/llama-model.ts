@@ -1,0 +1,231 @@
+/**
+ * One ONNX session of a Llama-family decoder in the Optimum layout, and the forward step the generation
+ * loop needs: feed new token ids with their position ids, the attention mask and the past KV; read the
+ * logits of the last position and the present KV. Input and output names are discovered from the graph;
+ * anything the runtime cannot feed is reported at load time, naming the input.
+ */
+import { readFile } from "node:fs/promises";
+import type { InferenceSession, Tensor } from "onnxruntime-web";
+import type { Backend } from "./backend.ts";
+import { ModelFolderError } from "./errors.ts";
+import { KvCache, type KvDtype } from "./kv-cache.ts";
+import { variantUsesFloat16, type ModelFolder } from "./model-folder.ts";
+
+export interface GraphIo {
+  hasPositionIds: boolean;
+  hasNumLogitsToKeep: boolean;
+  hasUseCacheBranch: boolean;
+  kvDtype: KvDtype;
+  logitsDtype: KvDtype;
+  layers: number;
+}
+
+const KNOWN_INPUTS = new Set(["input_ids", "attention_mask", "position_ids", "num_logits_to_keep", "use_cache_branch"]);
+const PAST = /^past_key_values\.(\d+)\.(key|value)$/;
+const PRESENT = /^present\.(\d+)\.(key|value)$/;
+
+type Metadata = InferenceSession["inputMetadata"][number];
+function tensorType(meta: readonly Metadata[], name: string): string | null {
+  const m = meta.find((x) => x.name === name);
+  return m && m.isTensor ? m.type : null;
+}
+
+/** Checks the graph's names and types against what the runtime feeds; throws ModelFolderError naming any mismatch. */
+export function inspectGraph(session: InferenceSession, folder: ModelFolder): GraphIo {
+  const file = folder.onnxFile;
+  const inputs = session.inputNames;
+  const outputs = session.outputNames;
+  for (const required of ["input_ids", "attention_mask"]) {
+    if (!inputs.includes(required)) throw new ModelFolderError(`${file}: graph has no "${required}" input (inputs: ${inputs.join(", ")})`);
+  }
+  if (!outputs.includes("logits")) throw new ModelFolderError(`${file}: graph has no "logits" output (outputs: ${outputs.join(", ")})`);
+  const unknown = inputs.filter((n) => !KNOWN_INPUTS.has(n) && !PAST.test(n));
+  if (unknown.length) {
+    throw new ModelFolderError(`${file}: graph has inputs this runtime cannot feed: ${unknown.join(", ")} (is it a Llama-family decoder with past_key_values?)`);
+  }
+  const layers = folder.config.numLayers;
+  for (let i = 0; i < layers; i++) {
+    for (const kind of ["key", "value"]) {
+      if (!inputs.includes(`past_key_values.${i}.${kind}`)) {
+        throw new ModelFolderError(`${file}: graph has no input past_key_values.${i}.${kind} (config.json says num_hidden_layers=${layers}; a graph exported without KV cache cannot be served)`);
+      }
+      if (!outputs.includes(`present.${i}.${kind}`)) {
+        throw new ModelFolderError(`${file}: graph has no output present.${i}.${kind}`);
+      }
+    }
+  }
+  const extraLayers = inputs.filter((n) => {
+    const m = PAST.exec(n);
+    return m && Number(m[1]) >= layers;
+  });
+  if (extraLayers.length) {
+    throw new ModelFolderError(`${file}: graph has ${extraLayers[0]} but config.json says num_hidden_layers=${layers}`);
+  }
+  const extraOutputs = outputs.filter((n) => n !== "logits" && !PRESENT.test(n));
+  if (extraOutputs.length) throw new ModelFolderError(`${file}: graph has unexpected outputs: ${extraOutputs.join(", ")}`);
+
+  const asKvDtype = (t: string | null, what: string, fallback: KvDtype): KvDtype => {
+    if (t === null) return fallback;
+    if (t === "float32" || t === "float16") return t;
+    throw new ModelFolderError(`${file}: ${what} has type ${t}; only float32 and float16 are supported`);
+  };
+  const guess: KvDtype = variantUsesFloat16(folder.variant) ? "float16" : "float32";
+  return {
+    hasPositionIds: inputs.includes("position_ids"),
+    hasNumLogitsToKeep: inputs.includes("num_logits_to_keep"),
+    hasUseCacheBranch: inputs.includes("use_cache_branch"),
+    kvDtype: asKvDtype(tensorType(session.inputMetadata ?? [], "past_key_values.0.key"), "past_key_values.0.key", guess),
+    logitsDtype: asKvDtype(tensorType(session.outputMetadata ?? [], "logits"), "logits", guess),
+    layers,
+  };
+}
+
+/** IEEE half -> float, via a table of the 65536 values (built once, 256 KiB). */
+let halfTable: Float32Array | null = null;
+function halfToFloat(src: Uint16Array, out: Float32Array): void {
+  if (!halfTable) {
+    halfTable = new Float32Array(65536);
+    for (let h = 0; h < 65536; h++) {
+      const sign = h & 0x8000 ? -1 : 1;
+      const exp = (h >> 10) & 0x1f;
+      const frac = h & 0x3ff;
+      halfTable[h] =
+        exp === 0 ? sign * frac * 2 ** -24 : exp === 31 ? (frac ? NaN : sign * Infinity) : sign * (1 + frac / 1024) * 2 ** (exp - 15);
+    }
+  }
+  for (let i = 0; i < src.length; i++) out[i] = halfTable[src[i]!]!;
+}
+
+export interface ForwardOptions {
+  /** Logits for the last position only (default) or for every new position. */
+  allLogits?: boolean;
+}
+
+export class LlamaModel {
+  private constructor(
+    readonly folder: ModelFolder,
+    readonly backend: Backend,
+    private readonly session: InferenceSession,
+    readonly io: GraphIo,
+  ) {}
+
+  static async load(folder: ModelFolder, backend: Backend): Promise<LlamaModel> {
+    const { ort } = backend;
+    const options: InferenceSession.SessionOptions = {
+      executionProviders: backend.executionProviders,
+      graphOptimizationLevel: "all",
+    };
+    let session: InferenceSession;
+    try {
+      if (backend.name === "native") {
+        // onnxruntime-node reads the file and its external data next to it by itself.
+        options.intraOpNumThreads = backend.threads;
+        options.interOpNumThreads = 1;
+        session = await ort.InferenceSession.create(folder.onnxFile, options);
+      } else {
+        const bytes = new Uint8Array(await readFile(folder.onnxFile));
+        if (folder.externalData.length) {
+          options.externalData = await Promise.all(
+            folder.externalData.map(async (f) => ({ path: f.path, data: new Uint8Array(await readFile(f.file)) })),
+          );
+        }
+        session = await ort.InferenceSession.create(bytes, options);
+      }
+    } catch (e) {
+      throw new ModelFolderError(`${folder.onnxFile}: onnxruntime could not open the graph on ${backend.name}: ${(e as Error).message}`);
+    }
+    return new LlamaModel(folder, backend, session, inspectGraph(session, folder));
+  }
+
+  newCache(): KvCache {
+    const { numKeyValueHeads: heads, headDim } = this.folder.config;
+    const empty = () => this.emptyKv(heads, headDim);
+    const keys = Array.from({ length: this.io.layers }, empty);
+    const values = Array.from({ length: this.io.layers }, empty);
+    return new KvCache(this.io.kvDtype, heads, headDim, keys, values);
+  }
+
+  private emptyKv(heads: number, headDim: number): Tensor {
+    const { ort } = this.backend;
+    return this.io.kvDtype === "float16"
+      ? new ort.Tensor("float16", new Uint16Array(0), [1, heads, 0, headDim])
+      : new ort.Tensor("float32", new Float32Array(0), [1, heads, 0, headDim]);
+  }
+
+  get vocabSize(): number {
+    return this.folder.config.vocabSize;
+  }
+
+  /**
+   * Runs new tokens through the graph on top of `cache`, appends their KV to it, and returns logits:
+   * the last position's row (length vocab), or with allLogits every new position's rows back to back.
+   */
+  async forward(cache: KvCache, ids: ArrayLike<number>, options: ForwardOptions = {}): Promise<Float32Array> {
+    const { ort } = this.backend;
+    const seq = ids.length;
+    const past = cache.length;
+    const total = past + seq;
+    const inputIds = new BigInt64Array(seq);
+    for (let i = 0; i < seq; i++) inputIds[i] = BigInt(ids[i]!);
+    const mask = new BigInt64Array(total).fill(1n);
+    const feeds: Record<string, Tensor> = {
+      input_ids: new ort.Tensor("int64", inputIds, [1, seq]),
+      attention_mask: new ort.Tensor("int64", mask, [1, total]),
+    };
+    if (this.io.hasPositionIds) {
+      const positions = new BigInt64Array(seq);
+      for (let i = 0; i < seq; i++) positions[i] = BigInt(cache.nextPosition + i);
+      feeds.position_ids = new ort.Tensor("int64", positions, [1, seq]);
+    }
+    if (this.io.hasNumLogitsToKeep) {
+      feeds.num_logits_to_keep = new ort.Tensor("int64", BigInt64Array.of(options.allLogits ? 0n : 1n), []);
+    }
+    if (this.io.hasUseCacheBranch) feeds.use_cache_branch = new ort.Tensor("bool", Uint8Array.of(past > 0 ? 1 : 0), [1]);
+    for (let i = 0; i < this.io.layers; i++) {
+      feeds[`past_key_values.${i}.key`] = cache.keys[i]!;
+      feeds[`past_key_values.${i}.value`] = cache.values[i]!;
+    }
+    const out = await this.session.run(feeds);
+    for (let i = 0; i < this.io.layers; i++) {
+      cache.keys[i] = out[`present.${i}.key`]!;
+      cache.values[i] = out[`present.${i}.value`]!;
+    }
+    cache.appendPositions(seq);
+    return this.readLogits(out.logits!, options.allLogits === true);
+  }
+
+  private readLogits(logits: Tensor, all: boolean): Float32Array {
+    const vocab = this.vocabSize;
+    const rows = logits.dims[1]!;
+    // float16 arrives as Uint16Array bits, or as Float16Array where the JS runtime has one.
+    const data = logits.data as Float32Array | Uint16Array | Float64Array;
+    const start = all ? 0 : (rows - 1) * vocab;
+    const view = data.subarray(start, rows * vocab);
+    if (view instanceof Float32Array) return all ? view : view.slice();
+    if (view instanceof Uint16Array) {
+      const out = new Float32Array(view.length);
+      halfToFloat(view, out);
+      return out;
+    }
+    return Float32Array.from(view);
+  }
+
+  /**
+   * Reads `ids` into the cache in chunks of at most `chunkSize` tokens, so activations and logits stay
+   * bounded whatever the prompt length; returns the last position's logits.
+   */
+  async prefill(cache: KvCache, ids: ArrayLike<number>, chunkSize: number, signal?: AbortSignal): Promise<Float32Array> {
+    if (ids.length === 0) throw new Error("prefill needs at least one token");
+    let logits: Float32Array | null = null;
+    for (let start = 0; start < ids.length; start += chunkSize) {
+      signal?.throwIfAborted();
+      const chunk = Array.prototype.slice.call(ids, start, Math.min(ids.length, start + chunkSize)) as number[];
+      logits = await this.forward(cache, chunk);
+    }
+    return logits!;
+  }
+
+  async release(): Promise<void> {
+    await this.session.release();
+  }
+}

