@@ -101,6 +101,11 @@ export class Engine {
     return { busy: this.queue.busy, waiting: this.queue.waiting, limit: this.queue.limit };
   }
 
+  /** Throws queue_full if a completion submitted now would be refused (see RequestQueue.checkAdmission). */
+  checkAdmission(): void {
+    this.queue.checkAdmission();
+  }
+
   renderChat(messages: ChatMessage[], options: RenderOptions = {}): string {
     return this.template.render(messages, options);
   }

@@ -9,6 +9,7 @@ import type { KvCache } from "./kv-cache.ts";
 import type { LlamaModel } from "./llama-model.ts";
 import { createRng, sampleToken, type SamplingParams } from "./sampling.ts";
 import type { TextTokenizer } from "./tokenizer.ts";
+import { yieldToEventLoop } from "./yield.ts";
 
 export type FinishReason = "stop" | "length" | "cancelled";
 
@@ -117,6 +118,7 @@ export async function generate(
       emitted = safeEnd;
     }
     if (tokenIds.length >= req.maxTokens) break;
+    await yieldToEventLoop();
     logits = await model.forward(cache, [id]);
   }
   if (finishReason !== "stop") text += decoder.flush();

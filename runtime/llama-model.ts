@@ -7,9 +7,10 @@
 import { readFile } from "node:fs/promises";
 import type { InferenceSession, Tensor } from "onnxruntime-web";
 import type { Backend } from "./backend.ts";
-import { ModelFolderError } from "./errors.ts";
+import { ModelFolderError, RuntimeError } from "./errors.ts";
 import { KvCache, type KvDtype } from "./kv-cache.ts";
 import { variantUsesFloat16, type ModelFolder } from "./model-folder.ts";
+import { yieldToEventLoop } from "./yield.ts";
 
 export interface GraphIo {
   hasPositionIds: boolean;
@@ -218,7 +219,8 @@ export class LlamaModel {
     if (ids.length === 0) throw new Error("prefill needs at least one token");
     let logits: Float32Array | null = null;
     for (let start = 0; start < ids.length; start += chunkSize) {
-      signal?.throwIfAborted();
+      if (start > 0) await yieldToEventLoop();
+      if (signal?.aborted) throw new RuntimeError("cancelled", "the request was cancelled");
       const chunk = Array.prototype.slice.call(ids, start, Math.min(ids.length, start + chunkSize)) as number[];
       logits = await this.forward(cache, chunk);
     }

@@ -23,6 +23,16 @@ export class RequestQueue {
     return this.running;
   }
 
+  /**
+   * Throws queue_full if a job submitted now would be refused. Callers that must answer before the job
+   * starts (a streaming response commits to 200 when it opens) check here, then submit synchronously.
+   */
+  checkAdmission(): void {
+    if (this.running && this.waiters.length >= this.limit) {
+      throw new RuntimeError("queue_full", `the server is busy: ${this.waiters.length} request(s) are already waiting (queue limit ${this.limit})`);
+    }
+  }
+
   /** Runs `job` when its turn comes. */
   async run<T>(job: () => Promise<T>, signal?: AbortSignal): Promise<T> {
     await this.acquire(signal);
@@ -39,10 +49,10 @@ export class RequestQueue {
       this.running = true;
       return Promise.resolve();
     }
-    if (this.waiters.length >= this.limit) {
-      return Promise.reject(
-        new RuntimeError("queue_full", `the server is busy: ${this.waiters.length} request(s) are already waiting (queue limit ${this.limit})`),
-      );
+    try {
+      this.checkAdmission();
+    } catch (e) {
+      return Promise.reject(e);
     }
     return new Promise<void>((resolve, reject) => {
       const onAbort = () => {

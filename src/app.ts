@@ -200,6 +200,9 @@ export function createApp(options: AppOptions): Hono {
 
     if (req.stream) {
       const includeUsage = req.stream_options?.include_usage === true;
+      // A full queue must be a 429, not an error event inside a 200 stream: the stream's producer
+      // starts synchronously, so nothing can enter the queue between this check and its submission.
+      engine.checkAdmission();
       return sseResponse(
         async (send) => {
           const chunk = (delta: Record<string, unknown>, finish: string | null) =>
@@ -248,6 +251,7 @@ export function createApp(options: AppOptions): Hono {
     const model = engine.info.modelId;
     if (req.stream) {
       const includeUsage = req.stream_options?.include_usage === true;
+      engine.checkAdmission(); // see /v1/chat/completions
       return sseResponse(
         async (send) => {
           const chunk = (text: string, finish: string | null) =>
