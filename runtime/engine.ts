@@ -54,6 +54,8 @@ export interface CompletionJob {
 
 export interface EngineMetrics {
   requests: number;
+  /** Requests whose client went away during generation (counted in requests too). */
+  cancelled: number;
   promptTokens: number;
   completionTokens: number;
   prefillMs: number;
@@ -61,7 +63,7 @@ export interface EngineMetrics {
 }
 
 export class Engine {
-  readonly metrics: EngineMetrics = { requests: 0, promptTokens: 0, completionTokens: 0, prefillMs: 0, decodeMs: 0 };
+  readonly metrics: EngineMetrics = { requests: 0, cancelled: 0, promptTokens: 0, completionTokens: 0, prefillMs: 0, decodeMs: 0 };
 
   private constructor(
     readonly info: EngineInfo,
@@ -161,6 +163,7 @@ export class Engine {
       );
     }, job.signal);
     this.metrics.requests++;
+    if (result.finishReason === "cancelled") this.metrics.cancelled++;
     this.metrics.promptTokens += result.promptTokens;
     this.metrics.completionTokens += result.completionTokens;
     this.metrics.prefillMs += result.prefillMs;

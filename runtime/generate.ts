@@ -4,13 +4,13 @@
  * context end. Text reaches the caller as deltas that never split a UTF-8 character and never show a
  * stop string or the start of one that may still complete.
  */
-import { RuntimeError } from "./errors.ts";
 import type { KvCache } from "./kv-cache.ts";
 import type { LlamaModel } from "./llama-model.ts";
 import { createRng, sampleToken, type SamplingParams } from "./sampling.ts";
 import type { TextTokenizer } from "./tokenizer.ts";
 import { yieldToEventLoop } from "./yield.ts";
 
+/** "cancelled": the request's signal aborted (the client went away) before generation ended. */
 export type FinishReason = "stop" | "length" | "cancelled";
 
 export interface GenerateRequest {
@@ -78,14 +78,14 @@ export async function generate(
   let stoppedBy: string | number | null = null;
   let prefillMs = 0;
 
-  const checkCancelled = () => {
-    if (req.signal?.aborted) throw new RuntimeError("cancelled", "the request was cancelled");
-  };
-
   let logits = await model.prefill(cache, req.promptIds, ctx.prefillChunk, req.signal);
   prefillMs = performance.now() - t0;
   while (tokenIds.length < req.maxTokens) {
-    checkCancelled();
+    if (req.signal?.aborted) {
+      // The client is gone: stop here and report what was done (the caller still counts it).
+      finishReason = "cancelled";
+      break;
+    }
     const id = sampleToken(logits, history, historyLength, req.sampling, random);
     if (req.eosIds.has(id)) {
       finishReason = "stop";

@@ -308,7 +308,8 @@ export function createApp(options: AppOptions): Hono {
       ["llamacpp:prompt_seconds_total", "counter", "Prompt processing time", m.prefillMs / 1000],
       ["llamacpp:tokens_predicted_total", "counter", "Generated tokens", m.completionTokens],
       ["llamacpp:tokens_predicted_seconds_total", "counter", "Generation time", m.decodeMs / 1000],
-      ["llamacpp:requests_total", "counter", "Completed generation requests", m.requests],
+      ["llamacpp:requests_total", "counter", "Generation requests run", m.requests],
+      ["llamacpp:requests_cancelled_total", "counter", "Generations stopped because the client went away", m.cancelled],
       ["llamacpp:requests_processing", "gauge", "Requests being processed", q.busy ? 1 : 0],
       ["llamacpp:requests_deferred", "gauge", "Requests waiting in the queue", q.waiting],
     ] as const;

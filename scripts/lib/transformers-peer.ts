@@ -27,6 +27,8 @@ export interface PeerOptions {
   modelId: string;
   dtype: PeerDtype;
   threads: number;
+  /** Also load transformers.js's tokenizer (as a server would), so memory figures compare like with like. */
+  loadTokenizer?: boolean;
 }
 
 export interface PeerRun {
@@ -49,6 +51,8 @@ export interface TransformersPeer {
   detail: string;
   /** Greedy generation of exactly maxNewTokens tokens after promptIds (eos does not stop it and is not suppressed). */
   generate(promptIds: readonly number[], maxNewTokens: number): Promise<PeerRun>;
+  /** Text of token ids by transformers.js's tokenizer (special tokens skipped); null unless loadTokenizer was set. */
+  decode(ids: readonly number[]): string | null;
   dispose(): Promise<void>;
 }
 
@@ -68,7 +72,15 @@ interface TjsModel {
   dispose(): Promise<unknown>;
 }
 interface TjsModule {
-  env: { allowRemoteModels: boolean; allowLocalModels: boolean; localModelPath: string; useWasmCache: boolean; useFSCache?: boolean };
+  env: {
+    allowRemoteModels: boolean;
+    allowLocalModels: boolean;
+    localModelPath: string;
+    useWasmCache: boolean;
+    useFSCache?: boolean;
+    backends?: { onnx?: { versions?: Record<string, string> } };
+  };
+  AutoTokenizer: { from_pretrained(id: string): Promise<{ decode(ids: number[], options: Record<string, unknown>): string }> };
   AutoModelForCausalLM: { from_pretrained(id: string, options: Record<string, unknown>): Promise<TjsModel> };
   Tensor: TjsTensorCtor;
   BaseStreamer: new () => { put(value: bigint[][]): void; end(): void };
@@ -104,6 +116,10 @@ export async function loadTransformersPeer(options: PeerOptions): Promise<Transf
   }
   loadedFor = options.backend;
   const tjs = (await import("@huggingface/transformers")) as unknown as TjsModule;
+  if (options.backend === "native") {
+    const version = tjs.env.backends?.onnx?.versions?.node;
+    detail = `onnxruntime-node ${version ?? "?"} cpu, ${options.threads} thread(s)`;
+  }
   tjs.env.allowRemoteModels = false;
   tjs.env.allowLocalModels = true;
   tjs.env.localModelPath = options.modelsDir.endsWith("/") ? options.modelsDir : `${options.modelsDir}/`;
@@ -126,6 +142,8 @@ export async function loadTransformersPeer(options: PeerOptions): Promise<Transf
     device: options.backend === "wasm" ? "auto" : "cpu",
     session_options: sessionOptions,
   });
+
+  const tokenizer = options.loadTokenizer ? await tjs.AutoTokenizer.from_pretrained(options.modelId) : null;
 
   // Times every session.run of the decoder (transformers.js calls it as a method, so an own property wins).
   const session = model.sessions.model ?? model.sessions.decoder_model_merged;
@@ -181,6 +199,9 @@ export async function loadTransformersPeer(options: PeerOptions): Promise<Transf
         decodeRuns: decode.length,
         decodeRunMs: decode.reduce((sum, r) => sum + (r.end - r.start), 0),
       };
+    },
+    decode(ids) {
+      return tokenizer ? tokenizer.decode([...ids], { skip_special_tokens: true }) : null;
     },
     async dispose() {
       await model.dispose();

@@ -1,0 +1,21 @@
+import { describe, expect, test } from "bun:test";
+import { ConfigError, helpText, loadConfig } from "../src/config.ts";
+
+describe("configuration", () => {
+  test("defaults", () => {
+    expect(loadConfig({}, [])).toMatchObject({ host: "127.0.0.1", port: 8080, backend: "auto", variant: "auto", threads: 1, queueLimit: 16 });
+  });
+  test("environment, overridden by flags (both --flag value and --flag=value)", () => {
+    const c = loadConfig({ PORT: "9000", BACKEND: "wasm", THREADS: "2", MODEL_DIR: "/models/x" }, ["--port", "9100", "--threads=4"]);
+    expect(c).toMatchObject({ port: 9100, backend: "wasm", threads: 4, modelDir: "/models/x" });
+  });
+  test("invalid values and unknown flags are refused with the flag and variable named", () => {
+    expect(() => loadConfig({ BACKEND: "cuda" }, [])).toThrow(/--backend \/ BACKEND/);
+    expect(() => loadConfig({}, ["--port", "-1"])).toThrow(/--port \/ PORT/);
+    expect(() => loadConfig({}, ["--nope", "1"])).toThrow(ConfigError);
+    expect(() => loadConfig({}, ["--port"])).toThrow(/needs a value/);
+  });
+  test("help lists every option", () => {
+    for (const flag of ["--model", "--backend", "--variant", "--queue-limit", "--ctx-size", "--max-body-bytes", "--api-key"]) expect(helpText()).toContain(flag);
+  });
+});

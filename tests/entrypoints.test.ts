@@ -1,0 +1,100 @@
+/**
+ * The same app under each runtime's entry point: Bun.serve, Deno.serve, Node (@hono/node-server), and the
+ * Deno Deploy-style `export default { fetch }` module under `deno serve`. Each is started as its own
+ * process on a free port and answers a real chat completion.
+ */
+import { afterEach, describe, expect, test } from "bun:test";
+import { spawn, type ChildProcess } from "node:child_process";
+import { join } from "node:path";
+import { REPO } from "./helpers/model.ts";
+
+const bin = (name: string) => join(REPO, "node_modules", ".bin", name);
+const children: ChildProcess[] = [];
+afterEach(() => {
+  for (const child of children.splice(0)) child.kill("SIGKILL");
+});
+
+/** Starts a server process and resolves with its base URL once it prints where it listens. */
+function start(cmd: string, args: string[], env: Record<string, string> = {}): Promise<{ url: string; output: () => string }> {
+  const child = spawn(cmd, args, { cwd: REPO, env: { ...process.env, NO_COLOR: "1", ...env }, stdio: ["ignore", "pipe", "pipe"] });
+  children.push(child);
+  let output = "";
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`no listening line within 60 s:\n${output}`)), 60_000);
+    const onData = (chunk: Buffer) => {
+      output += chunk.toString();
+      const m = /[Ll]istening on (http:\/\/[\w.:[\]]+?:\d+)/.exec(output);
+      if (m) {
+        clearTimeout(timer);
+        resolve({ url: m[1]!, output: () => output });
+      }
+    };
+    child.stdout!.on("data", onData);
+    child.stderr!.on("data", onData);
+    child.on("exit", (code) => {
+      clearTimeout(timer);
+      reject(new Error(`exited with ${code} before listening:\n${output}`));
+    });
+  });
+}
+
+async function chatOnce(url: string) {
+  const res = await fetch(`${url}/v1/chat/completions`, {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify({ messages: [{ role: "user", content: "Say hello." }], max_tokens: 6, temperature: 0 }),
+  });
+  expect(res.status).toBe(200);
+  const body = (await res.json()) as { choices: { message: { content: string } }[]; usage: { completion_tokens: number } };
+  expect(body.usage.completion_tokens).toBeGreaterThan(0);
+  expect(body.choices[0]!.message.content.length).toBeGreaterThan(0);
+  const health = (await (await fetch(`${url}/health`)).json()) as { backend: string };
+  return { text: body.choices[0]!.message.content, backend: health.backend };
+}
+
+const common = ["--host", "127.0.0.1", "--port", "0", "--backend", "wasm"];
+
+describe("entry points", () => {
+  const texts: string[] = [];
+
+  test("bun src/entry/bun.ts", async () => {
+    const { url, output } = await start(bin("bun"), ["src/entry/bun.ts", ...common]);
+    expect(output()).toContain("backend wasm");
+    const r = await chatOnce(url);
+    expect(r.backend).toBe("wasm");
+    texts.push(r.text);
+  });
+
+  test("deno run src/entry/deno.ts", async () => {
+    const { url } = await start(bin("deno"), ["run", "-A", "src/entry/deno.ts", ...common]);
+    const r = await chatOnce(url);
+    expect(r.backend).toBe("wasm");
+    texts.push(r.text);
+  });
+
+  test("node --import tsx src/entry/node.ts", async () => {
+    const { url } = await start("node", ["--import", "tsx", "src/entry/node.ts", ...common]);
+    const r = await chatOnce(url);
+    expect(r.backend).toBe("wasm");
+    texts.push(r.text);
+  });
+
+  test("deno serve src/entry/deploy.ts (export default { fetch })", async () => {
+    const { url } = await start(bin("deno"), ["serve", "-A", "--host", "127.0.0.1", "--port", "0", "src/entry/deploy.ts"], { BACKEND: "wasm" });
+    const r = await chatOnce(url);
+    expect(r.backend).toBe("wasm");
+    texts.push(r.text);
+  });
+
+  test("all four runtimes give the same greedy completion", () => {
+    expect(texts).toHaveLength(4);
+    expect(new Set(texts).size).toBe(1);
+  });
+
+  test("a bad configuration or model folder stops start-up with a message naming the problem", async () => {
+    await expect(start(bin("bun"), ["src/entry/bun.ts", "--port", "70000"])).rejects.toThrow(/--port \/ PORT/);
+    await expect(start(bin("bun"), ["src/entry/bun.ts", "--model", "/nonexistent/folder", "--port", "0"])).rejects.toThrow(
+      /model folder \/nonexistent\/folder does not exist/,
+    );
+  });
+});
