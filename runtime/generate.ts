@@ -31,8 +31,9 @@ export interface GenerateResult {
   stoppedBy: string | number | null;
   promptTokens: number;
   completionTokens: number;
-  /** Milliseconds: prefill (to first token), and the decode phase. */
+  /** Milliseconds from the start: prompt read (its last logits out), first token chosen; then the decode phase. */
   prefillMs: number;
+  firstTokenMs: number;
   decodeMs: number;
 }
 
@@ -77,6 +78,7 @@ export async function generate(
   let finishReason: FinishReason = "length";
   let stoppedBy: string | number | null = null;
   let prefillMs = 0;
+  let firstTokenMs = 0;
 
   let logits = await model.prefill(cache, req.promptIds, ctx.prefillChunk, req.signal);
   prefillMs = performance.now() - t0;
@@ -87,6 +89,7 @@ export async function generate(
       break;
     }
     const id = sampleToken(logits, history, historyLength, req.sampling, random);
+    if (tokenIds.length === 0) firstTokenMs = performance.now() - t0;
     if (req.eosIds.has(id)) {
       finishReason = "stop";
       stoppedBy = id;
@@ -132,6 +135,7 @@ export async function generate(
     promptTokens: req.promptIds.length,
     completionTokens: tokenIds.length,
     prefillMs,
+    firstTokenMs: firstTokenMs || performance.now() - t0,
     decodeMs: performance.now() - t0 - prefillMs,
   };
 }

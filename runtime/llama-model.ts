@@ -103,6 +103,9 @@ export interface ForwardOptions {
 }
 
 export class LlamaModel {
+  /** Calls to InferenceSession.run and the milliseconds spent inside them (for benchmarks and /metrics). */
+  readonly runStats = { runs: 0, runMs: 0 };
+
   private constructor(
     readonly folder: ModelFolder,
     readonly backend: Backend,
@@ -186,7 +189,10 @@ export class LlamaModel {
       feeds[`past_key_values.${i}.key`] = cache.keys[i]!;
       feeds[`past_key_values.${i}.value`] = cache.values[i]!;
     }
+    const started = performance.now();
     const out = await this.session.run(feeds);
+    this.runStats.runs++;
+    this.runStats.runMs += performance.now() - started;
     for (let i = 0; i < this.io.layers; i++) {
       cache.keys[i] = out[`present.${i}.key`]!;
       cache.values[i] = out[`present.${i}.value`]!;

@@ -108,23 +108,16 @@ async function runOurs(backend: PeerBackend, promptIds: number[]): Promise<Omit<
   const loadMs = performance.now() - t0;
   if (engine.info.backend !== backend) throw new Error(`asked for ${backend}, got ${engine.info.backend}`);
 
-  // Instrumentation, not behaviour: forward() start times give the first-token time (the loop calls forward
-  // for token 2 right after sampling token 1), and session.run times split decode into ORT and JS around it.
+  // Instrumentation, not behaviour: the ORT time of each forward() (LlamaModel.runStats) splits decode into
+  // time inside InferenceSession.run and JS time around it.
   const model = engine.model;
   const prefillCalls = Math.ceil(promptIds.length / 512);
-  const forwardStarts: number[] = [];
+  const runLog: number[] = [];
   const forward = model.forward.bind(model);
-  model.forward = (cache, ids, options) => {
-    forwardStarts.push(performance.now());
-    return forward(cache, ids, options);
-  };
-  const session = (model as unknown as { session: { run(...a: unknown[]): Promise<unknown> } }).session;
-  const runLog: { start: number; end: number }[] = [];
-  const run = session.run.bind(session);
-  session.run = async (...a: unknown[]) => {
-    const start = performance.now();
-    const out = await run(...a);
-    runLog.push({ start, end: performance.now() });
+  model.forward = async (cache, ids, options) => {
+    const before = model.runStats.runMs;
+    const out = await forward(cache, ids, options);
+    runLog.push(model.runStats.runMs - before);
     return out;
   };
 
@@ -132,7 +125,6 @@ async function runOurs(backend: PeerBackend, promptIds: number[]): Promise<Omit<
   let tokenIds: number[] = [];
   let text = "";
   for (let i = 0; i <= runs; i++) {
-    forwardStarts.length = 0;
     runLog.length = 0;
     const start = performance.now();
     const r = await engine.complete({ promptIds, maxTokens: newTokens, sampling: { temperature: 0 }, stop: [], ignoreEos: true });
@@ -143,11 +135,11 @@ async function runOurs(backend: PeerBackend, promptIds: number[]): Promise<Omit<
     text = r.text;
     const decode = runLog.slice(prefillCalls);
     const sample: Sample = {
-      // r.prefillMs runs from generate()'s start; the queue in front of it is empty here.
+      // r.prefillMs and r.firstTokenMs run from generate()'s start; the queue in front of it is empty here.
       prefillMs: r.prefillMs,
-      firstTokenMs: (forwardStarts[prefillCalls] ?? performance.now()) - start,
+      firstTokenMs: r.firstTokenMs,
       totalMs,
-      decodeRunMs: decode.reduce((s, x) => s + (x.end - x.start), 0),
+      decodeRunMs: decode.reduce((sum, ms) => sum + ms, 0),
       decodeRuns: decode.length,
     };
     if (i > 0) samples.push(sample); // run 0 is the warm-up
@@ -323,8 +315,8 @@ async function parentMain(): Promise<void> {
   console.log("definitions (per generation, timed from the call that starts it):");
   console.log("  prefill tok/s  prompt tokens / time until the prompt's logits are out of ORT (ours: GenerateResult.prefillMs;");
   console.log("                 transformers.js: end of the first session.run)");
-  console.log("  TTFT ms        time until the first generated token id is known (ours: start of the second forward(), which the loop");
-  console.log("                 calls right after sampling/detokenizing token 1; transformers.js: streamer.put() of token 1)");
+  console.log("  TTFT ms        time until the first generated token id is known (ours: GenerateResult.firstTokenMs, taken right after");
+  console.log("                 sampling token 1; transformers.js: streamer.put() of token 1)");
   console.log(`  decode tok/s   (${newTokens} - 1) / (time from first token to the call's return)`);
   console.log("  ORT ms/tok     mean time inside InferenceSession.run per decode step; JS ms/tok = decode time per token outside it");
   console.log("  peak RSS MB    the case process's VmHWM at its end (includes runtime, ORT, model and the warm-up)");
