@@ -26,7 +26,7 @@ const SOFTWARE_ADAPTER = /llvmpipe|lavapipe|swiftshader|software|microsoft basic
 
 interface GpuAdapterLike {
   isFallbackAdapter?: boolean;
-  info?: { vendor?: string; architecture?: string; device?: string; description?: string };
+  info?: { vendor?: string; architecture?: string; device?: string; description?: string; isFallbackAdapter?: boolean };
 }
 interface GpuLike {
   requestAdapter(options?: Record<string, unknown>): Promise<GpuAdapterLike | null>;
@@ -41,7 +41,8 @@ async function probeWebGpu(): Promise<{ name: string; software: boolean } | null
     if (!adapter) return null;
     const info = adapter.info ?? {};
     const name = [info.vendor, info.architecture, info.device, info.description].filter(Boolean).join(" ") || "unknown adapter";
-    return { name, software: adapter.isFallbackAdapter === true || SOFTWARE_ADAPTER.test(name) };
+    const fallback = adapter.isFallbackAdapter === true || info.isFallbackAdapter === true;
+    return { name, software: fallback || SOFTWARE_ADAPTER.test(name) };
   } catch {
     return null;
   }

@@ -118,6 +118,7 @@ export class LlamaModel {
     const options: InferenceSession.SessionOptions = {
       executionProviders: backend.executionProviders,
       graphOptimizationLevel: "all",
+      logSeverityLevel: 3, // errors only: node-placement notices are not news to an operator
     };
     let session: InferenceSession;
     try {
