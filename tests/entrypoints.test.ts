@@ -1,7 +1,8 @@
 /**
  * The same app under each runtime's entry point: Bun.serve, Deno.serve, Node (@hono/node-server), and the
  * Deno Deploy-style `export default { fetch }` module under `deno serve`. Each is started as its own
- * process on a free port and answers a real chat completion.
+ * process on a free port, answers a real chat completion, and notices clients that hang up (disconnect
+ * detection is each runtime's own).
  */
 import { afterEach, describe, expect, test } from "bun:test";
 import { spawn, type ChildProcess } from "node:child_process";
@@ -52,6 +53,28 @@ async function chatOnce(url: string) {
   return { text: body.choices[0]!.message.content, backend: health.backend };
 }
 
+const metric = async (url: string, name: string) => {
+  const text = await (await fetch(`${url}/metrics`)).text();
+  return Number(new RegExp(`^${name} (\\d+)$`, "m").exec(text)?.[1]);
+};
+
+/** A non-streaming and a streaming client that hang up mid-generation each cancel it, in this runtime. */
+async function hangUpsCancel(url: string) {
+  const body = JSON.stringify({ messages: [{ role: "user", content: "Go on forever." }], max_tokens: 3000, ignore_eos: true });
+  expect(await metric(url, "llamacpp:requests_cancelled_total")).toBe(0);
+  for (const stream of [false, true]) {
+    const abort = new AbortController();
+    const pending = fetch(`${url}/v1/chat/completions`, { method: "POST", body: stream ? body.replace("{", '{"stream":true,') : body, signal: abort.signal });
+    if (stream) await (await pending).body!.getReader().read();
+    else await new Promise((r) => setTimeout(r, 300));
+    abort.abort();
+    await pending.catch(() => {});
+  }
+  for (let i = 0; i < 200 && (await metric(url, "llamacpp:requests_cancelled_total")) < 2; i++) await new Promise((r) => setTimeout(r, 25));
+  expect(await metric(url, "llamacpp:requests_cancelled_total")).toBe(2);
+  expect(await metric(url, "llamacpp:tokens_predicted_total")).toBeLessThan(3000);
+}
+
 const common = ["--host", "127.0.0.1", "--port", "0", "--backend", "wasm"];
 
 describe("entry points", () => {
@@ -63,6 +86,7 @@ describe("entry points", () => {
     const r = await chatOnce(url);
     expect(r.backend).toBe("wasm");
     texts.push(r.text);
+    await hangUpsCancel(url);
   });
 
   test("deno run src/entry/deno.ts", async () => {
@@ -70,6 +94,7 @@ describe("entry points", () => {
     const r = await chatOnce(url);
     expect(r.backend).toBe("wasm");
     texts.push(r.text);
+    await hangUpsCancel(url);
   });
 
   test("node --import tsx src/entry/node.ts", async () => {
@@ -77,6 +102,7 @@ describe("entry points", () => {
     const r = await chatOnce(url);
     expect(r.backend).toBe("wasm");
     texts.push(r.text);
+    await hangUpsCancel(url);
   });
 
   test("deno serve src/entry/deploy.ts (export default { fetch })", async () => {
@@ -84,6 +110,7 @@ describe("entry points", () => {
     const r = await chatOnce(url);
     expect(r.backend).toBe("wasm");
     texts.push(r.text);
+    await hangUpsCancel(url);
   });
 
   test("all four runtimes give the same greedy completion", () => {

@@ -252,3 +252,17 @@ describe("auth", () => {
     expect((await secured.request("/health")).status).toBe(200);
   });
 });
+
+describe("internal errors", () => {
+  test("an unexpected error is a 500 in OpenAI's shape, without its message or stack; the log gets both", async () => {
+    const { toErrorResponse } = await import("../src/http-errors.ts");
+    const logged: string[] = [];
+    const error = new Error("secret: /srv/models/private path");
+    const { status, body } = toErrorResponse(error, (m) => logged.push(m));
+    expect(status).toBe(500);
+    expect(body.error).toEqual({ message: "internal server error", type: "server_error", param: null, code: "internal_error" });
+    expect(JSON.stringify(body)).not.toContain("secret");
+    expect(logged.join("\n")).toContain("secret: /srv/models/private path");
+    expect(logged.join("\n")).toContain("http.test.ts"); // the stack
+  });
+});
