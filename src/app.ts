@@ -6,7 +6,7 @@
 import { Hono, type Context } from "hono";
 import { bodyLimit } from "hono/body-limit";
 import type { z } from "zod";
-import { parseToolCall, type ChatMessage, type Engine, type GenerateResult, type SamplingParams } from "../runtime/index.ts";
+import { parseToolCall, type ChatMessage, type CompletionJob, type Engine, type GenerateResult, type SamplingParams } from "../runtime/index.ts";
 import { HttpError, badRequest, fromZod, toErrorResponse } from "./http-errors.ts";
 import {
   applyTemplateSchema,
@@ -119,6 +119,42 @@ export function createApp(options: AppOptions): Hono {
 
   const errorEvent = (error: unknown) => toErrorResponse(error, log).body;
 
+  const jobOf = (req: Sampled, promptIds: number[], maxTokens: number | undefined, signal: AbortSignal): CompletionJob => ({
+    promptIds,
+    maxTokens,
+    sampling: samplingOf(req),
+    stop: stopList(req.stop),
+    ignoreEos: req.ignore_eos,
+    signal,
+  });
+
+  /**
+   * Runs a job as an SSE stream of chunks that share `head` (id, object, created, model); `choice` builds
+   * each chunk's choice from a text delta, or from null with the finish reason for the closing chunk.
+   */
+  const streamJob = (
+    job: CompletionJob,
+    abort: AbortController,
+    head: Record<string, unknown>,
+    includeUsage: boolean,
+    choice: (text: string | null, finish: string | null) => Record<string, unknown>,
+    opening?: Record<string, unknown>,
+  ): Response => {
+    // A full queue must be a 429, not an error event inside a 200 stream: the stream's producer
+    // starts synchronously, so nothing can enter the queue between this check and its submission.
+    engine.checkAdmission();
+    return sseResponse(
+      async (send) => {
+        if (opening) send({ ...head, choices: [opening] });
+        const result = await engine.complete(job, (text) => send({ ...head, choices: [choice(text, null)] }));
+        send({ ...head, choices: [choice(null, result.finishReason)] });
+        if (includeUsage) send({ ...head, choices: [], usage: usage(result), timings: timings(result) });
+      },
+      abort,
+      errorEvent,
+    );
+  };
+
   app.onError((error, c) => {
     const { status, body } = toErrorResponse(error, log);
     return c.json(body, status as 400);
@@ -186,35 +222,15 @@ export function createApp(options: AppOptions): Hono {
     const tools = req.tool_choice === "none" ? null : (req.tools ?? null);
     const promptIds = engine.encodeChat(toChatMessages(req), { tools, addGenerationPrompt: true, extra: req.chat_template_kwargs });
     const abort = clientAbort(c);
-    const job = {
-      promptIds,
-      maxTokens: maxTokensOf(req.max_completion_tokens ?? req.max_tokens),
-      sampling: samplingOf(req),
-      stop: stopList(req.stop),
-      ignoreEos: req.ignore_eos,
-      signal: abort.signal,
-    };
+    const job = jobOf(req, promptIds, maxTokensOf(req.max_completion_tokens ?? req.max_tokens), abort.signal);
     const id = newId("chatcmpl");
     const created = nowSeconds();
     const model = engine.info.modelId;
 
     if (req.stream) {
-      const includeUsage = req.stream_options?.include_usage === true;
-      // A full queue must be a 429, not an error event inside a 200 stream: the stream's producer
-      // starts synchronously, so nothing can enter the queue between this check and its submission.
-      engine.checkAdmission();
-      return sseResponse(
-        async (send) => {
-          const chunk = (delta: Record<string, unknown>, finish: string | null) =>
-            send({ id, object: "chat.completion.chunk", created, model, choices: [{ index: 0, delta, logprobs: null, finish_reason: finish }] });
-          chunk({ role: "assistant", content: "" }, null);
-          const result = await engine.complete(job, (text) => chunk({ content: text }, null));
-          chunk({}, result.finishReason);
-          if (includeUsage) send({ id, object: "chat.completion.chunk", created, model, choices: [], usage: usage(result), timings: timings(result) });
-        },
-        abort,
-        errorEvent,
-      );
+      const delta = (text: string | null, finish: string | null) => ({ index: 0, delta: text === null ? {} : { content: text }, logprobs: null, finish_reason: finish });
+      const opening = { index: 0, delta: { role: "assistant", content: "" }, logprobs: null, finish_reason: null };
+      return streamJob(job, abort, { id, object: "chat.completion.chunk", created, model }, req.stream_options?.include_usage === true, delta, opening);
     }
 
     const result = await engine.complete(job);
@@ -238,31 +254,13 @@ export function createApp(options: AppOptions): Hono {
     checkModel(req.model);
     const promptIds = typeof req.prompt === "string" ? engine.encodePrompt(req.prompt) : req.prompt;
     const abort = clientAbort(c);
-    const job = {
-      promptIds,
-      maxTokens: maxTokensOf(req.max_tokens) ?? 16, // OpenAI's default for this endpoint
-      sampling: samplingOf(req),
-      stop: stopList(req.stop),
-      ignoreEos: req.ignore_eos,
-      signal: abort.signal,
-    };
+    const job = jobOf(req, promptIds, maxTokensOf(req.max_tokens) ?? 16 /* OpenAI's default here */, abort.signal);
     const id = newId("cmpl");
     const created = nowSeconds();
     const model = engine.info.modelId;
     if (req.stream) {
-      const includeUsage = req.stream_options?.include_usage === true;
-      engine.checkAdmission(); // see /v1/chat/completions
-      return sseResponse(
-        async (send) => {
-          const chunk = (text: string, finish: string | null) =>
-            send({ id, object: "text_completion", created, model, choices: [{ index: 0, text, logprobs: null, finish_reason: finish }] });
-          const result = await engine.complete(job, (text) => chunk(text, null));
-          chunk("", result.finishReason);
-          if (includeUsage) send({ id, object: "text_completion", created, model, choices: [], usage: usage(result), timings: timings(result) });
-        },
-        abort,
-        errorEvent,
-      );
+      const choice = (text: string | null, finish: string | null) => ({ index: 0, text: text ?? "", logprobs: null, finish_reason: finish });
+      return streamJob(job, abort, { id, object: "text_completion", created, model }, req.stream_options?.include_usage === true, choice);
     }
     const result = await engine.complete(job);
     return c.json({

@@ -41,7 +41,15 @@ export function startupLine(server: Server, runtime: string, url: string): strin
   );
 }
 
-/** Prints a start-up failure as one readable message (config or model-folder problems are user errors). */
-export function reportStartupFailure(error: unknown): void {
-  console.error(`ultralong-serve failed to start: ${error instanceof Error ? error.message : String(error)}`);
+/**
+ * createServer for an entry point: a start-up failure (a config or model-folder problem is a user error)
+ * is printed as one readable message and the process exits with status 1 through the runtime's `exit`.
+ */
+export async function createServerOrExit(env: Record<string, string | undefined>, argv: string[], exit: (code: number) => never): Promise<Server> {
+  try {
+    return await createServer(env, argv);
+  } catch (error) {
+    console.error(`ultralong-serve failed to start: ${error instanceof Error ? error.message : String(error)}`);
+    return exit(1);
+  }
 }

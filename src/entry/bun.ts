@@ -1,13 +1,7 @@
 /** `bun run serve`: Bun.serve in front of the Hono app. */
-import { createServer, reportStartupFailure, startupLine } from "../server.ts";
+import { createServerOrExit, startupLine } from "../server.ts";
 
-let server;
-try {
-  server = await createServer(process.env, process.argv.slice(2));
-} catch (e) {
-  reportStartupFailure(e);
-  process.exit(1);
-}
+const server = await createServerOrExit(process.env, process.argv.slice(2), process.exit);
 const { app, engine, config } = server;
 // idleTimeout 0: a long non-streaming generation sends nothing for a while and must not be cut off.
 const listener = Bun.serve({ fetch: app.fetch, hostname: config.host, port: config.port, idleTimeout: 0 });

@@ -1,5 +1,5 @@
 /** `deno task serve`: Deno.serve in front of the Hono app. */
-import { createServer, reportStartupFailure, startupLine } from "../server.ts";
+import { createServerOrExit, startupLine } from "../server.ts";
 
 declare const Deno: {
   env: { toObject(): Record<string, string> };
@@ -13,13 +13,7 @@ declare const Deno: {
   addSignalListener(signal: string, handler: () => void): void;
 };
 
-let server;
-try {
-  server = await createServer(Deno.env.toObject(), Deno.args);
-} catch (e) {
-  reportStartupFailure(e);
-  Deno.exit(1);
-}
+const server = await createServerOrExit(Deno.env.toObject(), Deno.args, Deno.exit);
 const { app, engine, config } = server;
 const listener = Deno.serve({ hostname: config.host, port: config.port, onListen: () => {} }, app.fetch);
 console.log(startupLine(server, `deno ${Deno.version.deno}`, `http://${config.host}:${listener.addr.port}`));

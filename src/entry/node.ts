@@ -1,15 +1,9 @@
 /** `npm run serve:node`: @hono/node-server in front of the Hono app. */
 import { serve } from "@hono/node-server";
 import type { AddressInfo } from "node:net";
-import { createServer, reportStartupFailure, startupLine } from "../server.ts";
+import { createServerOrExit, startupLine } from "../server.ts";
 
-let server;
-try {
-  server = await createServer(process.env, process.argv.slice(2));
-} catch (e) {
-  reportStartupFailure(e);
-  process.exit(1);
-}
+const server = await createServerOrExit(process.env, process.argv.slice(2), process.exit);
 const { app, engine, config } = server;
 const listener = serve({ fetch: app.fetch, hostname: config.host, port: config.port }, (info: AddressInfo) => {
   console.log(startupLine(server, `node ${process.version}`, `http://${config.host}:${info.port}`));
