@@ -77,11 +77,10 @@ export async function generate(
   let emitted = 0;
   let finishReason: FinishReason = "length";
   let stoppedBy: string | number | null = null;
-  let prefillMs = 0;
   let firstTokenMs = 0;
 
   let logits = await model.prefill(cache, req.promptIds, ctx.prefillChunk, req.signal);
-  prefillMs = performance.now() - t0;
+  const prefillMs = performance.now() - t0;
   while (tokenIds.length < req.maxTokens) {
     if (req.signal?.aborted) {
       // The client is gone: stop here and report what was done (the caller still counts it).
