@@ -5,13 +5,48 @@
  */
 import { selectBackend, type BackendName, type BackendRequest } from "./backend.ts";
 import { ChatTemplate, type ChatMessage, type RenderOptions } from "./chat-template.ts";
-import { RuntimeError, invalidRequest } from "./errors.ts";
+import { invalidRequest } from "./errors.ts";
 import { generate, type GenerateResult } from "./generate.ts";
 import { LlamaModel } from "./llama-model.ts";
-import { loadModelFolder, variantUsesFloat16, type ModelVariant } from "./model-folder.ts";
+import { createHash } from "node:crypto";
+import { open, readFile } from "node:fs/promises";
+import { join } from "node:path";
+import type { KvCache } from "./kv-cache.ts";
+import { loadModelFolder, variantUsesFloat16, type ModelFolder, type ModelVariant } from "./model-folder.ts";
 import { RequestQueue } from "./request-queue.ts";
 import { DEFAULT_SAMPLING, type SamplingParams } from "./sampling.ts";
 import { TextTokenizer } from "./tokenizer.ts";
+
+/**
+ * A digest of what decides the meaning of a KV cache: config.json, tokenizer.json, the variant and KV
+ * dtype, and the graph files (their sizes and first and last MiB: hashing a many-GB graph whole would
+ * cost seconds at every start).
+ */
+async function modelFingerprint(folder: ModelFolder, kvDtype: string): Promise<string> {
+  const hash = createHash("sha256");
+  hash.update(await readFile(join(folder.dir, "config.json")));
+  hash.update(await readFile(join(folder.dir, "tokenizer.json")));
+  hash.update(`${folder.variant}|${kvDtype}`);
+  const MiB = 1 << 20;
+  for (const file of [folder.onnxFile, ...folder.externalData.map((f) => f.file)]) {
+    const handle = await open(file, "r");
+    try {
+      const { size } = await handle.stat();
+      hash.update(`|${size}|`);
+      const head = new Uint8Array(Math.min(MiB, size));
+      await handle.read(head, 0, head.length, 0);
+      hash.update(head);
+      if (size > MiB) {
+        const tail = new Uint8Array(Math.min(MiB, size - MiB));
+        await handle.read(tail, 0, tail.length, size - tail.length);
+        hash.update(tail);
+      }
+    } finally {
+      await handle.close();
+    }
+  }
+  return hash.digest("hex").slice(0, 32);
+}
 
 export interface EngineOptions {
   modelDir: string;
@@ -28,6 +63,8 @@ export interface EngineOptions {
 
 export interface EngineInfo {
   modelId: string;
+  /** Identifies the exact model (config, tokenizer, graph, variant): snapshots from another model are refused. */
+  fingerprint: string;
   modelDir: string;
   variant: ModelVariant;
   backend: BackendName;
@@ -43,6 +80,11 @@ export interface EngineInfo {
 
 export interface CompletionJob {
   promptIds: number[];
+  /**
+   * Runs when the job's turn in the queue comes: the KV cache to continue, holding a strict prefix of
+   * promptIds (a session's cache, a reused prefix). Default: a fresh cache.
+   */
+  prepare?: () => KvCache;
   /** Undefined: up to the end of the context. */
   maxTokens?: number;
   sampling: Partial<SamplingParams>;
@@ -85,6 +127,7 @@ export class Engine {
     const kvBytesPerToken = c.numLayers * 2 * c.numKeyValueHeads * c.headDim * (model.io.kvDtype === "float16" ? 2 : 4);
     const info: EngineInfo = {
       modelId: options.modelId ?? folder.id,
+      fingerprint: await modelFingerprint(folder, model.io.kvDtype),
       modelDir: folder.dir,
       variant: folder.variant,
       backend: backend.name,
@@ -154,7 +197,7 @@ export class Engine {
     const eosIds = new Set(job.ignoreEos ? [] : this.model.folder.generation.eosTokenIds);
 
     const result = await this.queue.run(async () => {
-      const cache = this.model.newCache();
+      const cache = job.prepare ? job.prepare() : this.model.newCache();
       return generate(
         { model: this.model, tokenizer: this.tokenizer, prefillChunk: this.prefillChunk },
         cache,
@@ -164,11 +207,37 @@ export class Engine {
     }, job.signal);
     this.metrics.requests++;
     if (result.finishReason === "cancelled") this.metrics.cancelled++;
-    this.metrics.promptTokens += result.promptTokens;
+    this.metrics.promptTokens += result.promptTokens - result.cachedTokens;
     this.metrics.completionTokens += result.completionTokens;
     this.metrics.prefillMs += result.prefillMs;
     this.metrics.decodeMs += result.decodeMs;
     return result;
+  }
+
+  /**
+   * Reads tokens into a cache without generating (a session's appended document), in its turn in the
+   * queue and in chunks, reporting progress after each chunk. `prepare` returns the cache to extend,
+   * holding a strict prefix of promptIds.
+   */
+  async ingest(
+    promptIds: number[],
+    prepare: () => KvCache,
+    onProgress?: (done: number, total: number) => void | Promise<void>,
+    signal?: AbortSignal,
+  ): Promise<{ cachedTokens: number; prefilledTokens: number; ms: number }> {
+    if (promptIds.length >= this.info.contextLength) {
+      throw invalidRequest(`the session would hold ${promptIds.length} tokens but the context holds ${this.info.contextLength}`, "text");
+    }
+    return this.queue.run(async () => {
+      const t0 = performance.now();
+      const cache = prepare();
+      const cachedTokens = cache.length;
+      const rest = promptIds.slice(cachedTokens);
+      if (rest.length > 0) await this.model.prefill(cache, rest, this.prefillChunk, signal, onProgress);
+      this.metrics.promptTokens += rest.length;
+      this.metrics.prefillMs += performance.now() - t0;
+      return { cachedTokens, prefilledTokens: rest.length, ms: performance.now() - t0 };
+    }, signal);
   }
 
   async close(): Promise<void> {

@@ -7,7 +7,10 @@ export type RuntimeErrorKind =
   | "invalid_request" // the request cannot be served as asked (bad template input, too long, ...)
   | "queue_full" // the FIFO queue is at its configured limit
   | "cancelled" // the client went away or aborted
-  | "backend_unavailable"; // a requested backend cannot be provisioned
+  | "backend_unavailable" // a requested backend cannot be provisioned
+  | "not_found" // no session with that id
+  | "session_busy" // the session is in use and the server is configured to refuse rather than wait
+  | "invalid_snapshot"; // a snapshot was refused (see SnapshotError.reason)
 
 export class RuntimeError extends Error {
   readonly kind: RuntimeErrorKind;

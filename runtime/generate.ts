@@ -14,6 +14,7 @@ import { yieldToEventLoop } from "./yield.ts";
 export type FinishReason = "stop" | "length" | "cancelled";
 
 export interface GenerateRequest {
+  /** The whole prompt; the cache passed to generate() holds KV for a prefix of it (maybe none). */
   promptIds: number[];
   maxTokens: number;
   sampling: SamplingParams;
@@ -30,6 +31,8 @@ export interface GenerateResult {
   /** Which stop string or eos id ended generation, for clients that ask (llama.cpp's stopping_word). */
   stoppedBy: string | number | null;
   promptTokens: number;
+  /** Prompt tokens whose KV was already in the cache (not prefilled again). */
+  cachedTokens: number;
   completionTokens: number;
   /** Milliseconds from the start: prompt read (its last logits out), first token chosen; then the decode phase. */
   prefillMs: number;
@@ -79,7 +82,10 @@ export async function generate(
   let stoppedBy: string | number | null = null;
   let firstTokenMs = 0;
 
-  let logits = await model.prefill(cache, req.promptIds, ctx.prefillChunk, req.signal);
+  // The cache may already hold a prefix of the prompt (a session's earlier turns, a reused prefix).
+  const cachedTokens = cache.length;
+  if (cachedTokens >= req.promptIds.length) throw new Error("generate needs at least one prompt token beyond the cache");
+  let logits = await model.prefill(cache, req.promptIds.slice(cachedTokens), ctx.prefillChunk, req.signal);
   const prefillMs = performance.now() - t0;
   while (tokenIds.length < req.maxTokens) {
     if (req.signal?.aborted) {
@@ -132,6 +138,7 @@ export async function generate(
     finishReason,
     stoppedBy,
     promptTokens: req.promptIds.length,
+    cachedTokens,
     completionTokens: tokenIds.length,
     prefillMs,
     firstTokenMs: firstTokenMs || performance.now() - t0,

@@ -6,3 +6,7 @@ export type { SamplingParams } from "./sampling.ts";
 export { MODEL_VARIANT_NAMES, type ModelVariant } from "./model-folder.ts";
 export type { BackendName, BackendRequest } from "./backend.ts";
 export { parseToolCall, type ParsedToolCall } from "./tool-calls.ts";
+export { SessionManager, templateDate, type SessionInfo, type TurnRequest, type BusyPolicy } from "./sessions.ts";
+export { SnapshotStore } from "./snapshot-store.ts";
+export { SnapshotError, SNAPSHOT_VERSION, encodeSnapshot, decodeSnapshot, type SnapshotData } from "./snapshot.ts";
+export type { KvCache } from "./kv-cache.ts";

@@ -1,16 +1,18 @@
 /**
- * The KV cache of one sequence: per layer, the key and value tensors the graph returned as present.N.*,
- * which are fed back as past_key_values.N.* on the next step. Every resident slot keeps the original
- * position id of its token, so a later compaction can drop slots without renumbering what remains.
+ * The KV cache of one sequence: per layer, the keys and values the graph returned as present.N.*, kept
+ * as plain typed arrays laid out [kvHeads, length, headDim] and fed back as past_key_values.N.*.
+ * Every resident slot keeps the original position id of its token, so a later compaction can drop slots
+ * without renumbering what remains.
  */
-import type { Tensor } from "onnxruntime-web";
+import { sliceSlots, type KvArray } from "../kernels/kv-slots.ts";
 
 export type KvDtype = "float32" | "float16";
+export type { KvArray };
 
 export class KvCache {
-  /** keys[i] / values[i]: layer i, shape [1, kvHeads, length, headDim]. */
-  keys: Tensor[];
-  values: Tensor[];
+  /** keys[i] / values[i]: layer i, [kvHeads, length, headDim]. */
+  keys: KvArray[];
+  values: KvArray[];
   /** Number of resident slots. */
   length = 0;
   /** Original position id of each resident slot (first `length` entries are valid). */
@@ -20,34 +22,81 @@ export class KvCache {
 
   constructor(
     readonly dtype: KvDtype,
+    readonly layers: number,
     readonly kvHeads: number,
     readonly headDim: number,
-    emptyKeys: Tensor[],
-    emptyValues: Tensor[],
   ) {
-    this.keys = emptyKeys;
-    this.values = emptyValues;
+    const empty = () => (dtype === "float16" ? new Uint16Array(0) : new Float32Array(0));
+    this.keys = Array.from({ length: layers }, empty);
+    this.values = Array.from({ length: layers }, empty);
     this.positions = new Int32Array(256);
   }
 
-  /** Bytes of KV held for this sequence (keys and values, all layers). */
+  get bytesPerElement(): number {
+    return this.dtype === "float16" ? 2 : 4;
+  }
+
+  /** Bytes of KV one slot takes, all layers, keys and values. */
+  get bytesPerSlot(): number {
+    return this.layers * 2 * this.kvHeads * this.headDim * this.bytesPerElement;
+  }
+
+  /** Bytes of KV held for this sequence. */
   get bytes(): number {
-    const bytesPerElement = this.dtype === "float16" ? 2 : 4;
-    return this.keys.length * 2 * this.kvHeads * this.headDim * this.length * bytesPerElement;
+    return this.length * this.bytesPerSlot;
+  }
+
+  private ensurePositionCapacity(needed: number): void {
+    if (needed <= this.positions.length) return;
+    let capacity = this.positions.length;
+    while (capacity < needed) capacity *= 2;
+    const grown = new Int32Array(capacity);
+    grown.set(this.positions.subarray(0, this.length));
+    this.positions = grown;
   }
 
   /** Records `count` new slots at consecutive positions starting at nextPosition. */
   appendPositions(count: number): void {
-    const needed = this.length + count;
-    if (needed > this.positions.length) {
-      let capacity = this.positions.length;
-      while (capacity < needed) capacity *= 2;
-      const grown = new Int32Array(capacity);
-      grown.set(this.positions.subarray(0, this.length));
-      this.positions = grown;
-    }
+    this.ensurePositionCapacity(this.length + count);
     for (let i = 0; i < count; i++) this.positions[this.length + i] = this.nextPosition + i;
-    this.length = needed;
+    this.length += count;
     this.nextPosition += count;
+  }
+
+  /** Replaces the whole content (used when a snapshot is restored). */
+  assign(keys: KvArray[], values: KvArray[], positions: Int32Array, length: number, nextPosition: number): void {
+    this.keys = keys;
+    this.values = values;
+    this.ensurePositionCapacity(length);
+    this.positions.set(positions.subarray(0, length));
+    this.length = length;
+    this.nextPosition = nextPosition;
+  }
+
+  /** Keeps the first `n` slots. The next token follows the last kept one. */
+  truncate(n: number): void {
+    if (n >= this.length) return;
+    const layout = { heads: this.kvHeads, headDim: this.headDim };
+    for (let i = 0; i < this.layers; i++) {
+      this.keys[i] = sliceSlots(this.keys[i]!, this.length, 0, n, layout);
+      this.values[i] = sliceSlots(this.values[i]!, this.length, 0, n, layout);
+    }
+    this.length = n;
+    this.nextPosition = n > 0 ? this.positions[n - 1]! + 1 : 0;
+  }
+
+  /** An independent copy of the first `n` slots (all by default). */
+  clone(n = this.length): KvCache {
+    const copy = new KvCache(this.dtype, this.layers, this.kvHeads, this.headDim);
+    const layout = { heads: this.kvHeads, headDim: this.headDim };
+    const count = Math.min(n, this.length);
+    copy.assign(
+      this.keys.map((k) => sliceSlots(k, this.length, 0, count, layout)),
+      this.values.map((v) => sliceSlots(v, this.length, 0, count, layout)),
+      this.positions,
+      count,
+      count === this.length ? this.nextPosition : count > 0 ? this.positions[count - 1]! + 1 : 0,
+    );
+    return copy;
   }
 }

@@ -8,7 +8,7 @@ import { readFile } from "node:fs/promises";
 import type { InferenceSession, Tensor } from "onnxruntime-web";
 import type { Backend } from "./backend.ts";
 import { ModelFolderError, RuntimeError } from "./errors.ts";
-import { KvCache, type KvDtype } from "./kv-cache.ts";
+import { KvCache, type KvArray, type KvDtype } from "./kv-cache.ts";
 import { variantUsesFloat16, type ModelFolder } from "./model-folder.ts";
 import { yieldToEventLoop } from "./yield.ts";
 
@@ -97,6 +97,13 @@ function halfToFloat(src: Uint16Array, out: Float32Array): void {
   for (let i = 0; i < src.length; i++) out[i] = halfTable[src[i]!]!;
 }
 
+/** A present.* output as the cache keeps it: float32 as is, float16 as its Uint16 bits (a Float16Array is reinterpreted, not converted). */
+function kvArray(tensor: Tensor): KvArray {
+  const data = tensor.data as Float32Array | Uint16Array | { buffer: ArrayBufferLike; byteOffset: number; length: number };
+  if (data instanceof Float32Array || data instanceof Uint16Array) return data;
+  return new Uint16Array(data.buffer, data.byteOffset, data.length);
+}
+
 export interface ForwardOptions {
   /** Logits for the last position only (default) or for every new position. */
   allLogits?: boolean;
@@ -144,17 +151,7 @@ export class LlamaModel {
 
   newCache(): KvCache {
     const { numKeyValueHeads: heads, headDim } = this.folder.config;
-    const empty = () => this.emptyKv(heads, headDim);
-    const keys = Array.from({ length: this.io.layers }, empty);
-    const values = Array.from({ length: this.io.layers }, empty);
-    return new KvCache(this.io.kvDtype, heads, headDim, keys, values);
-  }
-
-  private emptyKv(heads: number, headDim: number): Tensor {
-    const { ort } = this.backend;
-    return this.io.kvDtype === "float16"
-      ? new ort.Tensor("float16", new Uint16Array(0), [1, heads, 0, headDim])
-      : new ort.Tensor("float32", new Float32Array(0), [1, heads, 0, headDim]);
+    return new KvCache(this.io.kvDtype, this.io.layers, heads, headDim);
   }
 
   get vocabSize(): number {
@@ -186,17 +183,18 @@ export class LlamaModel {
       feeds.num_logits_to_keep = new ort.Tensor("int64", BigInt64Array.of(options.allLogits ? 0n : 1n), []);
     }
     if (this.io.hasUseCacheBranch) feeds.use_cache_branch = new ort.Tensor("bool", Uint8Array.of(past > 0 ? 1 : 0), [1]);
+    const pastDims = [1, cache.kvHeads, past, cache.headDim];
     for (let i = 0; i < this.io.layers; i++) {
-      feeds[`past_key_values.${i}.key`] = cache.keys[i]!;
-      feeds[`past_key_values.${i}.value`] = cache.values[i]!;
+      feeds[`past_key_values.${i}.key`] = new ort.Tensor(cache.dtype, cache.keys[i]!, pastDims);
+      feeds[`past_key_values.${i}.value`] = new ort.Tensor(cache.dtype, cache.values[i]!, pastDims);
     }
     const started = performance.now();
     const out = await this.session.run(feeds);
     this.runStats.runs++;
     this.runStats.runMs += performance.now() - started;
     for (let i = 0; i < this.io.layers; i++) {
-      cache.keys[i] = out[`present.${i}.key`]!;
-      cache.values[i] = out[`present.${i}.value`]!;
+      cache.keys[i] = kvArray(out[`present.${i}.key`]!);
+      cache.values[i] = kvArray(out[`present.${i}.value`]!);
     }
     cache.appendPositions(seq);
     return this.readLogits(out.logits!, options.allLogits === true);
@@ -222,14 +220,21 @@ export class LlamaModel {
    * Reads `ids` into the cache in chunks of at most `chunkSize` tokens, so activations and logits stay
    * bounded whatever the prompt length; returns the last position's logits.
    */
-  async prefill(cache: KvCache, ids: ArrayLike<number>, chunkSize: number, signal?: AbortSignal): Promise<Float32Array> {
+  async prefill(
+    cache: KvCache,
+    ids: ArrayLike<number>,
+    chunkSize: number,
+    signal?: AbortSignal,
+    onProgress?: (done: number, total: number) => void | Promise<void>,
+  ): Promise<Float32Array> {
     if (ids.length === 0) throw new Error("prefill needs at least one token");
     let logits: Float32Array | null = null;
     for (let start = 0; start < ids.length; start += chunkSize) {
       if (start > 0) await yieldToEventLoop();
       if (signal?.aborted) throw new RuntimeError("cancelled", "the request was cancelled");
-      const chunk = Array.prototype.slice.call(ids, start, Math.min(ids.length, start + chunkSize)) as number[];
-      logits = await this.forward(cache, chunk);
+      const end = Math.min(ids.length, start + chunkSize);
+      logits = await this.forward(cache, Array.prototype.slice.call(ids, start, end) as number[]);
+      await onProgress?.(end, ids.length);
     }
     return logits!;
   }

@@ -20,6 +20,11 @@ export const configSchema = z.object({
   prefillChunk: intIn(1, 1 << 20).default(512).describe("prompt tokens per forward pass while prefilling"),
   maxBodyBytes: intIn(1024, 1 << 30).default(16 * 1024 * 1024).describe("largest request body accepted, in bytes (413 above)"),
   apiKey: z.string().min(1).optional().describe("if set, every route but /health needs 'Authorization: Bearer <key>'"),
+  sessionDir: z.string().min(1).default("snapshots").describe("directory of the session snapshot store"),
+  sessionMemoryBytes: intIn(0, Number.MAX_SAFE_INTEGER).default(4 * 2 ** 30).describe("KV bytes sessions may hold in memory; beyond it the least recently used are dropped (they stay in the store)"),
+  sessionBusy: z.enum(["wait", "reject"]).default("wait").describe("a second request on a busy session waits, or gets 409"),
+  maxSnapshotBytes: intIn(1024, Number.MAX_SAFE_INTEGER).default(8 * 2 ** 30).describe("largest snapshot upload, in bytes (413 above)"),
+  snapshotChunkTokens: intIn(1, 65536).default(4096).describe("tokens per snapshot chunk (each chunk has its own checksum)"),
 });
 
 export type ServerConfig = z.infer<typeof configSchema>;
@@ -38,6 +43,11 @@ const NAMES: Record<keyof ServerConfig, { env: string; flag: string }> = {
   prefillChunk: { env: "PREFILL_CHUNK", flag: "--prefill-chunk" },
   maxBodyBytes: { env: "MAX_BODY_BYTES", flag: "--max-body-bytes" },
   apiKey: { env: "API_KEY", flag: "--api-key" },
+  sessionDir: { env: "SESSION_DIR", flag: "--session-dir" },
+  sessionMemoryBytes: { env: "SESSION_MEMORY_BYTES", flag: "--session-memory-bytes" },
+  sessionBusy: { env: "SESSION_BUSY", flag: "--session-busy" },
+  maxSnapshotBytes: { env: "MAX_SNAPSHOT_BYTES", flag: "--max-snapshot-bytes" },
+  snapshotChunkTokens: { env: "SNAPSHOT_CHUNK_TOKENS", flag: "--snapshot-chunk-tokens" },
 };
 
 export class ConfigError extends Error {}

@@ -3,7 +3,7 @@
  * with the status that fits. Internal errors are logged in full and answered without detail.
  */
 import type { ZodError } from "zod";
-import { RuntimeError } from "../runtime/index.ts";
+import { RuntimeError, SnapshotError } from "../runtime/index.ts";
 
 export interface ErrorBody {
   error: { message: string; type: string; param: string | null; code: string | null };
@@ -44,6 +44,15 @@ export function toErrorResponse(error: unknown, log: (message: string) => void):
         return { status: 400, body: body(badRequest(error.message, error.param)) };
       case "queue_full":
         return { status: 429, body: body(new HttpError(429, error.message, "rate_limit_error", "queue_full")) };
+      case "not_found":
+        return { status: 404, body: body(new HttpError(404, error.message, "invalid_request_error", "session_not_found")) };
+      case "session_busy":
+        return { status: 409, body: body(new HttpError(409, error.message, "invalid_request_error", "session_busy")) };
+      case "invalid_snapshot": {
+        const reason = error instanceof SnapshotError ? error.reason : "invalid_snapshot";
+        const status = reason === "too_large" ? 413 : 400;
+        return { status, body: body(new HttpError(status, error.message, "invalid_request_error", reason)) };
+      }
       case "cancelled":
         // The client has gone; nobody reads this, but keep it well-formed.
         return { status: 499, body: body(new HttpError(400, error.message, "invalid_request_error", "cancelled")) };

@@ -79,6 +79,8 @@ export const chatCompletionSchema = z.object({
     .optional(),
   /** Extra chat-template variables, as transformers' apply_chat_template kwargs (e.g. date_string). */
   chat_template_kwargs: z.record(z.string(), z.unknown()).optional(),
+  /** Continue this session: the messages are the whole conversation, the session keeps the KV they share. */
+  session_id: z.string().nullable().optional(),
 });
 export type ChatCompletionRequest = z.infer<typeof chatCompletionSchema>;
 
@@ -103,3 +105,34 @@ export const applyTemplateSchema = z.object({
   add_generation_prompt: z.boolean().optional(),
   chat_template_kwargs: z.record(z.string(), z.unknown()).optional(),
 });
+
+const sessionIdSchema = z.string().regex(/^[A-Za-z0-9_-]{1,64}$/, { message: "a session id is 1-64 letters, digits, '_' or '-'" });
+
+export const createSessionSchema = z.object({
+  id: sessionIdSchema.optional(),
+  system: z.string().optional(),
+  messages: z.array(chatMessageSchema).optional(),
+  /** A document to read into the session now (a user message), so later questions prefill only themselves. */
+  document: z.string().optional(),
+  /** Template variables pinned for the session's life (default: today's date_string). */
+  chat_template_kwargs: z.record(z.string(), z.unknown()).optional(),
+  /** Stream prefill progress as server-sent events. */
+  stream: z.boolean().optional(),
+});
+
+export const sessionMessageSchema = z.object({
+  ...samplingFields,
+  role: z.enum(["user", "system", "developer", "tool", "ipython"]).default("user"),
+  content: content.refine((c) => c !== null, { message: "content is required" }),
+  max_completion_tokens: z.number().int().min(1).max(MAX_TOKENS_LIMIT).nullable().optional(),
+  tools: z.array(toolSchema).nullable().optional(),
+});
+
+export const appendSchema = z
+  .object({
+    text: z.string().optional(),
+    tokens: z.array(z.number().int().min(0)).min(1).optional(),
+    role: z.enum(["user", "system", "developer", "assistant", "tool", "ipython"]).default("user"),
+    stream: z.boolean().optional(),
+  })
+  .refine((a) => (a.text === undefined) !== (a.tokens === undefined), { message: "give exactly one of text or tokens", path: ["text"] });

@@ -4,7 +4,7 @@
  */
 import { fileURLToPath } from "node:url";
 import type { Hono } from "hono";
-import { Engine } from "../runtime/index.ts";
+import { Engine, SessionManager, SnapshotStore } from "../runtime/index.ts";
 import { createApp } from "./app.ts";
 import { loadConfig, type ServerConfig } from "./config.ts";
 
@@ -14,6 +14,7 @@ export const BUILTIN_MODEL_DIR = fileURLToPath(new URL("../models/builtin/", imp
 export interface Server {
   app: Hono;
   engine: Engine;
+  sessions: SessionManager;
   config: ServerConfig;
 }
 
@@ -29,8 +30,13 @@ export async function createServer(env: Record<string, string | undefined>, argv
     contextLength: config.ctxSize,
     prefillChunk: config.prefillChunk,
   });
-  const app = createApp({ engine, maxBodyBytes: config.maxBodyBytes, apiKey: config.apiKey });
-  return { app, engine, config };
+  const sessions = new SessionManager(engine, new SnapshotStore(config.sessionDir), {
+    memoryBudgetBytes: config.sessionMemoryBytes,
+    busy: config.sessionBusy,
+    chunkTokens: config.snapshotChunkTokens,
+  });
+  const app = createApp({ engine, sessions, maxBodyBytes: config.maxBodyBytes, maxSnapshotBytes: config.maxSnapshotBytes, apiKey: config.apiKey });
+  return { app, engine, sessions, config };
 }
 
 export function startupLine(server: Server, runtime: string, url: string): string {

@@ -1,0 +1,179 @@
+/**
+ * Where snapshots live between requests, restarts and machines: one file per session in a directory.
+ * Writes go to a temporary file that is synced and then renamed over the old one, so a crash leaves
+ * either the previous snapshot or the new one, never half of one.
+ */
+import { mkdir, open, readdir, rename, rm, stat, type FileHandle } from "node:fs/promises";
+import { join } from "node:path";
+import { invalidRequest } from "./errors.ts";
+import { SnapshotError, type ByteSource } from "./snapshot.ts";
+
+const SUFFIX = ".ulsnap";
+const ID = /^[A-Za-z0-9_-]{1,64}$/;
+
+export function assertSessionId(id: string): void {
+  if (!ID.test(id)) throw invalidRequest("a session id is 1-64 letters, digits, '_' or '-'", "id");
+}
+
+/** Buffered sequential reads from a file. */
+export class FileByteSource implements ByteSource {
+  private buffer = new Uint8Array(1 << 20);
+  private start = 0;
+  private end = 0;
+  private position = 0;
+
+  private constructor(private readonly handle: FileHandle) {}
+
+  static async open(path: string): Promise<FileByteSource> {
+    return new FileByteSource(await open(path, "r"));
+  }
+
+  async read(n: number): Promise<Uint8Array> {
+    const out = new Uint8Array(n);
+    let filled = 0;
+    while (filled < n) {
+      if (this.start === this.end) {
+        if (n - filled >= this.buffer.length) {
+          // Large reads go straight into the destination.
+          const { bytesRead } = await this.handle.read(out, filled, n - filled, this.position);
+          this.position += bytesRead;
+          filled += bytesRead;
+          if (bytesRead === 0) break;
+          continue;
+        }
+        const { bytesRead } = await this.handle.read(this.buffer, 0, this.buffer.length, this.position);
+        this.position += bytesRead;
+        this.start = 0;
+        this.end = bytesRead;
+        if (bytesRead === 0) break;
+      }
+      const take = Math.min(n - filled, this.end - this.start);
+      out.set(this.buffer.subarray(this.start, this.start + take), filled);
+      this.start += take;
+      filled += take;
+    }
+    return filled === n ? out : out.subarray(0, filled);
+  }
+
+  async close(): Promise<void> {
+    await this.handle.close();
+  }
+}
+
+export class SnapshotStore {
+  private ready: Promise<void> | null = null;
+
+  constructor(readonly dir: string) {}
+
+  private async ensureDir(): Promise<void> {
+    this.ready ??= mkdir(this.dir, { recursive: true }).then(() => undefined);
+    await this.ready;
+  }
+
+  path(id: string): string {
+    assertSessionId(id);
+    return join(this.dir, id + SUFFIX);
+  }
+
+  private tempPath(label: string): string {
+    return join(this.dir, `.tmp-${label}-${crypto.randomUUID()}`);
+  }
+
+  async has(id: string): Promise<boolean> {
+    try {
+      return (await stat(this.path(id))).isFile();
+    } catch {
+      return false;
+    }
+  }
+
+  async ids(): Promise<string[]> {
+    await this.ensureDir();
+    return (await readdir(this.dir)).filter((f) => f.endsWith(SUFFIX)).map((f) => f.slice(0, -SUFFIX.length)).filter((id) => ID.test(id));
+  }
+
+  /** Writes the chunks as the session's snapshot, atomically; returns the bytes written. */
+  async save(id: string, chunks: Iterable<Uint8Array>): Promise<number> {
+    await this.ensureDir();
+    const target = this.path(id);
+    const temp = this.tempPath(id);
+    const handle = await open(temp, "w");
+    let bytes = 0;
+    try {
+      for (const chunk of chunks) {
+        await handle.write(chunk);
+        bytes += chunk.length;
+      }
+      await handle.sync();
+    } catch (e) {
+      await handle.close();
+      await rm(temp, { force: true });
+      throw e;
+    }
+    await handle.close();
+    await rename(temp, target);
+    return bytes;
+  }
+
+  /** Opens the session's snapshot for reading, runs `fn`, and closes it. */
+  read<T>(id: string, fn: (source: ByteSource) => Promise<T>): Promise<T> {
+    return this.readFile(this.path(id), fn);
+  }
+
+  async size(id: string): Promise<number> {
+    return (await stat(this.path(id))).size;
+  }
+
+  async remove(id: string): Promise<void> {
+    await rm(this.path(id), { force: true });
+  }
+
+  /**
+   * Streams an upload into a temporary file in the store, refusing it (and deleting what was written) once
+   * it passes `maxBytes`. Returns the file; the caller validates it, then commits or discards it.
+   */
+  async receive(body: ReadableStream<Uint8Array>, maxBytes: number): Promise<string> {
+    await this.ensureDir();
+    const temp = this.tempPath("upload");
+    const handle = await open(temp, "w");
+    let bytes = 0;
+    const reader = body.getReader();
+    try {
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        bytes += value.length;
+        if (bytes > maxBytes) {
+          await reader.cancel();
+          throw new SnapshotError("too_large", `the upload passes the ${maxBytes}-byte limit for snapshots`);
+        }
+        await handle.write(value);
+      }
+      await handle.sync();
+    } catch (e) {
+      await handle.close();
+      await rm(temp, { force: true });
+      throw e;
+    }
+    await handle.close();
+    return temp;
+  }
+
+  /** Opens any snapshot file (e.g. a received upload) for reading, runs `fn`, and closes it. */
+  async readFile<T>(path: string, fn: (source: ByteSource) => Promise<T>): Promise<T> {
+    const source = await FileByteSource.open(path);
+    try {
+      return await fn(source);
+    } finally {
+      await source.close();
+    }
+  }
+
+  async commit(tempPath: string, id: string): Promise<void> {
+    await rename(tempPath, this.path(id));
+  }
+
+  async discard(tempPath: string): Promise<void> {
+    await rm(tempPath, { force: true });
+  }
+}

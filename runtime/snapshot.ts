@@ -1,0 +1,301 @@
+/**
+ * Context snapshots: a session's token history, its KV cache (with every slot's original position), its
+ * messages and room for compaction state, in a format that streams both ways.
+ *
+ *   file    = MAGIC (8 bytes "ULS-SNAP") frame*
+ *   frame   = u32le payload length, u32le CRC-32 of payload, payload (one msgpack map)
+ *   frames  = header, tokens chunks, positions chunks, KV chunks (per token chunk: every layer's key and
+ *             value), end
+ *
+ * Tensors travel as raw little-endian bytes in msgpack bin fields, a chunk of at most `chunkTokens`
+ * slots per frame, so neither writing nor reading ever holds more than one frame beyond the cache itself.
+ * The reader trusts nothing: every frame's size is bounded before it is read, its checksum verified, its
+ * msgpack checked for plain data (msgpack-guard.ts) before msgpackr decodes it, its fields validated, and
+ * the frame sequence must be exactly the one the header implies. Each refusal names its cause.
+ */
+import { Packr, Unpackr } from "msgpackr";
+import { crc32 } from "node:zlib";
+import { z } from "zod";
+import { sliceSlots, writeSlots, type KvArray } from "../kernels/kv-slots.ts";
+import { RuntimeError } from "./errors.ts";
+import type { KvDtype } from "./kv-cache.ts";
+import { assertPlainMsgpack } from "./msgpack-guard.ts";
+
+export const SNAPSHOT_MAGIC = new TextEncoder().encode("ULS-SNAP");
+export const SNAPSHOT_VERSION = 1;
+const FRAME_HEAD = 8;
+const MAX_HEADER_BYTES = 256 * 1024 * 1024;
+const MAX_CHUNK_TOKENS = 1 << 16;
+
+if (new Uint8Array(new Uint16Array([1]).buffer)[0] !== 1) {
+  throw new Error("snapshots store tensors little-endian; this platform is big-endian");
+}
+
+export type SnapshotErrorCause =
+  | "not_a_snapshot"
+  | "unsupported_version"
+  | "model_mismatch"
+  | "checksum_mismatch"
+  | "truncated"
+  | "malformed"
+  | "too_large";
+
+export class SnapshotError extends RuntimeError {
+  constructor(
+    readonly reason: SnapshotErrorCause,
+    message: string,
+  ) {
+    super("invalid_snapshot", `snapshot refused (${reason}): ${message}`);
+    this.name = "SnapshotError";
+  }
+}
+
+/** What a session carries besides tensors. `compaction` is reserved for the compaction state of a later issue. */
+export interface SnapshotMeta {
+  id: string;
+  createdAt: number;
+  updatedAt: number;
+  messages: unknown[];
+  templateKwargs: Record<string, unknown>;
+  compaction: unknown;
+}
+
+export interface SnapshotModel {
+  fingerprint: string;
+  modelId: string;
+  kvDtype: KvDtype;
+  layers: number;
+  kvHeads: number;
+  headDim: number;
+}
+
+export interface SnapshotData extends SnapshotModel {
+  /** Every token read, in order (may be longer than the resident KV). */
+  tokens: Int32Array;
+  /** Resident KV slots and their original positions. */
+  length: number;
+  nextPosition: number;
+  positions: Int32Array;
+  keys: KvArray[];
+  values: KvArray[];
+  meta: SnapshotMeta;
+}
+
+const headerSchema = z.object({
+  t: z.literal("header"),
+  version: z.number().int(),
+  fingerprint: z.string().max(256),
+  modelId: z.string().max(1024),
+  kvDtype: z.enum(["float32", "float16"]),
+  layers: z.number().int().min(1).max(4096),
+  kvHeads: z.number().int().min(1).max(4096),
+  headDim: z.number().int().min(1).max(65536),
+  tokenCount: z.number().int().min(0),
+  length: z.number().int().min(0),
+  nextPosition: z.number().int().min(0).max(2 ** 31 - 1),
+  chunkTokens: z.number().int().min(1).max(MAX_CHUNK_TOKENS),
+  meta: z.object({
+    id: z.string().max(256),
+    createdAt: z.number(),
+    updatedAt: z.number(),
+    messages: z.array(z.record(z.string(), z.unknown())),
+    templateKwargs: z.record(z.string(), z.unknown()),
+    compaction: z.unknown(),
+  }),
+});
+type Header = z.infer<typeof headerSchema>;
+
+const dataFrameSchema = z.object({
+  t: z.enum(["tokens", "positions", "kv"]),
+  start: z.number().int().min(0),
+  count: z.number().int().min(1),
+  layer: z.number().int().min(0).optional(),
+  kind: z.enum(["key", "value"]).optional(),
+  data: z.instanceof(Uint8Array),
+});
+const endFrameSchema = z.object({ t: z.literal("end"), frames: z.number().int().min(0) });
+
+const packr = new Packr({ useRecords: false, structuredClone: false });
+// Plain data only (see msgpack-guard.ts); 64-bit integers stay numbers so they fail validation, not pass as BigInt.
+const unpackr = new Unpackr({ useRecords: false, structuredClone: false, mapsAsObjects: true, int64AsType: "number" });
+
+const bytesOf = (a: ArrayBufferView) => new Uint8Array(a.buffer, a.byteOffset, a.byteLength);
+
+function frame(payload: Record<string, unknown>): Uint8Array {
+  const body = packr.pack(payload);
+  const out = new Uint8Array(FRAME_HEAD + body.length);
+  const view = new DataView(out.buffer);
+  view.setUint32(0, body.length, true);
+  view.setUint32(4, crc32(body), true);
+  out.set(body, FRAME_HEAD);
+  return out;
+}
+
+/** The planned data frames for a header: what the writer writes and the reader expects, in order. */
+function* plan(h: Pick<Header, "tokenCount" | "length" | "chunkTokens" | "layers">): Generator<{ t: "tokens" | "positions" | "kv"; start: number; count: number; layer?: number; kind?: "key" | "value" }> {
+  for (let start = 0; start < h.tokenCount; start += h.chunkTokens) yield { t: "tokens", start, count: Math.min(h.chunkTokens, h.tokenCount - start) };
+  for (let start = 0; start < h.length; start += h.chunkTokens) yield { t: "positions", start, count: Math.min(h.chunkTokens, h.length - start) };
+  for (let start = 0; start < h.length; start += h.chunkTokens) {
+    const count = Math.min(h.chunkTokens, h.length - start);
+    for (let layer = 0; layer < h.layers; layer++) {
+      yield { t: "kv", start, count, layer, kind: "key" };
+      yield { t: "kv", start, count, layer, kind: "value" };
+    }
+  }
+}
+
+/** Encodes a snapshot as a sequence of byte chunks (the magic, then one frame each). */
+export function* encodeSnapshot(data: SnapshotData, chunkTokens = 4096): Generator<Uint8Array> {
+  const header: Header = {
+    t: "header",
+    version: SNAPSHOT_VERSION,
+    fingerprint: data.fingerprint,
+    modelId: data.modelId,
+    kvDtype: data.kvDtype,
+    layers: data.layers,
+    kvHeads: data.kvHeads,
+    headDim: data.headDim,
+    tokenCount: data.tokens.length,
+    length: data.length,
+    nextPosition: data.nextPosition,
+    chunkTokens,
+    meta: { ...data.meta, messages: data.meta.messages as Record<string, unknown>[] },
+  };
+  yield SNAPSHOT_MAGIC;
+  yield frame(header);
+  const layout = { heads: data.kvHeads, headDim: data.headDim };
+  let frames = 0;
+  for (const p of plan(header)) {
+    let payload: Uint8Array;
+    if (p.t === "tokens") payload = bytesOf(data.tokens.subarray(p.start, p.start + p.count));
+    else if (p.t === "positions") payload = bytesOf(data.positions.subarray(p.start, p.start + p.count));
+    else {
+      const source = (p.kind === "key" ? data.keys : data.values)[p.layer!]!;
+      payload = bytesOf(sliceSlots(source, data.length, p.start, p.count, layout));
+    }
+    yield frame({ ...p, data: payload });
+    frames++;
+  }
+  yield frame({ t: "end", frames });
+}
+
+/** Reads exactly n bytes, or fewer at the end of the data. */
+export interface ByteSource {
+  read(n: number): Promise<Uint8Array>;
+}
+
+export interface SnapshotExpectation extends SnapshotModel {
+  /** Most tokens a snapshot may hold (the server's context length bounds what it can use). */
+  maxTokens: number;
+}
+
+async function readFrame(source: ByteSource, index: number, maxBytes: number): Promise<Record<string, unknown>> {
+  const head = await source.read(FRAME_HEAD);
+  if (head.length < FRAME_HEAD) throw new SnapshotError("truncated", `the data ends before frame ${index}`);
+  const view = new DataView(head.buffer, head.byteOffset, FRAME_HEAD);
+  const length = view.getUint32(0, true);
+  const expectedCrc = view.getUint32(4, true);
+  if (length > maxBytes) throw new SnapshotError("malformed", `frame ${index} declares ${length} bytes, more than the ${maxBytes} it can hold`);
+  const body = await source.read(length);
+  if (body.length < length) throw new SnapshotError("truncated", `frame ${index} has ${body.length} of its ${length} bytes`);
+  if (crc32(body) !== expectedCrc) throw new SnapshotError("checksum_mismatch", `frame ${index} fails its CRC-32 check`);
+  try {
+    assertPlainMsgpack(body);
+    const value: unknown = unpackr.unpack(body);
+    if (!value || typeof value !== "object" || Array.isArray(value)) throw new Error("not a map");
+    return value as Record<string, unknown>;
+  } catch (e) {
+    throw new SnapshotError("malformed", `frame ${index} is not a plain msgpack map: ${(e as Error).message}`);
+  }
+}
+
+/** Decodes and validates a snapshot for the model described by `expect`. */
+export async function decodeSnapshot(source: ByteSource, expect: SnapshotExpectation): Promise<SnapshotData> {
+  const magic = await source.read(SNAPSHOT_MAGIC.length);
+  if (magic.length < SNAPSHOT_MAGIC.length || magic.some((b, i) => b !== SNAPSHOT_MAGIC[i])) {
+    throw new SnapshotError("not_a_snapshot", "the data does not start with the snapshot magic bytes");
+  }
+  const rawHeader = await readFrame(source, 0, MAX_HEADER_BYTES);
+  if (rawHeader.t === "header" && typeof rawHeader.version === "number" && rawHeader.version !== SNAPSHOT_VERSION) {
+    throw new SnapshotError("unsupported_version", `format version ${rawHeader.version}; this server reads version ${SNAPSHOT_VERSION}`);
+  }
+  const parsed = headerSchema.safeParse(rawHeader);
+  if (!parsed.success) {
+    const issue = parsed.error.issues[0]!;
+    throw new SnapshotError("malformed", `header field ${issue.path.join(".") || "(root)"}: ${issue.message}`);
+  }
+  const h = parsed.data;
+  const mismatch = (["fingerprint", "kvDtype", "layers", "kvHeads", "headDim"] as const).find((k) => h[k] !== expect[k]);
+  if (mismatch) {
+    throw new SnapshotError(
+      "model_mismatch",
+      `it was made by model ${h.modelId} (${mismatch} ${String(h[mismatch])}); this server runs ${expect.modelId} (${mismatch} ${String(expect[mismatch])})`,
+    );
+  }
+  if (h.length > h.tokenCount || h.tokenCount > expect.maxTokens) {
+    throw new SnapshotError("too_large", `it holds ${h.tokenCount} tokens (${h.length} resident); this server takes at most ${expect.maxTokens}`);
+  }
+
+  const bytesPerElement = h.kvDtype === "float16" ? 2 : 4;
+  const layout = { heads: h.kvHeads, headDim: h.headDim };
+  const slotValues = h.kvHeads * h.headDim;
+  const tokens = new Int32Array(h.tokenCount);
+  const positions = new Int32Array(h.length);
+  const alloc = () => (h.kvDtype === "float16" ? new Uint16Array(h.length * slotValues) : new Float32Array(h.length * slotValues));
+  const keys = Array.from({ length: h.layers }, alloc);
+  const values = Array.from({ length: h.layers }, alloc);
+  const maxFrame = Math.max(h.chunkTokens * slotValues * bytesPerElement, h.chunkTokens * 4) + 256;
+
+  let index = 1;
+  for (const expected of plan(h)) {
+    const raw = await readFrame(source, index, maxFrame);
+    const f = dataFrameSchema.safeParse(raw);
+    const what = `frame ${index} (${expected.t}${expected.layer !== undefined ? ` layer ${expected.layer} ${expected.kind}` : ""} at slot ${expected.start})`;
+    if (!f.success || f.data.t !== expected.t || f.data.start !== expected.start || f.data.count !== expected.count || f.data.layer !== expected.layer || f.data.kind !== expected.kind) {
+      throw new SnapshotError("malformed", `${what} is missing or out of order`);
+    }
+    const { data, count, start } = f.data;
+    const elementBytes = expected.t === "kv" ? slotValues * bytesPerElement : 4;
+    if (data.byteLength !== count * elementBytes) throw new SnapshotError("malformed", `${what} holds ${data.byteLength} bytes, expected ${count * elementBytes}`);
+    const aligned = data.slice(); // own, aligned copy of the frame's bytes
+    if (expected.t === "tokens") tokens.set(new Int32Array(aligned.buffer), start);
+    else if (expected.t === "positions") positions.set(new Int32Array(aligned.buffer), start);
+    else {
+      const block = bytesPerElement === 2 ? new Uint16Array(aligned.buffer) : new Float32Array(aligned.buffer);
+      writeSlots((expected.kind === "key" ? keys : values)[expected.layer!]!, h.length, start, block, count, layout);
+    }
+    index++;
+  }
+  const end = endFrameSchema.safeParse(await readFrame(source, index, 1024));
+  if (!end.success || end.data.frames !== index - 1) throw new SnapshotError("malformed", `frame ${index} should end the snapshot after ${index - 1} data frames`);
+  if ((await source.read(1)).length > 0) throw new SnapshotError("malformed", "data continues after the end frame");
+  for (let i = 1; i < h.length; i++) {
+    if (positions[i]! <= positions[i - 1]!) throw new SnapshotError("malformed", `slot positions are not increasing at slot ${i}`);
+  }
+  if (h.length > 0 && positions[h.length - 1]! >= h.nextPosition) throw new SnapshotError("malformed", "nextPosition is not past the last slot's position");
+
+  return {
+    fingerprint: h.fingerprint,
+    modelId: h.modelId,
+    kvDtype: h.kvDtype,
+    layers: h.layers,
+    kvHeads: h.kvHeads,
+    headDim: h.headDim,
+    tokens,
+    length: h.length,
+    nextPosition: h.nextPosition,
+    positions,
+    keys,
+    values,
+    meta: h.meta as SnapshotMeta,
+  };
+}
+
+/** Reads the header only (for listing stored sessions without loading their tensors). */
+export async function readSnapshotHeader(source: ByteSource): Promise<Pick<Header, "modelId" | "tokenCount" | "length" | "meta" | "kvDtype" | "layers" | "kvHeads" | "headDim">> {
+  const magic = await source.read(SNAPSHOT_MAGIC.length);
+  if (magic.length < SNAPSHOT_MAGIC.length || magic.some((b, i) => b !== SNAPSHOT_MAGIC[i])) throw new SnapshotError("not_a_snapshot", "bad magic bytes");
+  const parsed = headerSchema.safeParse(await readFrame(source, 0, MAX_HEADER_BYTES));
+  if (!parsed.success) throw new SnapshotError("malformed", "unreadable header");
+  return parsed.data;
+}

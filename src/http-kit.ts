@@ -1,0 +1,189 @@
+/**
+ * What the route files share: body parsing through a zod schema, OpenAI response pieces (usage, timings,
+ * chat messages, sampling fields), client-abort wiring, and streaming a generation as SSE chunks.
+ */
+import type { Context } from "hono";
+import type { z } from "zod";
+import { parseToolCall, type ChatMessage, type CompletionJob, type Engine, type GenerateResult, type SamplingParams } from "../runtime/index.ts";
+import { HttpError, badRequest, fromZod, toErrorResponse } from "./http-errors.ts";
+import type { ChatCompletionRequest, CompletionRequest, chatMessageSchema } from "./schemas.ts";
+import { sseResponse } from "./sse.ts";
+
+/** The sampling fields every generating route accepts. */
+export type Sampled = Pick<ChatCompletionRequest, keyof CompletionRequest & keyof ChatCompletionRequest>;
+
+export const nowSeconds = () => Math.floor(Date.now() / 1000);
+export const newId = (prefix: string) => `${prefix}-${crypto.randomUUID().replaceAll("-", "").slice(0, 24)}`;
+
+export function usage(r: GenerateResult) {
+  return {
+    prompt_tokens: r.promptTokens,
+    completion_tokens: r.completionTokens,
+    total_tokens: r.promptTokens + r.completionTokens,
+    prompt_tokens_details: { cached_tokens: r.cachedTokens },
+  };
+}
+
+/** llama.cpp's timings block, which its clients and dashboards read. prompt_n counts the tokens actually prefilled. */
+export function timings(r: GenerateResult) {
+  const prefilled = r.promptTokens - r.cachedTokens;
+  return {
+    cache_n: r.cachedTokens,
+    prompt_n: prefilled,
+    prompt_ms: r.prefillMs,
+    prompt_per_second: r.prefillMs > 0 ? (prefilled * 1000) / r.prefillMs : 0,
+    predicted_n: r.completionTokens,
+    predicted_ms: r.decodeMs,
+    predicted_per_second: r.decodeMs > 0 ? (r.completionTokens * 1000) / r.decodeMs : 0,
+  };
+}
+
+export function samplingOf(req: Sampled): Partial<SamplingParams> {
+  const v = <T>(x: T | null | undefined): T | undefined => (x === null ? undefined : x);
+  return {
+    temperature: v(req.temperature),
+    topP: v(req.top_p),
+    topK: v(req.top_k),
+    minP: v(req.min_p),
+    seed: v(req.seed) === undefined ? undefined : req.seed! >>> 0,
+    frequencyPenalty: v(req.frequency_penalty),
+    presencePenalty: v(req.presence_penalty),
+    repetitionPenalty: v(req.repetition_penalty) ?? v(req.repeat_penalty),
+    penaltyLastN: v(req.repeat_last_n),
+    logitBias: req.logit_bias ? new Map(Object.entries(req.logit_bias).map(([id, bias]) => [Number(id), bias])) : undefined,
+  };
+}
+
+export const stopList = (stop: string | string[] | null | undefined): string[] => (stop == null ? [] : typeof stop === "string" ? [stop] : stop);
+
+export function toChatMessage(m: z.infer<typeof chatMessageSchema>): ChatMessage {
+  return {
+    // Llama templates know system/user/assistant/tool/ipython; OpenAI's "developer" is the system role.
+    role: m.role === "developer" ? "system" : m.role,
+    content: m.content == null ? null : typeof m.content === "string" ? m.content : m.content.map((p) => p.text).join(""),
+    ...(m.name !== undefined ? { name: m.name } : {}),
+    ...(m.tool_call_id !== undefined ? { tool_call_id: m.tool_call_id } : {}),
+    ...(m.tool_calls ? { tool_calls: m.tool_calls.map((c) => ({ ...c, function: { ...c.function } })) } : {}),
+  };
+}
+
+export async function parseBody<S extends z.ZodType>(c: Context, schema: S): Promise<z.infer<S>> {
+  const text = await c.req.text();
+  let json: unknown;
+  try {
+    json = JSON.parse(text);
+  } catch {
+    throw badRequest("the request body is not valid JSON", null, "invalid_json");
+  }
+  const parsed = schema.safeParse(json);
+  if (!parsed.success) throw fromZod(parsed.error);
+  return parsed.data;
+}
+
+/** Aborts when the client disconnects, so a queued or running generation stops. */
+export function clientAbort(c: Context): AbortController {
+  const abort = new AbortController();
+  const signal = c.req.raw.signal;
+  if (signal.aborted) abort.abort();
+  else signal.addEventListener("abort", () => abort.abort(), { once: true });
+  return abort;
+}
+
+/** The engine-bound helpers of one app. */
+export class RouteKit {
+  constructor(
+    readonly engine: Engine,
+    readonly log: (message: string) => void,
+  ) {}
+
+  errorEvent = (error: unknown) => toErrorResponse(error, this.log).body;
+
+  checkModel(model: string | undefined): void {
+    if (model !== undefined && model !== this.engine.info.modelId) {
+      throw new HttpError(404, `The model '${model}' does not exist; this server serves '${this.engine.info.modelId}'`, "invalid_request_error", "model_not_found", "model");
+    }
+  }
+
+  maxTokensOf(requested: number | null | undefined): number | undefined {
+    if (requested == null) return undefined;
+    const context = this.engine.info.contextLength;
+    if (requested > context) throw badRequest(`max_tokens is ${requested} but the context holds ${context} tokens`, "max_tokens");
+    return requested;
+  }
+
+  /** What a request asks of generation, apart from its prompt. */
+  generationOf(req: Sampled, maxTokens: number | undefined, signal: AbortSignal): Omit<CompletionJob, "promptIds" | "prepare"> {
+    return { maxTokens, sampling: samplingOf(req), stop: stopList(req.stop), ignoreEos: req.ignore_eos, signal };
+  }
+
+  jobOf(req: Sampled, promptIds: number[], maxTokens: number | undefined, signal: AbortSignal): CompletionJob {
+    return { promptIds, ...this.generationOf(req, maxTokens, signal) };
+  }
+
+  /**
+   * Streams a generation as SSE chunks that share `head` (id, object, created, model); `choice` builds each
+   * chunk's choice from a text delta, or from null with the finish reason for the closing chunk. `run`
+   * starts the generation with the delta callback; it must submit to the engine synchronously (see below).
+   */
+  stream(
+    run: (onDelta: (text: string) => void) => Promise<GenerateResult>,
+    abort: AbortController,
+    head: Record<string, unknown>,
+    includeUsage: boolean,
+    choice: (text: string | null, finish: string | null) => Record<string, unknown>,
+    opening?: Record<string, unknown>,
+  ): Response {
+    // A full queue must be a 429, not an error event inside a 200 stream: the stream's producer
+    // starts synchronously, so nothing can enter the queue between this check and its submission.
+    this.engine.checkAdmission();
+    return sseResponse(
+      async (send) => {
+        if (opening) send({ ...head, choices: [opening] });
+        const result = await run((text) => send({ ...head, choices: [choice(text, null)] }));
+        send({ ...head, choices: [choice(null, result.finishReason)] });
+        if (includeUsage) send({ ...head, choices: [], usage: usage(result), timings: timings(result) });
+      },
+      abort,
+      this.errorEvent,
+    );
+  }
+}
+
+export interface ChatRun {
+  run: (onDelta?: (text: string) => void) => Promise<GenerateResult>;
+  abort: AbortController;
+  stream: boolean;
+  includeUsage: boolean;
+  /** Tools offered to the model: a reply in its tool-call format becomes tool_calls (non-streaming). */
+  toolNames: ReadonlySet<string> | null;
+  /** Extra top-level fields of every response object (e.g. session_id). */
+  extra?: Record<string, unknown>;
+}
+
+/** Answers a chat generation as OpenAI's chat.completion, or as a stream of chat.completion.chunk. */
+export async function respondChat(kit: RouteKit, c: Context, chat: ChatRun): Promise<Response> {
+  const id = newId("chatcmpl");
+  const created = nowSeconds();
+  const model = kit.engine.info.modelId;
+  if (chat.stream) {
+    const delta = (text: string | null, finish: string | null) => ({ index: 0, delta: text === null ? {} : { content: text }, logprobs: null, finish_reason: finish });
+    const opening = { index: 0, delta: { role: "assistant", content: "" }, logprobs: null, finish_reason: null };
+    const head = { id, object: "chat.completion.chunk", created, model, ...chat.extra };
+    return kit.stream(chat.run, chat.abort, head, chat.includeUsage, delta, opening);
+  }
+  const result = await chat.run();
+  const toolCall = chat.toolNames ? parseToolCall(result.text, chat.toolNames) : null;
+  const message = toolCall
+    ? { role: "assistant", content: null, tool_calls: [{ id: newId("call"), type: "function", function: toolCall }] }
+    : { role: "assistant", content: result.text };
+  return c.json({
+    id,
+    object: "chat.completion",
+    created,
+    model,
+    ...chat.extra,
+    choices: [{ index: 0, message, logprobs: null, finish_reason: toolCall ? "tool_calls" : result.finishReason }],
+    usage: usage(result),
+    timings: timings(result),
+  });
+}
