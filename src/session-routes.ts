@@ -11,8 +11,8 @@
  *   DELETE /v1/sessions/:id
  */
 import type { Context, Hono } from "hono";
-import type { ChatMessage, SessionManager } from "../runtime/index.ts";
-import { HttpError, badRequest } from "./http-errors.ts";
+import { SnapshotError, type ChatMessage, type SessionManager } from "../runtime/index.ts";
+import { badRequest } from "./http-errors.ts";
 import { RouteKit, clientAbort, parseBody, respondChat, toChatMessage } from "./http-kit.ts";
 import { appendSchema, createSessionSchema, sessionMessageSchema } from "./schemas.ts";
 import { sseResponse } from "./sse.ts";
@@ -137,9 +137,7 @@ export function registerSessionRoutes(app: Hono, kit: RouteKit, sessions: Sessio
   app.put("/v1/sessions/:id/snapshot", async (c) => {
     const id = c.req.param("id");
     const declared = Number(c.req.header("content-length") ?? NaN);
-    if (declared > maxSnapshotBytes) {
-      throw new HttpError(413, `snapshot of ${declared} bytes exceeds the ${maxSnapshotBytes}-byte upload limit`, "invalid_request_error", "request_too_large");
-    }
+    if (declared > maxSnapshotBytes) throw new SnapshotError("too_large", `the upload of ${declared} bytes passes the ${maxSnapshotBytes}-byte limit for snapshots`);
     const body = c.req.raw.body;
     if (!body) throw badRequest("the request has no body: send the snapshot file as the body", null, "missing_body");
     const { replaced, ...info } = await sessions.upload(id, body, maxSnapshotBytes);
