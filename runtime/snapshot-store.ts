@@ -22,10 +22,14 @@ export class FileByteSource implements ByteSource {
   private end = 0;
   private position = 0;
 
-  private constructor(private readonly handle: FileHandle) {}
+  private constructor(
+    private readonly handle: FileHandle,
+    readonly size: number,
+  ) {}
 
   static async open(path: string): Promise<FileByteSource> {
-    return new FileByteSource(await open(path, "r"));
+    const handle = await open(path, "r");
+    return new FileByteSource(handle, (await handle.stat()).size);
   }
 
   async read(n: number): Promise<Uint8Array> {

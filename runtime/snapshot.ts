@@ -182,6 +182,8 @@ export function* encodeSnapshot(data: SnapshotData, chunkTokens = 4096): Generat
 /** Reads exactly n bytes, or fewer at the end of the data. */
 export interface ByteSource {
   read(n: number): Promise<Uint8Array>;
+  /** Total bytes, where known: lets the reader refuse a header that promises more than the data holds before allocating for it. */
+  readonly size?: number;
 }
 
 export interface SnapshotExpectation extends SnapshotModel {
@@ -239,6 +241,11 @@ export async function decodeSnapshot(source: ByteSource, expect: SnapshotExpecta
   const bytesPerElement = h.kvDtype === "float16" ? 2 : 4;
   const layout = { heads: h.kvHeads, headDim: h.headDim };
   const slotValues = h.kvHeads * h.headDim;
+  // A short file with a header that claims a huge cache must not make us allocate that cache first.
+  const payloadBytes = h.tokenCount * 4 + h.length * 4 + h.length * slotValues * bytesPerElement * h.layers * 2;
+  if (source.size !== undefined && source.size < payloadBytes) {
+    throw new SnapshotError("truncated", `the header promises ${payloadBytes} bytes of tokens and tensors but the data holds ${source.size} bytes in all`);
+  }
   const tokens = new Int32Array(h.tokenCount);
   const positions = new Int32Array(h.length);
   const alloc = () => (h.kvDtype === "float16" ? new Uint16Array(h.length * slotValues) : new Float32Array(h.length * slotValues));

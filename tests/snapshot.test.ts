@@ -198,7 +198,9 @@ describe("uploads that must be refused, each with its cause, leaving the target 
 
   test("a truncated file: truncated", async () => {
     await refused(good.subarray(0, good.length - 100), 400, "truncated", /frame \d+ has \d+ of its \d+ bytes/);
-    await refused(good.subarray(0, frames(good)[3]!.start), 400, "truncated", /ends before frame 3/);
+    const f = frames(good);
+    await refused(good.subarray(0, f.at(-1)!.start), 400, "truncated", new RegExp(`ends before frame ${f.length - 1}`));
+    await refused(good.subarray(0, f[3]!.start), 400, "truncated", /header promises \d+ bytes of tokens and tensors but the data holds \d+ bytes/);
   });
 
   test("another format version: unsupported_version", async () => {
@@ -245,10 +247,16 @@ describe("uploads that must be refused, each with its cause, leaving the target 
     // A KV frame whose data is a string, and a frame header claiming 4 GiB.
     const f = frames(good);
     const kvFrame = unpackr.unpack(f[f.length - 2]!.payload) as Record<string, unknown>;
-    await refused(replaceFrame(good, f.length - 2, packr.pack({ ...kvFrame, data: "not bytes" })), 400, "malformed", /missing or out of order/);
+    await refused(replaceFrame(good, f.length - 2, packr.pack({ ...kvFrame, data: "x".repeat((kvFrame.data as Uint8Array).length) })), 400, "malformed", /missing or out of order/);
     const huge = good.slice();
     new DataView(huge.buffer).setUint32(f[2]!.start, 0xffffffff, true);
     await refused(huge, 400, "malformed", /declares 4294967295 bytes/);
+  });
+
+  test("a small file whose header claims a huge cache is refused before anything is allocated for it", async () => {
+    const header = unpackr.unpack(frames(good)[0]!.payload) as Record<string, any>;
+    const claim = replaceFrame(good.subarray(0, frames(good)[1]!.start), 0, packr.pack({ ...header, tokenCount: 4000, length: 4000 }));
+    await refused(claim, 400, "truncated", /header promises \d+ bytes of tokens and tensors but the data holds \d+ bytes/);
   });
 
   test("frames out of order or missing: malformed", async () => {
