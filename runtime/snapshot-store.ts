@@ -96,26 +96,36 @@ export class SnapshotStore {
     return (await readdir(this.dir)).filter((f) => f.endsWith(SUFFIX)).map((f) => f.slice(0, -SUFFIX.length)).filter((id) => ID.test(id));
   }
 
-  /** Writes the chunks as the session's snapshot, atomically; returns the bytes written. */
-  async save(id: string, chunks: Iterable<Uint8Array>): Promise<number> {
+  /**
+   * Writes chunks to a new temporary file in the store and syncs it; past `maxBytes` it stops, deletes
+   * the file and throws too_large. On any failure nothing is left behind.
+   */
+  private async writeTemp(label: string, chunks: Iterable<Uint8Array> | AsyncIterable<Uint8Array>, maxBytes = Infinity): Promise<{ path: string; bytes: number }> {
     await this.ensureDir();
-    const target = this.path(id);
-    const temp = this.tempPath(id);
-    const handle = await open(temp, "w");
+    const path = this.tempPath(label);
+    const handle = await open(path, "w");
     let bytes = 0;
     try {
-      for (const chunk of chunks) {
-        await handle.write(chunk);
+      for await (const chunk of chunks) {
         bytes += chunk.length;
+        if (bytes > maxBytes) throw new SnapshotError("too_large", `the upload passes the ${maxBytes}-byte limit for snapshots`);
+        await handle.write(chunk);
       }
       await handle.sync();
     } catch (e) {
       await handle.close();
-      await rm(temp, { force: true });
+      await rm(path, { force: true });
       throw e;
     }
     await handle.close();
-    await rename(temp, target);
+    return { path, bytes };
+  }
+
+  /** Writes the chunks as the session's snapshot, atomically (temporary file, sync, rename); returns the bytes written. */
+  async save(id: string, chunks: Iterable<Uint8Array>): Promise<number> {
+    const target = this.path(id);
+    const { path, bytes } = await this.writeTemp(id, chunks);
+    await rename(path, target);
     return bytes;
   }
 
@@ -137,30 +147,19 @@ export class SnapshotStore {
    * it passes `maxBytes`. Returns the file; the caller validates it, then commits or discards it.
    */
   async receive(body: ReadableStream<Uint8Array>, maxBytes: number): Promise<string> {
-    await this.ensureDir();
-    const temp = this.tempPath("upload");
-    const handle = await open(temp, "w");
-    let bytes = 0;
     const reader = body.getReader();
-    try {
-      for (;;) {
-        const { value, done } = await reader.read();
-        if (done) break;
-        bytes += value.length;
-        if (bytes > maxBytes) {
-          await reader.cancel();
-          throw new SnapshotError("too_large", `the upload passes the ${maxBytes}-byte limit for snapshots`);
+    const chunks = async function* () {
+      try {
+        for (;;) {
+          const { value, done } = await reader.read();
+          if (done) return;
+          yield value;
         }
-        await handle.write(value);
+      } finally {
+        await reader.cancel().catch(() => {});
       }
-      await handle.sync();
-    } catch (e) {
-      await handle.close();
-      await rm(temp, { force: true });
-      throw e;
-    }
-    await handle.close();
-    return temp;
+    };
+    return (await this.writeTemp("upload", chunks(), maxBytes)).path;
   }
 
   /** Opens any snapshot file (e.g. a received upload) for reading, runs `fn`, and closes it. */
