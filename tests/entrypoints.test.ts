@@ -75,7 +75,7 @@ async function hangUpsCancel(url: string) {
   expect(await metric(url, "llamacpp:tokens_predicted_total")).toBeLessThan(3000);
 }
 
-const common = ["--host", "127.0.0.1", "--port", "0", "--backend", "wasm"];
+const common = ["--host", "127.0.0.1", "--port", "0", "--backend", "wasm", "--model", "models/random"];
 
 describe("entry points", () => {
   const texts: string[] = [];
@@ -106,7 +106,7 @@ describe("entry points", () => {
   });
 
   test("deno serve src/entry/deploy.ts (export default { fetch })", async () => {
-    const { url } = await start(bin("deno"), ["serve", "-A", "--host", "127.0.0.1", "--port", "0", "src/entry/deploy.ts"], { BACKEND: "wasm" });
+    const { url } = await start(bin("deno"), ["serve", "-A", "--host", "127.0.0.1", "--port", "0", "src/entry/deploy.ts"], { BACKEND: "wasm", MODEL_DIR: "models/random" });
     const r = await chatOnce(url);
     expect(r.backend).toBe("wasm");
     texts.push(r.text);

@@ -23,7 +23,7 @@ afterAll(async () => {
 });
 
 async function startServer(sessionDir: string): Promise<{ url: string; child: ChildProcess }> {
-  const child = spawn(join(REPO, "node_modules", ".bin", "bun"), ["src/entry/bun.ts", "--port", "0", "--backend", "wasm", "--ctx-size", "4096", "--session-dir", sessionDir], {
+  const child = spawn(join(REPO, "node_modules", ".bin", "bun"), ["src/entry/bun.ts", "--port", "0", "--backend", "wasm", "--model", "models/random", "--ctx-size", "4096", "--session-dir", sessionDir], {
     cwd: REPO,
     stdio: ["ignore", "pipe", "pipe"],
   });

@@ -216,7 +216,7 @@ describe("uploads that must be refused, each with its cause, leaving the target 
     await elsewhere.post("/v1/sessions", { id: "theirs", document: "Same shapes, other weights.", chat_template_kwargs: DATE });
     const theirs = new Uint8Array(await (await elsewhere.app.request("/v1/sessions/theirs/snapshot")).arrayBuffer());
     await other.close();
-    await refused(theirs, 400, "model_mismatch", /made by model other \(fingerprint [0-9a-f]+\); this server runs builtin/);
+    await refused(theirs, 400, "model_mismatch", /made by model other \(fingerprint [0-9a-f]+\); this server runs random/);
   });
 
   test("an oversize upload: 413, whether announced by content-length or only streamed", async () => {

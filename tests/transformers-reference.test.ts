@@ -38,7 +38,7 @@ const CHATS: { name: string; messages: ChatMessage[] }[] = [
 ];
 
 async function peerFor(dtype: PeerDtype): Promise<TransformersPeer> {
-  return loadTransformersPeer({ backend: "wasm", modelsDir: join(REPO, "models"), modelId: "builtin", dtype, threads: 1 });
+  return loadTransformersPeer({ backend: "wasm", modelsDir: join(REPO, "models"), modelId: "random", dtype, threads: 1 });
 }
 
 async function compareOn(engine: Engine, peer: TransformersPeer): Promise<void> {

@@ -6,10 +6,15 @@ import { fileURLToPath } from "node:url";
 import { Engine, type EngineOptions } from "../../runtime/index.ts";
 
 export const REPO = fileURLToPath(new URL("../../", import.meta.url));
-export const MODEL_DIR = join(REPO, "models", "builtin");
+/** Seeded random weights: long, varied greedy output, which the decoding and HTTP tests need. */
+export const MODEL_DIR = join(REPO, "models", "random");
+/** The trained fixture model, the server's built-in default. */
+export const FIXTURE_DIR = join(REPO, "models", "builtin");
 
-if (!existsSync(join(MODEL_DIR, "config.json"))) {
-  throw new Error(`the built-in model is missing at ${MODEL_DIR}: run \`npm run build:model\` (npm test does this first)`);
+for (const dir of [MODEL_DIR, FIXTURE_DIR]) {
+  if (!existsSync(join(dir, "config.json"))) {
+    throw new Error(`the model folder ${dir} is missing: run \`npm run build:model\` (npm test does this first)`);
+  }
 }
 
 export function engineOptions(overrides: Partial<EngineOptions> = {}): EngineOptions {

