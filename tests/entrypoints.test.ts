@@ -5,38 +5,19 @@
  * detection is each runtime's own).
  */
 import { afterEach, describe, expect, test } from "bun:test";
-import { spawn, type ChildProcess } from "node:child_process";
-import { join } from "node:path";
-import { REPO } from "./helpers/model.ts";
+import type { ChildProcess } from "node:child_process";
+import { bin, startProcess } from "./helpers/server.ts";
 
-const bin = (name: string) => join(REPO, "node_modules", ".bin", name);
 const children: ChildProcess[] = [];
 afterEach(() => {
   for (const child of children.splice(0)) child.kill("SIGKILL");
 });
 
-/** Starts a server process and resolves with its base URL once it prints where it listens. */
-function start(cmd: string, args: string[], env: Record<string, string> = {}): Promise<{ url: string; output: () => string }> {
-  const child = spawn(cmd, args, { cwd: REPO, env: { ...process.env, NO_COLOR: "1", ...env }, stdio: ["ignore", "pipe", "pipe"] });
-  children.push(child);
-  let output = "";
-  return new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`no listening line within 60 s:\n${output}`)), 60_000);
-    const onData = (chunk: Buffer) => {
-      output += chunk.toString();
-      const m = /[Ll]istening on (http:\/\/[\w.:[\]]+?:\d+)/.exec(output);
-      if (m) {
-        clearTimeout(timer);
-        resolve({ url: m[1]!, output: () => output });
-      }
-    };
-    child.stdout!.on("data", onData);
-    child.stderr!.on("data", onData);
-    child.on("exit", (code) => {
-      clearTimeout(timer);
-      reject(new Error(`exited with ${code} before listening:\n${output}`));
-    });
-  });
+/** Starts a server process (killed after each test) and resolves with its base URL once it listens. */
+async function start(cmd: string, args: string[], env: Record<string, string> = {}): Promise<{ url: string; output: () => string }> {
+  const server = await startProcess(cmd, args, env);
+  children.push(server.child);
+  return server;
 }
 
 async function chatOnce(url: string) {

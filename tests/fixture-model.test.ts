@@ -5,14 +5,14 @@
  * passkey question sent to the running server is answered with the right number.
  */
 import { afterAll, describe, expect, test } from "bun:test";
-import { spawn, type ChildProcess } from "node:child_process";
-import { join } from "node:path";
+import type { ChildProcess } from "node:child_process";
 import { templateDate } from "../runtime/index.ts";
 import { FixtureTasks, rngOf } from "../scripts/lib/fixture-tasks.ts";
 import { runCell } from "../scripts/lib/passkey-eval.ts";
 import { existsSync } from "node:fs";
 import { FIXTURE_WEIGHTS_FILE } from "../scripts/lib/fixture-weights.ts";
-import { FIXTURE_DIR, REPO, sharedEngine } from "./helpers/model.ts";
+import { FIXTURE_DIR, sharedEngine } from "./helpers/model.ts";
+import { startBunServer } from "./helpers/server.ts";
 
 // Until the fixture is trained and committed (fixtures/fixture-model.safetensors), models/builtin has random weights.
 const trained = existsSync(FIXTURE_WEIGHTS_FILE);
@@ -54,19 +54,10 @@ describe.skipIf(!trained)("through the running server", () => {
   afterAll(() => child?.kill("SIGKILL"));
 
   test("a passkey question to /v1/chat/completions on the built-in model is answered with the right number", async () => {
-    child = spawn(join(REPO, "node_modules", ".bin", "bun"), ["src/entry/bun.ts", "--port", "0", "--backend", "wasm"], { cwd: REPO, stdio: ["ignore", "pipe", "pipe"] });
-    let output = "";
-    const url = await new Promise<string>((resolve, reject) => {
-      const onData = (chunk: Buffer) => {
-        output += chunk.toString();
-        const m = /listening on (http:\/\/[\d.]+:\d+)/.exec(output);
-        if (m) resolve(m[1]!);
-      };
-      child!.stdout!.on("data", onData);
-      child!.stderr!.on("data", onData);
-      child!.on("exit", (code) => reject(new Error(`server exited (${code}):\n${output}`)));
-    });
-    expect(output).toContain("model builtin");
+    const server = await startBunServer(["--port", "0", "--backend", "wasm"]);
+    child = server.child;
+    const { url } = server;
+    expect(server.output()).toContain("model builtin");
     const random = rngOf(42);
     for (let i = 0; i < 3; i++) {
       const sample = tasks.sample(random, { kind: "passkey", fillerTokens: 400, depth: random(), dateString: date });

@@ -4,10 +4,10 @@
  * to a new one resumes identically. The uninterrupted reference runs in this process on the same model.
  */
 import { afterAll, expect, test } from "bun:test";
-import { spawn, type ChildProcess } from "node:child_process";
+import type { ChildProcess } from "node:child_process";
 import { rm } from "node:fs/promises";
-import { join } from "node:path";
-import { REPO, sharedEngine } from "./helpers/model.ts";
+import { sharedEngine } from "./helpers/model.ts";
+import { startBunServer } from "./helpers/server.ts";
 import { sessionApp, tempDir } from "./helpers/sessions.ts";
 
 const DATE = { date_string: "26 Jul 2024" };
@@ -23,23 +23,9 @@ afterAll(async () => {
 });
 
 async function startServer(sessionDir: string): Promise<{ url: string; child: ChildProcess }> {
-  const child = spawn(join(REPO, "node_modules", ".bin", "bun"), ["src/entry/bun.ts", "--port", "0", "--backend", "wasm", "--model", "models/random", "--ctx-size", "4096", "--session-dir", sessionDir], {
-    cwd: REPO,
-    stdio: ["ignore", "pipe", "pipe"],
-  });
-  children.push(child);
-  let output = "";
-  const url = await new Promise<string>((resolve, reject) => {
-    const onData = (chunk: Buffer) => {
-      output += chunk.toString();
-      const m = /listening on (http:\/\/[\d.]+:\d+)/.exec(output);
-      if (m) resolve(m[1]!);
-    };
-    child.stdout!.on("data", onData);
-    child.stderr!.on("data", onData);
-    child.on("exit", (code) => reject(new Error(`server exited (${code}):\n${output}`)));
-  });
-  return { url, child };
+  const server = await startBunServer(["--port", "0", "--backend", "wasm", "--model", "models/random", "--ctx-size", "4096", "--session-dir", sessionDir]);
+  children.push(server.child);
+  return server;
 }
 
 const call = async (url: string, path: string, body?: unknown, method = body === undefined ? "GET" : "POST") => {

@@ -78,17 +78,8 @@ export function brownSentences(split: Split): string[][] {
     .filter((sentences) => sentences.length > 20);
 }
 
-/** A seeded PRNG (mulberry32) returning floats in [0, 1). */
-export function rngOf(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+/** The runtime's seeded PRNG (mulberry32, floats in [0, 1)): the same prompts in every JS runtime. */
+export { createRng as rngOf } from "../../runtime/sampling.ts";
 
 export interface TaskSample {
   kind: TaskKind;
