@@ -180,7 +180,7 @@ export class Engine {
     return { ...DEFAULT_SAMPLING, ...fromModel, ...defined, seed };
   }
 
-  /** Queues a completion and runs it on a fresh KV cache; text deltas go to onDelta as they are decoded. */
+  /** Queues a completion and runs it on job.prepare()'s cache (or a fresh one); text deltas go to onDelta as they are decoded. */
   async complete(job: CompletionJob, onDelta: (text: string) => void | Promise<void> = () => {}): Promise<GenerateResult> {
     const context = this.info.contextLength;
     const promptTokens = job.promptIds.length;
