@@ -1,7 +1,7 @@
 /**
  * Writes the training and validation data of the fixture model for scripts/train-fixture.py:
  *
- *   npx bun scripts/make-fixture-data.ts --out /tmp/fixture-data [--samples 40000] [--seed 1]
+ *   npx bun scripts/make-fixture-data.ts --out /tmp/fixture-data [--samples 40000] [--seed 1] [--layers 2]
  *
  * Samples come from scripts/lib/fixture-tasks.ts (the same prompts the evaluation uses): half passkey,
  * half multikey with 2-6 needle lines, filler log-uniform between 16 and --max-filler tokens of
