@@ -151,6 +151,13 @@ export class Engine {
     this.queue.checkAdmission();
   }
 
+  /** Throws invalid_request naming `param` if any id is not a token of this model's vocabulary. */
+  checkTokenIds(ids: readonly number[], param: string): void {
+    const vocab = this.info.vocabSize;
+    const bad = ids.find((id) => !Number.isInteger(id) || id < 0 || id >= vocab);
+    if (bad !== undefined) throw invalidRequest(`token id ${bad} is outside the vocabulary (0..${vocab - 1})`, param);
+  }
+
   renderChat(messages: ChatMessage[], options: RenderOptions = {}): string {
     return this.template.render(messages, options);
   }
@@ -188,9 +195,7 @@ export class Engine {
     if (promptTokens >= context) {
       throw invalidRequest(`the prompt has ${promptTokens} tokens but the context holds ${context}; shorten it`, "messages");
     }
-    const vocab = this.info.vocabSize;
-    const bad = job.promptIds.find((id) => !Number.isInteger(id) || id < 0 || id >= vocab);
-    if (bad !== undefined) throw invalidRequest(`token id ${bad} is outside the vocabulary (0..${vocab - 1})`, "prompt");
+    this.checkTokenIds(job.promptIds, "prompt");
     const room = context - promptTokens;
     const maxTokens = Math.min(job.maxTokens ?? room, room);
     const sampling = this.resolveSampling(job.sampling);

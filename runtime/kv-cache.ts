@@ -73,6 +73,11 @@ export class KvCache {
     this.nextPosition = nextPosition;
   }
 
+  /** Position the next token gets when only the first `n` slots are kept. */
+  private positionAfter(n: number): number {
+    return n >= this.length ? this.nextPosition : n > 0 ? this.positions[n - 1]! + 1 : 0;
+  }
+
   /** Keeps the first `n` slots. The next token follows the last kept one. */
   truncate(n: number): void {
     if (n >= this.length) return;
@@ -81,8 +86,8 @@ export class KvCache {
       this.keys[i] = sliceSlots(this.keys[i]!, this.length, 0, n, layout);
       this.values[i] = sliceSlots(this.values[i]!, this.length, 0, n, layout);
     }
+    this.nextPosition = this.positionAfter(n);
     this.length = n;
-    this.nextPosition = n > 0 ? this.positions[n - 1]! + 1 : 0;
   }
 
   /** An independent copy of the first `n` slots (all by default). */
@@ -95,7 +100,7 @@ export class KvCache {
       this.values.map((v) => sliceSlots(v, this.length, 0, count, layout)),
       this.positions,
       count,
-      count === this.length ? this.nextPosition : count > 0 ? this.positions[count - 1]! + 1 : 0,
+      this.positionAfter(count),
     );
     return copy;
   }

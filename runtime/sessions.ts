@@ -169,7 +169,8 @@ export class SessionManager {
     readonly options: SessionManagerOptions,
   ) {}
 
-  private expectation(): SnapshotExpectation {
+  /** What a snapshot must match to be loaded into this server (its model, KV layout and context length). */
+  snapshotExpectation(): SnapshotExpectation {
     const c = this.engine.model.folder.config;
     return {
       fingerprint: this.engine.info.fingerprint,
@@ -186,6 +187,22 @@ export class SessionManager {
   assertAvailable(id: string): void {
     assertSessionId(id);
     if (this.locks.has(id) && this.options.busy === "reject") throw new RuntimeError("session_busy", `session ${id} is busy with another request`);
+  }
+
+  /** Throws not_found unless the session is in memory or in the store. */
+  private async assertExists(id: string): Promise<void> {
+    if (!this.resident.has(id) && !(await this.store.has(id))) throw new RuntimeError("not_found", `no session with id ${id}`);
+  }
+
+  /**
+   * Throws not_found, or session_busy under busy=reject, so that a route can answer 404 / 409 before it
+   * opens a stream. The busy check is synchronous and last: nothing can take the lock between it and a
+   * turn submitted right after.
+   */
+  async assertReady(id: string): Promise<void> {
+    assertSessionId(id);
+    await this.assertExists(id);
+    this.assertAvailable(id);
   }
 
   /** Takes the session's lock: waits for the current holder, or refuses at once under busy=reject. Returns the release. */
@@ -228,8 +245,8 @@ export class SessionManager {
   private async load(id: string): Promise<Session> {
     let session = this.resident.get(id);
     if (!session) {
-      if (!(await this.store.has(id))) throw new RuntimeError("not_found", `no session with id ${id}`);
-      const data = await this.store.read(id, (source) => decodeSnapshot(source, this.expectation()));
+      await this.assertExists(id);
+      const data = await this.store.read(id, (source) => decodeSnapshot(source, this.snapshotExpectation()));
       session = this.sessionFromSnapshot(data, id);
       this.resident.set(id, session);
     }
@@ -348,7 +365,7 @@ export class SessionManager {
     assertSessionId(id);
     const session = this.resident.get(id);
     if (session) return session.info();
-    if (!(await this.store.has(id))) throw new RuntimeError("not_found", `no session with id ${id}`);
+    await this.assertExists(id);
     const h = await this.store.read(id, readSnapshotHeader);
     const bytesPerSlot = h.layers * 2 * h.kvHeads * h.headDim * (h.kvDtype === "float16" ? 2 : 4);
     return {
@@ -380,8 +397,8 @@ export class SessionManager {
 
   async delete(id: string): Promise<void> {
     await this.locked(id, async () => {
-      const known = this.resident.delete(id) || (await this.store.has(id));
-      if (!known) throw new RuntimeError("not_found", `no session with id ${id}`);
+      await this.assertExists(id);
+      this.resident.delete(id);
       await this.store.remove(id);
     });
   }
@@ -395,7 +412,7 @@ export class SessionManager {
     let source: FileByteSource;
     let bytes: number;
     try {
-      if (!this.resident.has(id) && !(await this.store.has(id))) throw new RuntimeError("not_found", `no session with id ${id}`);
+      await this.assertExists(id);
       bytes = await this.store.size(id);
       source = await FileByteSource.open(this.store.path(id));
     } catch (e) {
@@ -429,7 +446,7 @@ export class SessionManager {
     assertSessionId(id);
     const temp = await this.store.receive(body, maxBytes);
     try {
-      const data = await this.store.readFile(temp, (source) => decodeSnapshot(source, this.expectation()));
+      const data = await this.store.readFile(temp, (source) => decodeSnapshot(source, this.snapshotExpectation()));
       return await this.locked(id, async () => {
         const replaced = this.resident.has(id) || (await this.store.has(id));
         const session = this.sessionFromSnapshot(data, id);

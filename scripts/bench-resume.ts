@@ -114,15 +114,7 @@ for (const size of sizes) {
   if (resumeToken !== coldToken) throw new Error(`first tokens differ: cold ${coldToken}, resumed ${resumeToken}`);
 
   // Codec throughput on this snapshot: decode from the file, encode back to a file.
-  const expectation = {
-    fingerprint: engine.info.fingerprint,
-    modelId: engine.info.modelId,
-    kvDtype: engine.model.io.kvDtype,
-    layers: engine.model.io.layers,
-    kvHeads: engine.model.folder.config.numKeyValueHeads,
-    headDim: engine.model.folder.config.headDim,
-    maxTokens: engine.info.contextLength,
-  };
+  const expectation = writer.snapshotExpectation();
   const decodeMs: number[] = [];
   const encodeMs: number[] = [];
   for (let i = 0; i < runs; i++) {

@@ -104,8 +104,7 @@ export function createApp(options: AppOptions): Hono {
       // Continue a session: the request's messages are the conversation; the session keeps the KV they share.
       if (!sessions) throw badRequest("sessions are not enabled on this server", "session_id");
       const sessionId = req.session_id;
-      await sessions.info(sessionId); // 404 before a stream opens
-      sessions.assertAvailable(sessionId); // 409 likewise
+      await sessions.assertReady(sessionId);
       const turn = { ...kit.generationOf(req, maxTokens, abort.signal), messages: () => messages, tools };
       return respondChat(kit, c, { ...common, run: (onDelta) => sessions.turn(sessionId, turn, onDelta), extra: { session_id: sessionId } });
     }
@@ -155,8 +154,7 @@ export function createApp(options: AppOptions): Hono {
 
   app.post("/detokenize", async (c) => {
     const req = await parseBody(c, detokenizeSchema);
-    const bad = req.tokens.find((id) => id >= engine.info.vocabSize);
-    if (bad !== undefined) throw badRequest(`token id ${bad} is outside the vocabulary (0..${engine.info.vocabSize - 1})`, "tokens");
+    engine.checkTokenIds(req.tokens, "tokens");
     return c.json({ content: engine.tokenizer.decode(req.tokens) });
   });
 

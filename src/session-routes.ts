@@ -84,8 +84,7 @@ export function registerSessionRoutes(app: Hono, kit: RouteKit, sessions: Sessio
     kit.checkModel(req.model);
     const message = toChatMessage({ role: req.role, content: req.content });
     const abort = clientAbort(c);
-    await sessions.info(id); // 404 before a stream opens
-    sessions.assertAvailable(id); // 409 likewise
+    await sessions.assertReady(id);
     const tools = req.tools ?? null;
     const turn = { ...kit.generationOf(req, kit.maxTokensOf(req.max_completion_tokens ?? req.max_tokens), abort.signal), messages: (current: ChatMessage[]) => [...current, message], tools };
     return respondChat(kit, c, {
@@ -101,15 +100,11 @@ export function registerSessionRoutes(app: Hono, kit: RouteKit, sessions: Sessio
   app.post("/v1/sessions/:id/append", async (c) => {
     const id = c.req.param("id");
     const req = await parseBody(c, appendSchema);
-    if (req.tokens) {
-      const bad = req.tokens.find((t) => t >= engine.info.vocabSize);
-      if (bad !== undefined) throw badRequest(`token id ${bad} is outside the vocabulary (0..${engine.info.vocabSize - 1})`, "tokens");
-    }
+    if (req.tokens) engine.checkTokenIds(req.tokens, "tokens");
     // Token ids join the conversation as their text: the session's history is always its rendered messages.
     const text = req.tokens ? engine.tokenizer.decode(req.tokens) : req.text!;
     const message = toChatMessage({ role: req.role, content: text });
-    await sessions.info(id);
-    sessions.assertAvailable(id);
+    await sessions.assertReady(id);
     return ingestResponse(
       c,
       req.stream,
