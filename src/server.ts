@@ -2,6 +2,7 @@
  * What every entry point does before it listens: read the configuration, load the model, build the app.
  * Runtime-specific listening lives in entry/*.ts.
  */
+import { stderr } from "node:process";
 import { fileURLToPath } from "node:url";
 import type { Hono } from "hono";
 import { Engine, SessionManager, SnapshotStore } from "../runtime/index.ts";
@@ -55,7 +56,9 @@ export async function createServerOrExit(env: Record<string, string | undefined>
   try {
     return await createServer(env, argv);
   } catch (error) {
-    console.error(`ultralong-serve failed to start: ${error instanceof Error ? error.message : String(error)}`);
+    const message = `ultralong-serve failed to start: ${error instanceof Error ? error.message : String(error)}\n`;
+    // Exit only once the message is written: stderr may be a pipe that a supervisor reads.
+    await new Promise<void>((resolve) => stderr.write(message, () => resolve()));
     return exit(1);
   }
 }

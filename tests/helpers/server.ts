@@ -30,7 +30,9 @@ export function startProcess(cmd: string, args: string[], env: Record<string, st
     };
     child.stdout!.on("data", onData);
     child.stderr!.on("data", onData);
-    child.on("exit", (code) => {
+    // "close", not "exit": close waits for stdout and stderr to end, so the message printed just before
+    // exiting is in `output` (exit can fire first, with the pipe still unread).
+    child.on("close", (code) => {
       clearTimeout(timer);
       reject(new Error(`exited with ${code} before listening:\n${output}`));
     });
