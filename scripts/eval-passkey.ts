@@ -4,7 +4,7 @@
  *
  *   npx bun scripts/eval-passkey.ts [--model models/builtin] [--backend auto] [--trials 100]
  *        [--lengths 256,1024,4096,16384,32768] [--depths 0,0.25,0.5,0.75,1]
- *        [--gaps 10,1000,100000,1000000] [--gap-filler 1024] [--tasks passkey,multikey] [--seed 7]
+ *        [--gaps 10,1000,100000,1000000] [--gap-filler 4096] [--tasks passkey,multikey] [--seed 7]
  *
  * Prints one table per task (filler tokens x needle depth) and one for position gaps (the question
  * stands that many positions after the end of the filler, the needle at a random depth). Each cell is
@@ -25,7 +25,7 @@ const { values } = parseArgs({
     lengths: { type: "string", default: "256,1024,4096,16384,32768" },
     depths: { type: "string", default: "0,0.25,0.5,0.75,1" },
     gaps: { type: "string", default: "10,1000,100000,1000000" },
-    "gap-filler": { type: "string", default: "1024" },
+    "gap-filler": { type: "string", default: "4096" },
     tasks: { type: "string", default: "passkey,multikey" },
     seed: { type: "string", default: "7" },
   },

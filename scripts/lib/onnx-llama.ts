@@ -59,13 +59,16 @@ export const TINY_LLAMA_CONFIG: LlamaConfig = {
   num_hidden_layers: 2,
   num_attention_heads: 4,
   num_key_value_heads: 2,
-  head_dim: 16,
+  head_dim: 32,
   hidden_act: "silu",
   rms_norm_eps: 1e-5,
   rope_theta: 500000,
   rope_scaling: {
     rope_type: "llama3",
-    factor: 8.0,
+    // Llama-3.1 ships 8 (8192 -> 131,072 positions); 128 stretches the same scheme to 1,048,576. The
+    // low-frequency planes then turn by under about a radian across a million positions, which is what
+    // lets the trained fixture match a needle at any distance.
+    factor: 128.0,
     low_freq_factor: 1.0,
     high_freq_factor: 4.0,
     original_max_position_embeddings: 8192,

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Retrains the fixture model from scratch, exactly as the committed fixtures/fixture-model.safetensors was
+# trained (seeded; about 45 minutes on 2 CPU cores):
+#
+#   apt-get install python3-torch libopenblas0-pthread      # once; Debian's torch, no PyPI
+#   npm run train:fixture [-- OUT.safetensors]              # default OUT: fixtures/fixture-model.safetensors
+#
+# The curriculum, as the committed weights were trained (each step found by watching the one before):
+#   1. both tasks on short contiguous prompts (filler up to 48 tokens): retrieval forms here; on long
+#      prompts the copy circuit does not form in reasonable time on a CPU;
+#   2. filler up to 4096 tokens with position gaps up to 1.5M (the first half of a 2,000-step schedule);
+#   3. multi-key only, short contiguous prompts, where picking the named needle is learned;
+#   4. both tasks again, all lengths, with gaps.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-fixtures/fixture-model.safetensors}"
+work="${FIXTURE_WORK:-/tmp/fixture-train}"
+seed="${FIXTURE_SEED:-1}"
+python="${PYTHON:-/usr/bin/python3}"
+bun="node_modules/.bin/bun"
+train() { "$python" scripts/train-fixture.py --seed "$seed" "$@"; }
+mkdir -p "$work"
+"$bun" scripts/make-fixture-data.ts --out "$work/short" --samples 20000 --max-filler 48 --seed "$seed"
+"$bun" scripts/make-fixture-data.ts --out "$work/long" --samples 30000 --max-filler 4096 --seed "$seed"
+train --data "$work/short" --out "$work/stage1.safetensors" --stages "0:all:contig:1500" \
+  --eval-every 250 --eval-samples 32 --tokens-per-batch 4096
+train --data "$work/long" --init "$work/stage1.safetensors" --out "$work/stage2.safetensors" --lr 2e-3 \
+  --stages "400:all:gaps:400,1200:all:gaps:600" --schedule-steps 2000 --eval-every 250 --eval-samples 64 --tokens-per-batch 8192
+train --data "$work/long" --init "$work/stage2.safetensors" --out "$work/stage3.safetensors" --lr 2e-3 \
+  --stages "250:multikey:contig:800" --eval-every 200 --eval-samples 64 --tokens-per-batch 4096 --threads 1
+train --data "$work/long" --init "$work/stage3.safetensors" --out "$out" --lr 1e-3 \
+  --stages "1200:all:gaps:500,0:all:gaps:300" --eval-every 200 --eval-samples 64 --tokens-per-batch 8192
+echo "trained $out"
