@@ -10,7 +10,10 @@
 #      prompts the copy circuit does not form in reasonable time on a CPU;
 #   2. filler up to 4096 tokens with position gaps up to 1.5M (the first half of a 2,000-step schedule);
 #   3. multi-key only, short contiguous prompts, where picking the named needle is learned;
-#   4. both tasks again, all lengths, with gaps.
+#   4. both tasks, all lengths, with gaps, and follow-up turns asking for every needle of a multi-key chat;
+#   5. the same on fresh prompts whose date lines use every day of the month: stages 1-4 saw days up to
+#      28 only (kept so that this is the committed recipe), and a model that never saw "30" as a day
+#      took it for the key's last digits on the 30th.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-fixtures/fixture-model.safetensors}"
@@ -18,16 +21,21 @@ work="${FIXTURE_WORK:-/tmp/fixture-train}"
 seed="${FIXTURE_SEED:-1}"
 python="${PYTHON:-/usr/bin/python3}"
 bun="node_modules/.bin/bun"
-train() { "$python" scripts/train-fixture.py --seed "$seed" "$@"; }
+train() { "$python" scripts/train-fixture.py "$@"; }
+data() { "$bun" scripts/make-fixture-data.ts "$@"; }
 mkdir -p "$work"
-"$bun" scripts/make-fixture-data.ts --out "$work/short" --samples 20000 --max-filler 48 --seed "$seed"
-"$bun" scripts/make-fixture-data.ts --out "$work/long" --samples 30000 --max-filler 4096 --seed "$seed"
-train --data "$work/short" --out "$work/stage1.safetensors" --stages "0:all:contig:1500" \
+data --out "$work/short" --samples 20000 --max-filler 48 --max-day 28 --seed "$seed"
+data --out "$work/long" --samples 30000 --max-filler 4096 --max-day 28 --seed "$seed"
+data --out "$work/turns" --samples 30000 --max-filler 4096 --max-day 28 --follow-ups --seed "$seed"
+data --out "$work/days" --samples 20000 --max-filler 4096 --follow-ups --seed $((seed + 4))
+train --seed "$seed" --data "$work/short" --out "$work/stage1.safetensors" --stages "0:all:contig:1500" \
   --eval-every 250 --eval-samples 32 --tokens-per-batch 4096
-train --data "$work/long" --init "$work/stage1.safetensors" --out "$work/stage2.safetensors" --lr 2e-3 \
+train --seed "$seed" --data "$work/long" --init "$work/stage1.safetensors" --out "$work/stage2.safetensors" --lr 2e-3 \
   --stages "400:all:gaps:400,1200:all:gaps:600" --schedule-steps 2000 --eval-every 250 --eval-samples 64 --tokens-per-batch 8192
-train --data "$work/long" --init "$work/stage2.safetensors" --out "$work/stage3.safetensors" --lr 2e-3 \
+train --seed "$seed" --data "$work/long" --init "$work/stage2.safetensors" --out "$work/stage3.safetensors" --lr 2e-3 \
   --stages "250:multikey:contig:800" --eval-every 200 --eval-samples 64 --tokens-per-batch 4096 --threads 1
-train --data "$work/long" --init "$work/stage3.safetensors" --out "$out" --lr 1e-3 \
-  --stages "1200:all:gaps:500,0:all:gaps:300" --eval-every 200 --eval-samples 64 --tokens-per-batch 8192
+train --seed "$seed" --data "$work/turns" --init "$work/stage3.safetensors" --out "$work/stage4.safetensors" --lr 2e-3 \
+  --stages "1200:all:gaps:600,0:all:gaps:400" --eval-every 200 --eval-samples 64 --tokens-per-batch 8192
+train --seed $((seed + 4)) --data "$work/days" --init "$work/stage4.safetensors" --out "$out" --lr 1e-3 \
+  --stages "1200:all:gaps:300,0:all:gaps:100" --eval-every 200 --eval-samples 64 --tokens-per-batch 8192
 echo "trained $out"

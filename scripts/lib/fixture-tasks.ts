@@ -127,6 +127,9 @@ export interface SampleOptions {
   /** Needle lines for multikey (the queried one and distractors). */
   keys?: number;
   dateString?: string;
+  /** Random dates use days from minDay to maxDay (1 and 31: every real day; see randomDate). */
+  maxDay?: number;
+  minDay?: number;
   /** Draws the filler from this generator instead (samples sharing it share their filler text). */
   fillerRandom?: () => number;
 }
@@ -196,9 +199,13 @@ export class FixtureTasks {
     return parts;
   }
 
-  randomDate(random: () => number): string {
+  /** A date line's date: a real day of 2023-2027, from day minDay to maxDay of its month. */
+  randomDate(random: () => number, maxDay = 31, minDay = 1): string {
     const year = 2023 + Math.floor(random() * 5);
-    return `${String(1 + Math.floor(random() * 28)).padStart(2, "0")} ${MONTHS[Math.floor(random() * 12)]} ${year}`;
+    const u = random();
+    const month = Math.floor(random() * 12);
+    const days = Math.min(maxDay, new Date(Date.UTC(year, month + 1, 0)).getUTCDate());
+    return `${String(minDay + Math.floor(u * (days - minDay + 1))).padStart(2, "0")} ${MONTHS[month]} ${year}`;
   }
 
   /** Consecutive sentences from a random place in a random file, at least `tokens` tokens. */
@@ -221,7 +228,7 @@ export class FixtureTasks {
 
   sample(random: () => number, options: SampleOptions): TaskSample {
     const { kind, depth } = options;
-    const dateString = options.dateString ?? this.randomDate(random);
+    const dateString = options.dateString ?? this.randomDate(random, options.maxDay, options.minDay);
     const number = () => String(10000 + Math.floor(random() * 90000));
     const sentences = this.filler(options.fillerRandom ?? random, options.fillerTokens);
     const fillerTokens = sentences.reduce((n, s) => n + s.length, 0);
