@@ -13,7 +13,9 @@
 #   4. both tasks, all lengths, with gaps, and follow-up turns asking for every needle of a multi-key chat;
 #   5. the same on fresh prompts whose date lines use every day of the month: stages 1-4 saw days up to
 #      28 only (kept so that this is the committed recipe), and a model that never saw "30" as a day
-#      took it for the key's last digits on the 30th.
+#      took it for the key's last digits on the 30th;
+#   6. more of that, on days 22-31 and filler up to 1024 tokens;
+#   7. filler of 1536-4096 tokens only, where the pass key was still missed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-fixtures/fixture-model.safetensors}"
@@ -28,6 +30,8 @@ data --out "$work/short" --samples 20000 --max-filler 48 --max-day 28 --seed "$s
 data --out "$work/long" --samples 30000 --max-filler 4096 --max-day 28 --seed "$seed"
 data --out "$work/turns" --samples 30000 --max-filler 4096 --max-day 28 --follow-ups --seed "$seed"
 data --out "$work/days" --samples 20000 --max-filler 4096 --follow-ups --seed $((seed + 4))
+data --out "$work/late-days" --samples 12000 --max-filler 1024 --follow-ups --min-day 22 --seed $((seed + 5))
+data --out "$work/4k" --samples 4000 --min-filler 1536 --max-filler 4096 --follow-ups --seed $((seed + 6))
 train --seed "$seed" --data "$work/short" --out "$work/stage1.safetensors" --stages "0:all:contig:1500" \
   --eval-every 250 --eval-samples 32 --tokens-per-batch 4096
 train --seed "$seed" --data "$work/long" --init "$work/stage1.safetensors" --out "$work/stage2.safetensors" --lr 2e-3 \
@@ -36,6 +40,10 @@ train --seed "$seed" --data "$work/long" --init "$work/stage2.safetensors" --out
   --stages "250:multikey:contig:800" --eval-every 200 --eval-samples 64 --tokens-per-batch 4096 --threads 1
 train --seed "$seed" --data "$work/turns" --init "$work/stage3.safetensors" --out "$work/stage4.safetensors" --lr 2e-3 \
   --stages "1200:all:gaps:600,0:all:gaps:400" --eval-every 200 --eval-samples 64 --tokens-per-batch 8192
-train --seed $((seed + 4)) --data "$work/days" --init "$work/stage4.safetensors" --out "$out" --lr 1e-3 \
+train --seed $((seed + 4)) --data "$work/days" --init "$work/stage4.safetensors" --out "$work/stage5.safetensors" --lr 1e-3 \
   --stages "1200:all:gaps:300,0:all:gaps:100" --eval-every 200 --eval-samples 64 --tokens-per-batch 8192
+train --seed $((seed + 5)) --data "$work/late-days" --init "$work/stage5.safetensors" --out "$work/stage6.safetensors" --lr 1e-3 \
+  --stages "0:all:gaps:500" --eval-every 250 --eval-samples 64 --tokens-per-batch 8192
+train --seed $((seed + 6)) --data "$work/4k" --init "$work/stage6.safetensors" --out "$out" --lr 1e-3 \
+  --stages "0:all:gaps:400" --eval-every 200 --eval-samples 64 --tokens-per-batch 8192
 echo "trained $out"

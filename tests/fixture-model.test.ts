@@ -21,9 +21,10 @@ const engine = await sharedEngine({ modelDir: FIXTURE_DIR, contextLength: 0 });
 const tasks = new FixtureTasks(engine.tokenizer, engine.template, "eval");
 // A fixed date line (the template's own default), so that the subset is the same trials every day.
 const FIXED_DATE = "26 Jul 2024";
-// The committed fixture scores 100% (passkey) and about 20% (multikey, below its target) on this subset;
-// a runtime that loses far-back context scores near 0 on both (the untrained model below).
-const THRESHOLD = { passkey: 0.9, multikey: 0.05 };
+// The committed fixture scores 70/70 (passkey) and 5/70 (multikey: far below its target, see the README)
+// on this subset; a runtime that loses far-back context scores 0 (as the untrained model below does).
+// The multikey bound only catches a total loss until the model learns that task.
+const THRESHOLD = { passkey: 0.9, multikey: 0.04 };
 
 describe.skipIf(!trained)("fixture model accuracy (fixed seed, held-out filler)", () => {
   for (const kind of ["passkey", "multikey"] as const) {
