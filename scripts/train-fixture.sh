@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Retrains the fixture model from scratch, exactly as the committed fixtures/fixture-model.safetensors was
-# trained (seeded; about 45 minutes on 2 CPU cores):
+# trained (seeded; about 90 minutes on 2 CPU cores):
 #
 #   apt-get install python3-torch libopenblas0-pthread      # once; Debian's torch, no PyPI
 #   npm run train:fixture [-- OUT.safetensors]              # default OUT: fixtures/fixture-model.safetensors
