@@ -6,7 +6,6 @@
 //   npx bun scripts/build-model.ts --out DIR [--weights FILE | --seed N] [--if-missing]
 //   (npx tsx works the same)
 
-import { existsSync } from "node:fs";
 import { parseArgs } from "node:util";
 import { relative } from "node:path";
 import { TINY_LLAMA_CONFIG, type LlamaWeights } from "./lib/onnx-llama.ts";
@@ -35,12 +34,9 @@ if (!Number.isSafeInteger(seed) || seed < 0) {
   process.exit(2);
 }
 
-// Until fixtures/fixture-model.safetensors is trained and committed, the built-in model has random weights.
-const fixtureReady = existsSync(FIXTURE_WEIGHTS_FILE);
-if (!values.out && !fixtureReady) console.log(`note: ${relative(process.cwd(), FIXTURE_WEIGHTS_FILE)} is not there yet: models/builtin gets seeded random weights`);
 const jobs: { outDir: string; weightsFile?: string }[] = values.out
   ? [{ outDir: values.out, weightsFile: values.weights }]
-  : [{ outDir: "models/builtin", weightsFile: fixtureReady ? FIXTURE_WEIGHTS_FILE : undefined }, { outDir: "models/random" }];
+  : [{ outDir: "models/builtin", weightsFile: FIXTURE_WEIGHTS_FILE }, { outDir: "models/random" }];
 
 const mib = (n: number) => (n / 2 ** 20).toFixed(2).padStart(8);
 for (const { outDir, weightsFile } of jobs) {

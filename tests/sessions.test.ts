@@ -143,7 +143,8 @@ describe("sessions", () => {
   });
 
   test("beyond the memory budget, least recently used sessions leave memory and come back transparently from the store", async () => {
-    const { app, post, sessions } = sessionApp(engine, { memoryBudgetBytes: 195 * engine.info.kvBytesPerToken }) // about two sessions;
+    // A budget of about two sessions.
+    const { app, post, sessions } = sessionApp(engine, { memoryBudgetBytes: 195 * engine.info.kvBytesPerToken });
     for (const id of ["s1", "s2", "s3"]) await post("/v1/sessions", { id, document: `${id}: ${DOCUMENT}`, chat_template_kwargs: DATE });
     const list = (await (await app.request("/v1/sessions")).json()) as any;
     expect(list.data.map((s: any) => s.id)).toEqual(["s1", "s2", "s3"]);

@@ -303,16 +303,15 @@ export class FixtureTasks {
   }
 
   /**
-   * The next turn after `previousAnswer`: the user asks for `word`'s number, and the reply restates that
-   * needle. Training asks about every needle of a multikey sample this way, which gives several
+   * A further turn: the user asks for `word`'s number, and the reply restates that needle. Training asks about every needle of a multikey sample this way, which gives several
    * supervised retrievals per long prompt for the price of one prefill.
    */
-  followUp(previousAnswer: string, word: string, key: string): FollowUp {
+  followUp(word: string, key: string): FollowUp {
     const question = QUESTION.multikey(word).trim();
     const text = this.template.render(
       [
         { role: "user", content: "A" },
-        { role: "assistant", content: previousAnswer },
+        { role: "assistant", content: "B" },
         { role: "user", content: question },
       ],
       { extra: { date_string: "01 Jan 2024" } },

