@@ -87,7 +87,6 @@ def load(split):
 
 train_tokens, train_index, train_mask = load("train")
 eval_tokens, eval_index, eval_mask = load("eval")
-masks = {id(train_tokens): train_mask, id(eval_tokens): eval_mask}
 print(f"train {len(train_index)} samples, eval {len(eval_index)}; task vocabulary {T} rows + 1 shared; config {H}x{L}, heads {NH}/{KV}x{HD}")
 
 
@@ -164,7 +163,7 @@ def positions_for(length, q, contiguous):
     return pos
 
 
-def batch_from(tokens, index, ids, contiguous_share=0.2, gaps=True):
+def batch_from(tokens, index, mask, ids, contiguous_share=0.2, gaps=True):
     S = int(index[ids, 1].max())
     B = len(ids)
     rows = np.full((B, S), OTHER, dtype=np.int64)
@@ -178,7 +177,6 @@ def batch_from(tokens, index, ids, contiguous_share=0.2, gaps=True):
         valid[b, :length] = True
         contiguous = (not gaps) or rng.random() < contiguous_share
         positions[b, :length] = positions_for(length, q, contiguous)
-        mask = masks.get(id(tokens))
         # Predict each reply token (and its eot) from the position before it: the answer, and the replies
         # of follow-up turns where the data has them (its mask).
         supervised = range(a, length) if mask is None else np.nonzero(mask[off : off + length])[0]
@@ -268,7 +266,7 @@ def evaluate(gaps):
         order = np.argsort(eval_index[: args.eval_samples, 1])
         for start in range(0, len(order), 16):
             ids = order[start : start + 16]
-            rows, positions, valid, keep, targets = batch_from(eval_tokens, eval_index, ids, contiguous_share=0.0 if gaps else 1.0, gaps=gaps)
+            rows, positions, valid, keep, targets = batch_from(eval_tokens, eval_index, eval_mask, ids, contiguous_share=0.0 if gaps else 1.0, gaps=gaps)
             predicted = model(rows, positions, valid, keep).argmax(-1)
             ok = (predicted == targets).numpy()
             at = 0
@@ -333,7 +331,7 @@ running = 0.0
 for step in range(1, args.steps + 1):
     stage = stage_at(step)
     ids = stage["batches"][rng.integers(len(stage["batches"]))]
-    rows, positions, valid, keep, targets = batch_from(train_tokens, train_index, ids, gaps=stage["gaps"])
+    rows, positions, valid, keep, targets = batch_from(train_tokens, train_index, train_mask, ids, gaps=stage["gaps"])
     if args.lm_weight > 0:
         answer_logits, logits = model(rows, positions, valid, keep, all_logits=True)
         lm_mask = valid[:, 1:]
