@@ -209,18 +209,23 @@ def save_safetensors(path, tensors, metadata):
     os.replace(tmp, path)
 
 
-def export(path, step, accuracy):
-    m = model
-    t = {"vocab": vocab.astype(np.int32), "model.embed_tokens.weight": m.embed.weight.detach().numpy()}
-    for i, layer in enumerate(m.layers):
+def hf_parameters():
+    """The model's parameters under their Hugging Face Llama names, in the order the file stores them."""
+    named = {"model.embed_tokens.weight": model.embed.weight}
+    for i, layer in enumerate(model.layers):
         pre = f"model.layers.{i}."
         for name, mod in [("self_attn.q_proj", layer.q), ("self_attn.k_proj", layer.k), ("self_attn.v_proj", layer.v), ("self_attn.o_proj", layer.o),
                           ("mlp.gate_proj", layer.gate), ("mlp.up_proj", layer.up), ("mlp.down_proj", layer.down)]:
-            t[pre + name + ".weight"] = mod.weight.detach().numpy()
-        t[pre + "input_layernorm.weight"] = layer.ln1.detach().numpy()
-        t[pre + "post_attention_layernorm.weight"] = layer.ln2.detach().numpy()
-    t["model.norm.weight"] = m.norm.detach().numpy()
-    t["lm_head.weight"] = m.lm_head.weight.detach().numpy()
+            named[pre + name + ".weight"] = mod.weight
+        named[pre + "input_layernorm.weight"] = layer.ln1
+        named[pre + "post_attention_layernorm.weight"] = layer.ln2
+    named["model.norm.weight"] = model.norm
+    named["lm_head.weight"] = model.lm_head.weight
+    return named
+
+
+def export(path, step, accuracy):
+    t = {"vocab": vocab.astype(np.int32), **{name: p.detach().numpy() for name, p in hf_parameters().items()}}
     metadata = {
         "format": "ultralong-serve fixture model",
         "rows": "embed_tokens and lm_head rows are the token ids in `vocab`, then one row shared by every other id",
@@ -240,17 +245,10 @@ def load_init(path):
     get = lambda name: torch.from_numpy(np.frombuffer(data, dtype=np.float32, offset=header[name]["data_offsets"][0],
                                                       count=int(np.prod(header[name]["shape"]))).reshape(header[name]["shape"]).copy())
     with torch.no_grad():
-        model.embed.weight.copy_(get("model.embed_tokens.weight"))
-        if not args.tie:
-            model.lm_head.weight.copy_(get("lm_head.weight"))
-        model.norm.copy_(get("model.norm.weight"))
-        for i, layer in enumerate(model.layers):
-            pre = f"model.layers.{i}."
-            for name, mod in [("self_attn.q_proj", layer.q), ("self_attn.k_proj", layer.k), ("self_attn.v_proj", layer.v), ("self_attn.o_proj", layer.o),
-                              ("mlp.gate_proj", layer.gate), ("mlp.up_proj", layer.up), ("mlp.down_proj", layer.down)]:
-                mod.weight.copy_(get(pre + name + ".weight"))
-            layer.ln1.copy_(get(pre + "input_layernorm.weight"))
-            layer.ln2.copy_(get(pre + "post_attention_layernorm.weight"))
+        for name, p in hf_parameters().items():
+            if name == "lm_head.weight" and args.tie:
+                continue  # the same tensor as embed_tokens
+            p.copy_(get(name))
 
 
 if args.init:
