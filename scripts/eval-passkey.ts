@@ -5,7 +5,7 @@
  *   npx bun scripts/eval-passkey.ts [--model models/builtin] [--backend auto] [--trials 100]
  *        [--lengths 256,1024,4096,16384,32768] [--depths 0,0.25,0.5,0.75,1]
  *        [--gaps 10,1000,100000,1000000] [--gap-filler 4096] [--tasks passkey,multikey] [--seed 7]
- *        [--date "26 Jul 2024"]
+ *        [--date "26 Jul 2024"] [--digits]
  *
  * Prints one table per task (filler tokens x needle depth) and one for position gaps (the question
  * stands that many positions after the end of the filler, the needle at a random depth). Each cell is
@@ -30,6 +30,8 @@ const { values } = parseArgs({
     tasks: { type: "string", default: "passkey,multikey" },
     seed: { type: "string", default: "7" },
     date: { type: "string" },
+    // Filler that keeps sentences with digits (numbers beside the needle's): a harder variant.
+    digits: { type: "boolean", default: false },
   },
 });
 const list = (s: string) => s.split(",").filter(Boolean).map(Number);
@@ -46,10 +48,10 @@ const engine = await Engine.load({
   contextLength: 0,
   prefillChunk: 512,
 });
-const tasks = new FixtureTasks(engine.tokenizer, engine.template, "eval");
+const tasks = new FixtureTasks(engine.tokenizer, engine.template, "eval", { digits: values.digits });
 // The chat template's date line, as the server would render it today (or --date "26 Jul 2024").
 const date = values.date ?? templateDate();
-console.log(`model ${engine.info.modelId}, backend ${engine.info.backendDetail}; held-out Brown Corpus filler; ${trials} trials per cell, seed ${seed}; date line "${date}"`);
+console.log(`model ${engine.info.modelId}, backend ${engine.info.backendDetail}; held-out Brown Corpus filler${values.digits ? " with numbers" : ""}; ${trials} trials per cell, seed ${seed}; date line "${date}"`);
 const t0 = performance.now();
 
 const pct = (c: number, n: number) => `${((100 * c) / n).toFixed(0)}%`.padStart(5);

@@ -2,11 +2,11 @@
  * Writes the training and validation data of the fixture model for scripts/train-fixture.py:
  *
  *   npx bun scripts/make-fixture-data.ts --out /tmp/fixture-data [--samples 40000] [--seed 1] [--max-filler 1536] [--follow-ups]
- *        [--min-day 1] [--max-day 31]
+ *        [--min-day 1] [--max-day 31] [--keys 2-6] [--digits]
  *        [--layers 2] [--hidden 64] [--heads 4] [--kv-heads 2] [--head-dim 32]
  *
  * Samples come from scripts/lib/fixture-tasks.ts (the same prompts the evaluation uses): half passkey,
- * half multikey with 2-6 needle lines, filler log-uniform between --min-filler (16) and --max-filler tokens of
+ * half multikey with 2-6 needle lines (--keys), filler log-uniform between --min-filler (16) and --max-filler tokens of
  * training-split Brown Corpus text, needle at a uniform depth, a random date in the template.
  * Files: meta.json (model config, llama3 inv_freq, task vocabulary, sample counts), and for each split
  * <split>.tokens.bin (int32 token ids, samples back to back), <split>.index.bin (int32 per sample:
@@ -32,6 +32,10 @@ const { values } = parseArgs({
     "min-filler": { type: "string", default: "16" },
     seed: { type: "string", default: "1" },
     "follow-ups": { type: "boolean", default: false },
+    // Needle lines per multikey sample, MIN-MAX (the queried one included).
+    keys: { type: "string", default: "2-6" },
+    // Keep filler sentences with digits (years, counts): numbers beside the needle's (see brownSentences).
+    digits: { type: "boolean", default: false },
     // Days of the month in the template's date line. The first four stages of the committed fixture
     // were trained with 28 (an oversight: a model that never saw "30" as a day took it for the key's
     // last digits on the 30th); train-fixture.sh keeps 28 there so that a rerun is the same recipe.
@@ -66,9 +70,11 @@ const minFiller = Number(values["min-filler"]);
 const followUps = values["follow-ups"]!;
 const maxDay = Number(values["max-day"]);
 const minDay = Number(values["min-day"]);
+const [minKeys, maxKeys] = values.keys!.split("-").map(Number) as [number, number];
+if (!(minKeys >= 1 && maxKeys >= minKeys)) throw new Error(`--keys ${values.keys}: expected MIN-MAX, 1 <= MIN <= MAX`);
 
 function write(split: Split, count: number, seed: number, fixedFiller?: number[]) {
-  const tasks = new FixtureTasks(tokenizer, template, split);
+  const tasks = new FixtureTasks(tokenizer, template, split, { digits: values.digits });
   const random = rngOf(seed);
   const tokens: number[] = [];
   const index: number[] = [];
@@ -77,7 +83,7 @@ function write(split: Split, count: number, seed: number, fixedFiller?: number[]
   for (let i = 0; i < count; i++) {
     const kind: TaskKind = i % 2 === 0 ? "passkey" : "multikey";
     const fillerTokens = fixedFiller ? fixedFiller[Math.floor(i / 2) % fixedFiller.length]! : Math.round(Math.exp(Math.log(minFiller) + random() * (Math.log(maxFiller) - Math.log(minFiller))));
-    const sample = tasks.sample(random, { kind, fillerTokens, depth: random(), keys: 2 + Math.floor(random() * 5), maxDay, minDay });
+    const sample = tasks.sample(random, { kind, fillerTokens, depth: random(), keys: minKeys + Math.floor(random() * (maxKeys - minKeys + 1)), maxDay, minDay });
     if (i < 50) {
       if (!tasks.composeCheck(sample)) throw new Error(`sample ${i}: assembled tokens differ from the rendered chat`);
       checked++;

@@ -5,6 +5,9 @@
 #   apt-get install python3-torch libopenblas0-pthread      # once; Debian's torch, no PyPI
 #   npm run train:fixture [-- OUT.safetensors]              # default OUT: fixtures/fixture-model.safetensors
 #
+# Stages are written to $FIXTURE_WORK (default /tmp/fixture-train) as stageN.safetensors; with
+# FIXTURE_RESUME=1 the stages an earlier run finished are kept and the run goes on from there.
+#
 # The curriculum, as the committed weights were trained (each step found by watching the one before):
 #   1. both tasks on short contiguous prompts (filler up to 48 tokens): retrieval forms here; on long
 #      prompts the copy circuit does not form in reasonable time on a CPU;
@@ -23,7 +26,19 @@ work="${FIXTURE_WORK:-/tmp/fixture-train}"
 seed="${FIXTURE_SEED:-1}"
 python="${PYTHON:-/usr/bin/python3}"
 bun="node_modules/.bin/bun"
-train() { "$python" scripts/train-fixture.py "$@"; }
+# stage N ARGS...: trains $work/stageN.safetensors. With FIXTURE_RESUME=1, a stage finished by an
+# earlier run of this script (its .done marker) is kept, so an interrupted run goes on where it stopped.
+stage() {
+  local n="$1"
+  shift
+  if [[ "${FIXTURE_RESUME:-0}" == 1 && -e "$work/stage$n.done" ]]; then
+    echo "stage $n: kept $work/stage$n.safetensors from an earlier run"
+    return
+  fi
+  rm -f "$work/stage$n.done"
+  "$python" scripts/train-fixture.py "$@" --out "$work/stage$n.safetensors"
+  touch "$work/stage$n.done"
+}
 data() { "$bun" scripts/make-fixture-data.ts "$@"; }
 mkdir -p "$work"
 data --out "$work/short" --samples 20000 --max-filler 48 --max-day 28 --seed "$seed"
@@ -32,18 +47,19 @@ data --out "$work/turns" --samples 30000 --max-filler 4096 --max-day 28 --follow
 data --out "$work/days" --samples 20000 --max-filler 4096 --follow-ups --seed $((seed + 4))
 data --out "$work/late-days" --samples 12000 --max-filler 1024 --follow-ups --min-day 22 --seed $((seed + 5))
 data --out "$work/4k" --samples 4000 --min-filler 1536 --max-filler 4096 --follow-ups --seed $((seed + 6))
-train --seed "$seed" --data "$work/short" --out "$work/stage1.safetensors" --stages "0:all:contig:1500" \
+stage 1 --seed "$seed" --data "$work/short" --stages "0:all:contig:1500" \
   --eval-every 250 --eval-samples 32 --tokens-per-batch 4096
-train --seed "$seed" --data "$work/long" --init "$work/stage1.safetensors" --out "$work/stage2.safetensors" --lr 2e-3 \
+stage 2 --seed "$seed" --data "$work/long" --init "$work/stage1.safetensors" --lr 2e-3 \
   --stages "400:all:gaps:400,1200:all:gaps:600" --schedule-steps 2000 --eval-every 250 --eval-samples 64 --tokens-per-batch 8192
-train --seed "$seed" --data "$work/long" --init "$work/stage2.safetensors" --out "$work/stage3.safetensors" --lr 2e-3 \
+stage 3 --seed "$seed" --data "$work/long" --init "$work/stage2.safetensors" --lr 2e-3 \
   --stages "250:multikey:contig:800" --eval-every 200 --eval-samples 64 --tokens-per-batch 4096 --threads 1
-train --seed "$seed" --data "$work/turns" --init "$work/stage3.safetensors" --out "$work/stage4.safetensors" --lr 2e-3 \
+stage 4 --seed "$seed" --data "$work/turns" --init "$work/stage3.safetensors" --lr 2e-3 \
   --stages "1200:all:gaps:600,0:all:gaps:400" --eval-every 200 --eval-samples 64 --tokens-per-batch 8192
-train --seed $((seed + 4)) --data "$work/days" --init "$work/stage4.safetensors" --out "$work/stage5.safetensors" --lr 1e-3 \
+stage 5 --seed $((seed + 4)) --data "$work/days" --init "$work/stage4.safetensors" --lr 1e-3 \
   --stages "1200:all:gaps:300,0:all:gaps:100" --eval-every 200 --eval-samples 64 --tokens-per-batch 8192
-train --seed $((seed + 5)) --data "$work/late-days" --init "$work/stage5.safetensors" --out "$work/stage6.safetensors" --lr 1e-3 \
+stage 6 --seed $((seed + 5)) --data "$work/late-days" --init "$work/stage5.safetensors" --lr 1e-3 \
   --stages "0:all:gaps:500" --eval-every 250 --eval-samples 64 --tokens-per-batch 8192
-train --seed $((seed + 6)) --data "$work/4k" --init "$work/stage6.safetensors" --out "$out" --lr 1e-3 \
+stage 7 --seed $((seed + 6)) --data "$work/4k" --init "$work/stage6.safetensors" --lr 1e-3 \
   --stages "0:all:gaps:400" --eval-every 200 --eval-samples 64 --tokens-per-batch 8192
+cp "$work/stage7.safetensors" "$out"
 echo "trained $out"

