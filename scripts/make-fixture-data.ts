@@ -32,7 +32,7 @@ const { values } = parseArgs({
     "min-filler": { type: "string", default: "16" },
     seed: { type: "string", default: "1" },
     "follow-ups": { type: "boolean", default: false },
-    // Needle lines per multikey sample, MIN-MAX (the queried one included).
+    // Needle lines per multikey sample, N or MIN-MAX (the queried one included).
     keys: { type: "string", default: "2-6" },
     // Keep filler sentences with digits (years, counts): numbers beside the needle's (see brownSentences).
     digits: { type: "boolean", default: false },
@@ -70,11 +70,14 @@ const minFiller = Number(values["min-filler"]);
 const followUps = values["follow-ups"]!;
 const maxDay = Number(values["max-day"]);
 const minDay = Number(values["min-day"]);
-const [minKeys, maxKeys] = values.keys!.split("-").map(Number) as [number, number];
-if (!(minKeys >= 1 && maxKeys >= minKeys)) throw new Error(`--keys ${values.keys}: expected MIN-MAX, 1 <= MIN <= MAX`);
+const [minKeys, maxKeys = minKeys] = values.keys!.split("-").map(Number) as [number, number?];
+if (!(Number.isInteger(minKeys) && Number.isInteger(maxKeys) && minKeys >= 1 && maxKeys >= minKeys)) {
+  throw new Error(`--keys ${values.keys}: expected N or MIN-MAX with 1 <= MIN <= MAX`);
+}
 
 function write(split: Split, count: number, seed: number, fixedFiller?: number[]) {
   const tasks = new FixtureTasks(tokenizer, template, split, { digits: values.digits });
+  if (maxKeys > tasks.keyWords.length) throw new Error(`--keys ${values.keys}: there are only ${tasks.keyWords.length} key words`);
   const random = rngOf(seed);
   const tokens: number[] = [];
   const index: number[] = [];
