@@ -87,14 +87,12 @@ function write(split: Split, count: number, seed: number, fixedFiller?: number[]
     const kind: TaskKind = i % 2 === 0 ? "passkey" : "multikey";
     const fillerTokens = fixedFiller ? fixedFiller[Math.floor(i / 2) % fixedFiller.length]! : Math.round(Math.exp(Math.log(minFiller) + random() * (Math.log(maxFiller) - Math.log(minFiller))));
     const sample = tasks.sample(random, { kind, fillerTokens, depth: random(), keys: minKeys + Math.floor(random() * (maxKeys - minKeys + 1)), maxDay, minDay });
-    if (i < 50) {
-      if (!tasks.composeCheck(sample)) throw new Error(`sample ${i}: assembled tokens differ from the rendered chat`);
-      checked++;
-    }
     // Follow-up turns (training only): the user then asks for every other needle's number in turn.
     const turns = followUps && split === "train" ? sample.others.map((o) => tasks.followUp(o.word, o.key)) : [];
-    if (i < 50 && turns.length) {
-      if (!tasks.composeCheckTurns(sample, turns)) throw new Error(`sample ${i}: assembled follow-up turns differ from the rendered chat`);
+    if (i < 50) {
+      if (!tasks.composeCheck(sample)) throw new Error(`sample ${i}: assembled tokens differ from the rendered chat`);
+      if (turns.length && !tasks.composeCheckTurns(sample, turns)) throw new Error(`sample ${i}: assembled follow-up turns differ from the rendered chat`);
+      checked++;
     }
     const length = sample.prompt.length + sample.answer.length + turns.reduce((n, t) => n + t.prompt.length + t.answer.length, 0);
     index.push(tokens.length, length, sample.questionStart, sample.prompt.length);

@@ -21,7 +21,7 @@
 import { readdirSync, readFileSync } from "node:fs";
 import { createRequire } from "node:module";
 import { dirname, join } from "node:path";
-import type { ChatTemplate } from "../../runtime/chat-template.ts";
+import type { ChatMessage, ChatTemplate } from "../../runtime/chat-template.ts";
 import type { TextTokenizer } from "../../runtime/tokenizer.ts";
 
 export type TaskKind = "passkey" | "multikey";
@@ -49,6 +49,11 @@ const INTRO = {
 const needleText = {
   passkey: (key: string) => ` The pass key is ${key}. Remember it.`,
   multikey: (word: string, key: string) => ` The special magic number for ${word} is ${key}.`,
+};
+/** The reply: the needle restated (what the model is trained to write). */
+const answerText = {
+  passkey: (key: string) => `The pass key is ${key}.`,
+  multikey: (word: string, key: string) => `The special magic number for ${word} is ${key}.`,
 };
 
 /** Brown Corpus tagged text -> plain sentences ("The/at jury/nn said/vbd ./." -> "The jury said."). */
@@ -182,11 +187,11 @@ export class FixtureTasks {
     add(INTRO.multikey);
     add(QUESTION.passkey);
     add(needleText.passkey("12345"));
-    add("The pass key is 12345.");
+    add(answerText.passkey("12345"));
     for (const w of this.keyWords) {
       add(QUESTION.multikey(w));
       add(needleText.multikey(w, "12345"));
-      add(`The special magic number for ${w} is 12345.`);
+      add(answerText.multikey(w, "12345"));
     }
     for (let i = 0; i < 1000; i++) for (const s of [String(i), String(i).padStart(2, "0"), String(i).padStart(3, "0")]) add(s);
     ids.add(this.eot);
@@ -290,15 +295,15 @@ export class FixtureTasks {
       }
     }
     const question = kind === "passkey" ? QUESTION.passkey : QUESTION.multikey(word);
-    const answerText = kind === "passkey" ? `The pass key is ${key}.` : `The special magic number for ${word} is ${key}.`;
+    const answer = kind === "passkey" ? answerText.passkey(key) : answerText.multikey(word, key);
     const questionStart = prompt.length;
     prompt.push(...this.tokenizer.encode(question), ...after);
     text += question;
     return {
       kind,
       prompt,
-      answer: [...this.tokenizer.encode(answerText), this.eot],
-      answerText,
+      answer: [...this.tokenizer.encode(answer), this.eot],
+      answerText: answer,
       questionStart,
       needleStart,
       key,
@@ -324,13 +329,13 @@ export class FixtureTasks {
       { extra: { date_string: "01 Jan 2024" } },
     );
     const tail = text.slice(text.lastIndexOf("<|eot_id|>", text.indexOf(question)) + "<|eot_id|>".length);
-    const answerText = `The special magic number for ${word} is ${key}.`;
-    return { prompt: this.tokenizer.encode(tail), answer: [...this.tokenizer.encode(answerText), this.eot], question, answerText };
+    const answer = answerText.multikey(word, key);
+    return { prompt: this.tokenizer.encode(tail), answer: [...this.tokenizer.encode(answer), this.eot], question, answerText: answer };
   }
 
   /** True when a sample followed by these turns is exactly what tokenizing the rendered conversation gives. */
   composeCheckTurns(sample: TaskSample, turns: FollowUp[]): boolean {
-    const messages = [{ role: "user", content: sample.content }, { role: "assistant", content: sample.answerText }];
+    const messages: ChatMessage[] = [{ role: "user", content: sample.content }, { role: "assistant", content: sample.answerText }];
     const ids = [...sample.prompt, ...sample.answer];
     for (const [i, t] of turns.entries()) {
       messages.push({ role: "user", content: t.question });
@@ -340,14 +345,18 @@ export class FixtureTasks {
         ids.push(...t.answer);
       }
     }
-    const full = this.tokenizer.encode(this.template.render(messages as never, { extra: { date_string: sample.dateString } }));
-    return full.length === ids.length && full.every((t, i) => t === ids[i]);
+    return this.rendersTo(messages, sample.dateString, ids);
   }
 
   /** True when the assembled prompt equals tokenizing the rendered chat (what the server does). */
   composeCheck(sample: TaskSample): boolean {
-    const full = this.tokenizer.encode(this.template.render([{ role: "user", content: sample.content }], { extra: { date_string: sample.dateString } }));
-    return full.length === sample.prompt.length && full.every((t, i) => t === sample.prompt[i]);
+    return this.rendersTo([{ role: "user", content: sample.content }], sample.dateString, sample.prompt);
+  }
+
+  /** True when tokenizing the rendered chat gives exactly `ids`. */
+  private rendersTo(messages: ChatMessage[], dateString: string, ids: number[]): boolean {
+    const full = this.tokenizer.encode(this.template.render(messages, { extra: { date_string: dateString } }));
+    return full.length === ids.length && full.every((t, i) => t === ids[i]);
   }
 }
 
