@@ -43,6 +43,9 @@ p.add_argument("--tokens-per-batch", type=int, default=12288)
 p.add_argument("--lr", type=float, default=3e-3)
 p.add_argument("--max-gap", type=float, default=1.5e6)
 p.add_argument("--max-offset", type=float, default=1.0e6)
+p.add_argument("--fresh-keys", type=int, default=0,
+               help="give the needles of a multi-key sample a fresh word and number each time the sample is drawn (consistently in "
+               "the needles, the questions and the replies), so that the model cannot memorize the training set's word-number pairs")
 p.add_argument("--seed", type=int, default=1)
 p.add_argument("--threads", type=int, default=2)
 p.add_argument("--eval-every", type=int, default=250)
@@ -163,6 +166,47 @@ def positions_for(length, q, contiguous):
     return pos
 
 
+# Llama-3 token ids of a multi-key needle line and reply: " for" WORD " is" " " DDD DD (the number's two digit groups).
+FOR, IS, SPACE = 369, 374, 220
+
+
+def needle_lines(seq):
+    """Positions p where seq[p:p+6] is " for" WORD " is" " " DDD DD: the needles and the replies that restate them."""
+    p = np.nonzero(seq[:-5] == FOR)[0]
+    return p[(seq[p + 2] == IS) & (seq[p + 3] == SPACE)]
+
+
+def key_vocabulary():
+    """The key words and digit-group tokens the data's needles use."""
+    words, first, second = set(), set(), set()
+    for off, length, q, a in train_index[1::2][:2000]:
+        seq = train_tokens[off : off + length]
+        for p in needle_lines(seq):
+            words.add(int(seq[p + 1])), first.add(int(seq[p + 4])), second.add(int(seq[p + 5]))
+    if len(words) < 16:
+        raise SystemExit(f"--fresh-keys: found only {len(words)} key words in the multi-key samples")
+    return np.array(sorted(words)), np.array(sorted(first)), np.array(sorted(second))
+
+
+if args.fresh_keys:
+    KEY_WORDS, FIRST_GROUPS, SECOND_GROUPS = key_vocabulary()
+    print(f"fresh keys from {len(KEY_WORDS)} words, {len(FIRST_GROUPS)} first and {len(SECOND_GROUPS)} second digit groups")
+
+
+def fresh_keys(seq):
+    """The multi-key sample with every needle's word and number replaced, consistently wherever they occur."""
+    seq = seq.copy()
+    lines = needle_lines(seq)
+    old = list(dict.fromkeys(int(seq[p + 1]) for p in lines))
+    word = dict(zip(old, rng.choice(KEY_WORDS, size=len(old), replace=False)))
+    number = {w: (rng.choice(FIRST_GROUPS), rng.choice(SECOND_GROUPS)) for w in old}
+    for p in lines:
+        seq[p + 4], seq[p + 5] = number[int(seq[p + 1])]
+    for p in np.nonzero(seq[:-1] == FOR)[0]:  # needles, questions (" for" WORD "?") and replies
+        seq[p + 1] = word.get(int(seq[p + 1]), seq[p + 1])
+    return seq
+
+
 def batch_from(tokens, index, mask, ids, contiguous_share=0.2, gaps=True):
     S = int(index[ids, 1].max())
     B = len(ids)
@@ -173,6 +217,8 @@ def batch_from(tokens, index, mask, ids, contiguous_share=0.2, gaps=True):
     for b, i in enumerate(ids):
         off, length, q, a = index[i]
         seq = tokens[off : off + length]
+        if args.fresh_keys and i % 2 == 1 and tokens is train_tokens:
+            seq = fresh_keys(seq)
         rows[b, :length] = row_of[seq]
         valid[b, :length] = True
         contiguous = (not gaps) or rng.random() < contiguous_share
