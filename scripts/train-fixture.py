@@ -59,6 +59,9 @@ p.add_argument(
 p.add_argument("--tie", type=int, default=1, help="train with lm_head tied to embed_tokens (exported as two equal matrices)")
 p.add_argument("--schedule-steps", type=int, default=0, help="length of the cosine learning-rate schedule (default: the stages' total; larger stops part-way down it)")
 p.add_argument("--eval-samples", type=int, default=200)
+p.add_argument("--eval-max-tokens", type=int, default=0,
+               help="validate only on held-out samples of at most this many tokens (default: the first --eval-samples of any length), "
+               "to see a stage trained on short prompts on prompts of its own lengths")
 p.add_argument("--lm-weight", type=float, default=0.2, help="weight of next-token loss on the prompt (dense signal; induction heads form from it)")
 args = p.parse_args()
 
@@ -307,7 +310,11 @@ def evaluate(gaps):
     model.eval()
     correct, total = {}, {}
     with torch.no_grad():
-        order = np.argsort(eval_index[: args.eval_samples, 1])
+        if args.eval_max_tokens == 0:
+            order = np.argsort(eval_index[: args.eval_samples, 1])
+        else:
+            pool = np.nonzero(eval_index[:, 1] <= args.eval_max_tokens)[0][: args.eval_samples]
+            order = pool[np.argsort(eval_index[pool, 1])]
         for start in range(0, len(order), 16):
             ids = order[start : start + 16]
             rows, positions, valid, keep, targets = batch_from(eval_tokens, eval_index, eval_mask, ids, contiguous_share=0.0 if gaps else 1.0, gaps=gaps)
