@@ -210,7 +210,7 @@ def fresh_keys(seq):
     return seq
 
 
-def batch_from(tokens, index, mask, ids, contiguous_share=0.2, gaps=True):
+def batch_from(tokens, index, mask, ids, contiguous_share=0.2, gaps=True, refresh=False):
     S = int(index[ids, 1].max())
     B = len(ids)
     rows = np.full((B, S), OTHER, dtype=np.int64)
@@ -220,7 +220,7 @@ def batch_from(tokens, index, mask, ids, contiguous_share=0.2, gaps=True):
     for b, i in enumerate(ids):
         off, length, q, a = index[i]
         seq = tokens[off : off + length]
-        if args.fresh_keys and i % 2 == 1 and tokens is train_tokens:
+        if refresh and i % 2 == 1:  # multi-key samples (they alternate with passkey ones)
             seq = fresh_keys(seq)
         rows[b, :length] = row_of[seq]
         valid[b, :length] = True
@@ -382,7 +382,7 @@ running = 0.0
 for step in range(1, args.steps + 1):
     stage = stage_at(step)
     ids = stage["batches"][rng.integers(len(stage["batches"]))]
-    rows, positions, valid, keep, targets = batch_from(train_tokens, train_index, train_mask, ids, gaps=stage["gaps"])
+    rows, positions, valid, keep, targets = batch_from(train_tokens, train_index, train_mask, ids, gaps=stage["gaps"], refresh=bool(args.fresh_keys))
     if args.lm_weight > 0:
         answer_logits, logits = model(rows, positions, valid, keep, all_logits=True)
         lm_mask = valid[:, 1:]
