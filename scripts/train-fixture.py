@@ -63,6 +63,12 @@ p.add_argument("--eval-max-tokens", type=int, default=0,
                help="validate only on held-out samples of at most this many tokens (default: the first --eval-samples of any length), "
                "to see a stage trained on short prompts on prompts of its own lengths")
 p.add_argument("--lm-weight", type=float, default=0.2, help="weight of next-token loss on the prompt (dense signal; induction heads form from it)")
+p.add_argument("--attn-weight", type=float, default=0.0,
+               help="weight of the attention supervision (see attention_targets): where two heads should look when a reply "
+               "restates a needle's number; 0 (default) trains on the replies alone")
+p.add_argument("--attn-heads", default="0:0,1:2",
+               help="LAYER:HEAD of the head taught to carry a line's key word onto its number tokens, then LAYER:HEAD of the "
+               "head taught to look up the needle's number from the reply")
 args = p.parse_args()
 
 torch.manual_seed(args.seed)
@@ -127,17 +133,19 @@ class Model(torch.nn.Module):
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return x * cos + rotated * sin
 
-    def forward(self, rows, positions, valid, keep, all_logits=False):
+    def forward(self, rows, positions, valid, keep, all_logits=False, attn_targets=None):
         """rows [B,S] row ids, positions [B,S] int64, valid [B,S] bool; returns logits at `keep` [N,2] (b, s),
-        and with all_logits also those of every position [B,S,T+1]."""
+        and with all_logits also those of every position [B,S,T+1]. With attn_targets ({layer: (head, b, query,
+        key) index tensors}), self.attn_loss is the mean -log of those heads' attention at those keys."""
         B, S = rows.shape
+        self.attn_loss = torch.zeros(())
         x = self.embed(rows)
         angles = positions.to(torch.float32)[..., None] * inv_freq  # float32, as the ONNX graph computes it
         emb = torch.cat([angles, angles], dim=-1)
         cos, sin = emb.cos()[:, None], emb.sin()[:, None]
         causal = torch.ones(S, S, dtype=torch.bool).tril()
         mask = causal[None, None] & valid[:, None, None, :]
-        for layer in self.layers:
+        for li, layer in enumerate(self.layers):
             h = self.rms(x, layer.ln1)
             q = layer.q(h).view(B, S, NH, HD).transpose(1, 2)
             k = layer.k(h).view(B, S, KV, HD).transpose(1, 2)
@@ -147,7 +155,11 @@ class Model(torch.nn.Module):
             v = v.repeat_interleave(NH // KV, dim=1)
             scores = (q @ k.transpose(-1, -2)) / math.sqrt(HD)
             scores = scores.masked_fill(~mask, -1e9)
-            a = torch.softmax(scores, dim=-1) @ v
+            probs = torch.softmax(scores, dim=-1)
+            a = probs @ v
+            if attn_targets is not None and li in attn_targets and len(attn_targets[li][0]):
+                h_, b_, q_, k_ = attn_targets[li]
+                self.attn_loss = self.attn_loss - torch.log(probs[b_, h_, q_, k_] + 1e-9).mean()
             x = x + layer.o(a.transpose(1, 2).reshape(B, S, NH * HD))
             h = self.rms(x, layer.ln2)
             x = x + layer.down(F.silu(layer.gate(h)) * layer.up(h))
@@ -210,6 +222,31 @@ def fresh_keys(seq):
     return seq
 
 
+ATTN_A, ATTN_B = [tuple(int(x) for x in spec.split(":")) for spec in args.attn_heads.split(",")]
+
+
+def attention_targets(seq, replies):
+    """Where the two supervised heads should look in one sample (lists of (query, key) positions).
+
+    A line of either task ends in WORD " is" " " DDD DD (WORD is the key word, or "key" for the pass key);
+    a reply restates the line of its needle. Head A, at the line's " ", DDD and DD, looks at WORD (so
+    those positions carry which line they belong to); head B, at the reply's " " (which predicts DDD) and
+    DDD (which predicts DD), looks at the needle's DDD and DD: the needle whose WORD the reply names, which
+    it can only find by matching the WORD that head A brought to both. `replies`: bool per position, True
+    where the loss applies."""
+    p = np.nonzero((seq[1:-3] == IS) & (seq[2:-2] == SPACE))[0] + 1
+    a, b = [], []
+    needles = {}
+    for line in p:
+        a += [(line + d, line - 1) for d in (1, 2, 3)]
+        word = int(seq[line - 1])
+        if not replies[line + 2]:
+            needles[word] = line
+        elif word in needles:
+            b += [(line + 1, needles[word] + 2), (line + 2, needles[word] + 3)]
+    return a, b
+
+
 def batch_from(tokens, index, mask, ids, contiguous_share=0.2, gaps=True, refresh=False):
     S = int(index[ids, 1].max())
     B = len(ids)
@@ -217,6 +254,7 @@ def batch_from(tokens, index, mask, ids, contiguous_share=0.2, gaps=True, refres
     positions = np.zeros((B, S), dtype=np.int64)
     valid = np.zeros((B, S), dtype=bool)
     keep, targets = [], []
+    sup = {ATTN_A: [], ATTN_B: []}
     for b, i in enumerate(ids):
         off, length, q, a = index[i]
         seq = tokens[off : off + length]
@@ -232,7 +270,18 @@ def batch_from(tokens, index, mask, ids, contiguous_share=0.2, gaps=True, refres
         for t in supervised:
             keep.append((b, t - 1))
             targets.append(row_of[seq[t]])
-    return (torch.from_numpy(rows), torch.from_numpy(positions), torch.from_numpy(valid), torch.tensor(keep), torch.tensor(targets))
+        if args.attn_weight > 0:
+            replies = np.zeros(length, dtype=bool)
+            replies[list(supervised)] = True
+            for head, pairs in zip((ATTN_A, ATTN_B), attention_targets(seq, replies)):
+                sup[head] += [(head[1], b, q, k) for q, k in pairs]
+    attn = None
+    if args.attn_weight > 0:
+        attn = {}
+        for (layer, _), rows_ in sup.items():
+            t = torch.tensor(rows_, dtype=torch.long).reshape(-1, 4)
+            attn[layer] = tuple(t[:, j] for j in range(4)) if layer not in attn else tuple(torch.cat([x, t[:, j]]) for j, x in enumerate(attn[layer]))
+    return (torch.from_numpy(rows), torch.from_numpy(positions), torch.from_numpy(valid), torch.tensor(keep), torch.tensor(targets), attn)
 
 
 model = Model()
@@ -317,7 +366,7 @@ def evaluate(gaps):
             order = pool[np.argsort(eval_index[pool, 1])]
         for start in range(0, len(order), 16):
             ids = order[start : start + 16]
-            rows, positions, valid, keep, targets = batch_from(eval_tokens, eval_index, eval_mask, ids, contiguous_share=0.0 if gaps else 1.0, gaps=gaps)
+            rows, positions, valid, keep, targets, _ = batch_from(eval_tokens, eval_index, eval_mask, ids, contiguous_share=0.0 if gaps else 1.0, gaps=gaps)
             predicted = model(rows, positions, valid, keep).argmax(-1)
             ok = (predicted == targets).numpy()
             at = 0
@@ -382,15 +431,18 @@ running = 0.0
 for step in range(1, args.steps + 1):
     stage = stage_at(step)
     ids = stage["batches"][rng.integers(len(stage["batches"]))]
-    rows, positions, valid, keep, targets = batch_from(train_tokens, train_index, train_mask, ids, gaps=stage["gaps"], refresh=bool(args.fresh_keys))
+    rows, positions, valid, keep, targets, attn = batch_from(train_tokens, train_index, train_mask, ids, gaps=stage["gaps"], refresh=bool(args.fresh_keys))
     if args.lm_weight > 0:
-        answer_logits, logits = model(rows, positions, valid, keep, all_logits=True)
+        answer_logits, logits = model(rows, positions, valid, keep, all_logits=True, attn_targets=attn)
         lm_mask = valid[:, 1:]
         lm = F.cross_entropy(logits[:, :-1][lm_mask], rows[:, 1:][lm_mask])
         answer_loss = F.cross_entropy(answer_logits, targets)
         loss = answer_loss + args.lm_weight * lm
     else:
-        answer_loss = loss = F.cross_entropy(model(rows, positions, valid, keep), targets)
+        answer_loss = loss = F.cross_entropy(model(rows, positions, valid, keep, attn_targets=attn), targets)
+    if args.attn_weight > 0:
+        loss = loss + args.attn_weight * model.attn_loss
+        attn_running = 0.98 * attn_running + 0.02 * model.attn_loss.item() if step > 1 else model.attn_loss.item()
     opt.zero_grad()
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -398,7 +450,8 @@ for step in range(1, args.steps + 1):
     sched.step()
     running = 0.98 * running + 0.02 * answer_loss.item() if step > 1 else answer_loss.item()
     if step % 50 == 0:
-        print(f"step {step} answer loss {running:.4f} (total {loss.item():.4f}) lr {sched.get_last_lr()[0]:.2e} {time.time() - t0:.0f}s", flush=True)
+        attention = f" attention loss {attn_running:.4f}" if args.attn_weight > 0 else ""
+        print(f"step {step} answer loss {running:.4f}{attention} (total {loss.item():.4f}) lr {sched.get_last_lr()[0]:.2e} {time.time() - t0:.0f}s", flush=True)
     if step % args.eval_every == 0 or step == args.steps:
         accuracy = {**evaluate(gaps=False), **evaluate(gaps=True)}
         print(f"step {step} validation {accuracy}", flush=True)
