@@ -22,7 +22,9 @@ row stands for all of them at once (its logit + log(their count)), which is the 
 Distance must not matter: 20% of samples keep contiguous positions; the rest start at a random offset and
 jump by a log-uniform gap (up to --max-gap) between the filler and the question, so the question can
 stand a million positions after the needle. The loss is on the answer tokens and <|eot_id|>, plus
---lm-weight times the next-token loss on the prompt.
+--lm-weight times the next-token loss on the prompt, plus --attn-weight times the attention supervision
+(attention_targets): where two heads should look so that a reply finds its needle by the needle's key
+word. Only the training loss uses it; the model still predicts every reply token from its context alone.
 Seeded: a rerun gives the same model on the same machine (BLAS threading aside).
 """
 import argparse

@@ -17,10 +17,10 @@ const engine = await sharedEngine({ modelDir: FIXTURE_DIR, contextLength: 0 });
 const tasks = new FixtureTasks(engine.tokenizer, engine.template, "eval");
 // A fixed date line (the template's own default), so that the subset is the same trials every day.
 const FIXED_DATE = "26 Jul 2024";
-// The committed fixture scores 70/70 (passkey) and 5/70 (multikey: far below its target, see the README)
-// on this subset; a runtime that loses far-back context scores 0 (as the untrained model below does).
-// The multikey bound only catches a total loss until the model learns that task.
-const THRESHOLD = { passkey: 0.9, multikey: 0.04 };
+// The committed fixture scores 70/70 (passkey) and 69/70 (multikey) on this subset; a runtime that loses
+// far-back context scores near 0 (as the untrained model below does), and one that blurs positions or
+// mixes up needles loses multikey first (the needle is picked by its key word among several).
+const THRESHOLD = { passkey: 0.9, multikey: 0.85 };
 
 describe("fixture model accuracy (fixed seed, held-out filler)", () => {
   for (const kind of ["passkey", "multikey"] as const) {
