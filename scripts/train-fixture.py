@@ -44,6 +44,7 @@ p.add_argument("--out", default="fixtures/fixture-model.safetensors")
 p.add_argument("--tokens-per-batch", type=int, default=12288)
 p.add_argument("--lr", type=float, default=3e-3)
 p.add_argument("--max-gap", type=float, default=1.5e6)
+p.add_argument("--min-gap", type=float, default=1.0, help="smallest position gap (gaps are log-uniform between --min-gap and --max-gap)")
 p.add_argument("--max-offset", type=float, default=1.0e6)
 p.add_argument("--fresh-keys", type=int, default=0,
                help="give the needles of a multi-key sample a fresh word and number each time the sample is drawn (consistently in "
@@ -177,7 +178,7 @@ def positions_for(length, q, contiguous):
     if contiguous:
         return pos
     offset = int(rng.uniform(0, args.max_offset)) if rng.random() < 0.7 else 0
-    gap = int(math.exp(rng.uniform(0, math.log(args.max_gap))))
+    gap = int(math.exp(rng.uniform(math.log(args.min_gap), math.log(args.max_gap))))
     pos = pos + offset
     pos[q:] += gap
     return pos
