@@ -28,7 +28,7 @@
 #   needle line's " ", DDD and DD back at the line's key word, and layer 1 head 2 to look from the
 #   reply's " " and DDD at the queried needle's DDD and DD, which it can only find by matching the key
 #   word that the first head brought to both. The replies are still predicted by the model alone.
-#   8-9. short contiguous prompts, where the lookup forms (held-out 4-needle prompts: 36% -> 94%);
+#   8-9. short contiguous prompts, where the lookup forms (unseen 4-needle prompts: 16% -> 94%);
 #   10. all lengths to 4096 tokens of filler, with gaps and follow-up turns;
 #   11. filler of 1536-4096 tokens only;
 #   12. the same with gaps of 100K-1.5M positions (80% of prompts; the rest contiguous), where multi-key
