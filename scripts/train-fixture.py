@@ -184,14 +184,22 @@ def positions_for(length, q, contiguous):
     return pos
 
 
-# Llama-3 token ids of a multi-key needle line and reply: " for" WORD " is" " " DDD DD (the number's two digit groups).
+# Llama-3 token ids of a needle line and reply: ... WORD " is" " " DDD DD (the number's two digit groups), where a
+# multi-key line reads " for" WORD and a pass-key line "pass" " key".
 FOR, IS, SPACE = 369, 374, 220
 
 
+def number_lines(seq):
+    """Positions p where seq[p:p+4] is " is" " " DDD DD (WORD at p - 1): the needles of both tasks and the replies
+    that restate them (the filler has no digits, and no other " is" is followed by " ")."""
+    return np.nonzero((seq[1:-3] == IS) & (seq[2:-2] == SPACE))[0] + 1
+
+
 def needle_lines(seq):
-    """Positions p where seq[p:p+6] is " for" WORD " is" " " DDD DD: the needles and the replies that restate them."""
-    p = np.nonzero(seq[:-5] == FOR)[0]
-    return p[(seq[p + 2] == IS) & (seq[p + 3] == SPACE)]
+    """Positions p where seq[p:p+6] is " for" WORD " is" " " DDD DD: the multi-key needles and their replies."""
+    p = number_lines(seq) - 2
+    p = p[p >= 0]
+    return p[seq[p] == FOR]
 
 
 def key_vocabulary():
@@ -237,10 +245,9 @@ def attention_targets(seq, replies):
     DDD (which predicts DD), looks at the needle's DDD and DD: the needle whose WORD the reply names, which
     it can only find by matching the WORD that head A brought to both. `replies`: bool per position, True
     where the loss applies."""
-    p = np.nonzero((seq[1:-3] == IS) & (seq[2:-2] == SPACE))[0] + 1
     a, b = [], []
     needles = {}
-    for line in p:
+    for line in number_lines(seq):
         a += [(line + d, line - 1) for d in (1, 2, 3)]
         word = int(seq[line - 1])
         if not replies[line + 2]:
@@ -257,7 +264,7 @@ def batch_from(tokens, index, mask, ids, contiguous_share=0.2, gaps=True, refres
     positions = np.zeros((B, S), dtype=np.int64)
     valid = np.zeros((B, S), dtype=bool)
     keep, targets = [], []
-    sup = {ATTN_A: [], ATTN_B: []}
+    sup = []  # (layer, head, b, query, key) of the supervised attention weights
     for b, i in enumerate(ids):
         off, length, q, a = index[i]
         seq = tokens[off : off + length]
@@ -276,14 +283,12 @@ def batch_from(tokens, index, mask, ids, contiguous_share=0.2, gaps=True, refres
         if args.attn_weight > 0:
             replies = np.zeros(length, dtype=bool)
             replies[list(supervised)] = True
-            for head, pairs in zip((ATTN_A, ATTN_B), attention_targets(seq, replies)):
-                sup[head] += [(head[1], b, q, k) for q, k in pairs]
+            for (layer, head), pairs in zip((ATTN_A, ATTN_B), attention_targets(seq, replies)):
+                sup += [(layer, head, b, q, k) for q, k in pairs]
     attn = None
     if args.attn_weight > 0:
-        attn = {}
-        for (layer, _), rows_ in sup.items():
-            t = torch.tensor(rows_, dtype=torch.long).reshape(-1, 4)
-            attn[layer] = tuple(t[:, j] for j in range(4)) if layer not in attn else tuple(torch.cat([x, t[:, j]]) for j, x in enumerate(attn[layer]))
+        t = torch.tensor(sup, dtype=torch.long).reshape(-1, 5)
+        attn = {layer: tuple(t[t[:, 0] == layer, j] for j in range(1, 5)) for layer in (ATTN_A[0], ATTN_B[0])}
     return (torch.from_numpy(rows), torch.from_numpy(positions), torch.from_numpy(valid), torch.tensor(keep), torch.tensor(targets), attn)
 
 
