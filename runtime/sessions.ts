@@ -462,6 +462,21 @@ export class SessionManager {
   }
 
   /**
+   * Resolves once no session turn, append, upload or download holds a lock (or after `timeoutMs`):
+   * shutdown calls it after the listener stops accepting, so every finished turn is persisted before exit.
+   * Returns whether everything finished in time.
+   */
+  async drain(timeoutMs: number): Promise<boolean> {
+    const deadline = Date.now() + timeoutMs;
+    while (this.locks.size > 0) {
+      const left = deadline - Date.now();
+      if (left <= 0) return false;
+      await Promise.race([Promise.all([...this.locks.values()]), new Promise((r) => setTimeout(r, left))]);
+    }
+    return true;
+  }
+
+  /**
    * For a request outside any session: a copy of the KV of the in-memory session that shares the longest
    * token prefix with `promptIds` (at least `minTokens`), or null. Call it inside the request's queue turn.
    */

@@ -7,6 +7,7 @@
 import { Hono } from "hono";
 import { bodyLimit } from "hono/body-limit";
 import type { Engine, SessionManager } from "../runtime/index.ts";
+import { authMiddleware } from "./auth.ts";
 import { badRequest, toErrorResponse } from "./http-errors.ts";
 import { RouteKit, clientAbort, newId, nowSeconds, parseBody, respondChat, toChatMessage, usage, timings } from "./http-kit.ts";
 import { applyTemplateSchema, chatCompletionSchema, completionSchema, detokenizeSchema, tokenizeSchema } from "./schemas.ts";
@@ -37,15 +38,7 @@ export function createApp(options: AppOptions): Hono {
     c.json({ error: { message: `no route for ${c.req.method} ${c.req.path}`, type: "invalid_request_error", param: null, code: "not_found" } }, 404),
   );
 
-  app.use("*", async (c, next) => {
-    if (options.apiKey && c.req.path !== "/health") {
-      const header = c.req.header("authorization") ?? "";
-      if (header !== `Bearer ${options.apiKey}`) {
-        return c.json({ error: { message: "invalid or missing API key", type: "authentication_error", param: null, code: "invalid_api_key" } }, 401);
-      }
-    }
-    await next();
-  });
+  app.use("*", authMiddleware({ apiKey: options.apiKey }));
   const jsonBodyLimit = bodyLimit({
     maxSize: options.maxBodyBytes,
     onError: (c) =>
