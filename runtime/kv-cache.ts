@@ -3,6 +3,9 @@
  * as plain typed arrays laid out [kvHeads, length, headDim] and fed back as past_key_values.N.*.
  * Every resident slot keeps the original position id of its token, so a later compaction can drop slots
  * without renumbering what remains.
+ *
+ * A layer's arrays are never written in place: forward() and truncate() put new arrays in their place. So
+ * clone() can share them, and a working copy taken for a turn that may fail leaves the original intact.
  */
 import { sliceSlots, type KvArray } from "../kernels/kv-slots.ts";
 
@@ -63,10 +66,10 @@ export class KvCache {
     this.nextPosition += count;
   }
 
-  /** Replaces the whole content (used when a snapshot is restored). */
+  /** Replaces the whole content (a restored snapshot, a clone); the arrays are taken as they are, the positions copied. */
   assign(keys: KvArray[], values: KvArray[], positions: Int32Array, length: number, nextPosition: number): void {
-    this.keys = keys;
-    this.values = values;
+    this.keys = [...keys];
+    this.values = [...values];
     this.ensurePositionCapacity(length);
     this.positions.set(positions.subarray(0, length));
     this.length = length;
@@ -90,18 +93,16 @@ export class KvCache {
     this.length = n;
   }
 
-  /** An independent copy of the first `n` slots (all by default). */
+  /**
+   * An independent cache holding the first `n` slots (all by default): nothing done to the copy changes
+   * this cache. Arrays are shared when every slot is kept (they are never written in place), copied otherwise.
+   */
   clone(n = this.length): KvCache {
     const copy = new KvCache(this.dtype, this.layers, this.kvHeads, this.headDim);
     const layout = { heads: this.kvHeads, headDim: this.headDim };
     const count = Math.min(n, this.length);
-    copy.assign(
-      this.keys.map((k) => sliceSlots(k, this.length, 0, count, layout)),
-      this.values.map((v) => sliceSlots(v, this.length, 0, count, layout)),
-      this.positions,
-      count,
-      this.positionAfter(count),
-    );
+    const keep = (a: KvArray) => (count === this.length ? a : sliceSlots(a, this.length, 0, count, layout));
+    copy.assign(this.keys.map(keep), this.values.map(keep), this.positions, count, this.positionAfter(count));
     return copy;
   }
 }

@@ -16,7 +16,8 @@ import type { CompletionJob, Engine } from "./engine.ts";
 import { RuntimeError, invalidRequest } from "./errors.ts";
 import type { GenerateResult } from "./generate.ts";
 import type { KvCache } from "./kv-cache.ts";
-import { decodeSnapshot, encodeSnapshot, readSnapshotHeader, SnapshotError, type SnapshotData, type SnapshotExpectation } from "./snapshot.ts";
+import { assertJsonDepth, storedMessageSchema } from "./message-schema.ts";
+import { decodeSnapshot, encodeSnapshot, readSnapshotHeader, type KvOrigin, type SnapshotData, type SnapshotExpectation } from "./snapshot.ts";
 import { assertSessionId, FileByteSource, type SnapshotStore } from "./snapshot-store.ts";
 
 export type BusyPolicy = "wait" | "reject";
@@ -77,99 +78,107 @@ function commonPrefix(a: ArrayLike<number>, aLength: number, b: ArrayLike<number
 /** A counter, not a clock: several sessions can be touched within one millisecond. */
 let useCounter = 0;
 
+/**
+ * What a session is between changes: the tokens it has read, the KV of (a prefix of) them, its messages.
+ * A change builds a new state beside the current one (the KV as a working copy), persists it, and only
+ * then puts it in place, in one step: a cancelled or failed change leaves the old state untouched, and
+ * nobody (the session's next turn, another request borrowing its KV) ever sees tokens and KV that disagree.
+ */
+interface SessionState {
+  /** Every token read; the first cache.length of them are the KV's slots. */
+  tokens: number[];
+  cache: KvCache;
+  messages: ChatMessage[];
+  updatedAt: number;
+}
+
 class Session {
-  busy = false;
   /** Order of last use, for LRU eviction. */
   lastUsed = ++useCounter;
   constructor(
+    readonly tenant: string,
     readonly id: string,
     readonly createdAt: number,
-    public updatedAt: number,
-    public tokens: number[],
-    public cache: KvCache,
-    public messages: ChatMessage[],
+    public state: SessionState,
     readonly templateKwargs: Record<string, unknown>,
+    /** Uploaded KV is only checked for shape: it is never lent to another session or request. */
+    readonly origin: KvOrigin,
     /** Reserved for the compaction issue: its policy state travels with the snapshot. */
     public compaction: unknown = null,
   ) {}
 
-  /** Makes the cache hold exactly the longest prefix of `promptIds` it already has, leaving at least one token to read. */
-  reuseFor(promptIds: number[]): KvCache {
-    let keep = commonPrefix(this.tokens, this.cache.length, promptIds);
+  get key(): string {
+    return sessionKey(this.tenant, this.id);
+  }
+
+  /** A working copy of the cache holding the longest prefix of `promptIds` it already has, leaving at least one token to read. */
+  workingCacheFor(promptIds: number[]): KvCache {
+    const { tokens, cache } = this.state;
+    let keep = commonPrefix(tokens, cache.length, promptIds);
     if (keep >= promptIds.length) keep = promptIds.length - 1;
-    this.cache.truncate(keep);
-    return this.cache;
+    return cache.clone(keep);
   }
 
-  /** After reading `promptIds` and generating `generated`: the history is whatever the cache now holds. */
-  recordTokens(promptIds: number[], generated: number[]): void {
-    this.tokens = [...promptIds, ...generated].slice(0, this.cache.length);
-  }
-
-  toSnapshot(engine: Engine): SnapshotData {
+  toSnapshot(engine: Engine, state: SessionState): SnapshotData {
+    const { cache } = state;
     return {
       fingerprint: engine.info.fingerprint,
       modelId: engine.info.modelId,
-      kvDtype: this.cache.dtype,
-      layers: this.cache.layers,
-      kvHeads: this.cache.kvHeads,
-      headDim: this.cache.headDim,
-      tokens: Int32Array.from(this.tokens),
-      length: this.cache.length,
-      nextPosition: this.cache.nextPosition,
-      positions: this.cache.positions.subarray(0, this.cache.length),
-      keys: this.cache.keys,
-      values: this.cache.values,
+      kvDtype: cache.dtype,
+      layers: cache.layers,
+      kvHeads: cache.kvHeads,
+      headDim: cache.headDim,
+      tokens: Int32Array.from(state.tokens),
+      length: cache.length,
+      nextPosition: cache.nextPosition,
+      positions: cache.positions.subarray(0, cache.length),
+      keys: cache.keys,
+      values: cache.values,
       meta: {
         id: this.id,
         createdAt: this.createdAt,
-        updatedAt: this.updatedAt,
-        messages: this.messages,
+        updatedAt: state.updatedAt,
+        messages: state.messages,
         templateKwargs: this.templateKwargs,
         compaction: this.compaction,
+        origin: this.origin,
       },
     };
   }
 
-  info(inMemory = true): SessionInfo {
+  info(busy: boolean): SessionInfo {
+    const { tokens, cache, messages, updatedAt } = this.state;
     return {
       id: this.id,
       object: "session",
       created_at: Math.floor(this.createdAt / 1000),
-      updated_at: Math.floor(this.updatedAt / 1000),
-      tokens_read: this.tokens.length,
-      tokens_resident: this.cache.length,
-      kv_bytes: this.cache.bytes,
-      messages: this.messages.length,
-      in_memory: inMemory,
-      busy: this.busy,
+      updated_at: Math.floor(updatedAt / 1000),
+      tokens_read: tokens.length,
+      tokens_resident: cache.length,
+      kv_bytes: cache.bytes,
+      messages: messages.length,
+      in_memory: true,
+      busy,
     };
   }
 }
 
-/** Messages read back from a snapshot: plain objects with a string role and string-or-null content. */
-function restoreMessages(raw: unknown[]): ChatMessage[] {
-  return raw.map((m, i) => {
-    const r = m as Record<string, unknown>;
-    if (typeof r.role !== "string" || !(typeof r.content === "string" || r.content === null)) {
-      throw new SnapshotError("malformed", `message ${i} has no string role and string content`);
-    }
-    return r as unknown as ChatMessage;
-  });
-}
+const sessionKey = (tenant: string, id: string) => `${tenant}/${id}`;
 
 export class SessionManager {
+  /** Sessions in memory, by tenant/id. */
   private readonly resident = new Map<string, Session>();
-  /** Per-id turn lock, so two requests on one session are never interleaved (also while it is being loaded). */
+  /** Per-session turn lock, so two changes of one session never interleave (also while it is being loaded). */
   private readonly locks = new Map<string, Promise<void>>();
 
   constructor(
     readonly engine: Engine,
+    /** The store's root; each tenant's sessions live in store.forTenant(tenant). */
     readonly store: SnapshotStore,
     readonly options: SessionManagerOptions,
   ) {}
 
-  /** What a snapshot must match to be loaded into this server (its model, KV layout and context length). */
+  /** What a snapshot must match to be loaded into this server (its model, KV layout, context length and vocabulary). */
   snapshotExpectation(): SnapshotExpectation {
     const c = this.engine.model.folder.config;
     return {
@@ -180,18 +189,23 @@ export class SessionManager {
       kvHeads: c.numKeyValueHeads,
       headDim: c.headDim,
       maxTokens: this.engine.info.contextLength,
+      vocabSize: this.engine.info.vocabSize,
     };
   }
 
-  /** Throws session_busy if the session is in use and busy=reject (a caller that must answer before it starts checks here). */
-  assertAvailable(id: string): void {
-    assertSessionId(id);
-    if (this.locks.has(id) && this.options.busy === "reject") throw new RuntimeError("session_busy", `session ${id} is busy with another request`);
+  private storeOf(tenant: string): SnapshotStore {
+    return this.store.forTenant(tenant);
   }
 
-  /** Throws not_found unless the session is in memory or in the store. */
-  private async assertExists(id: string): Promise<void> {
-    if (!this.resident.has(id) && !(await this.store.has(id))) throw new RuntimeError("not_found", `no session with id ${id}`);
+  /** Throws session_busy if the session is in use and busy=reject (a caller that must answer before it starts checks here). */
+  assertAvailable(tenant: string, id: string): void {
+    assertSessionId(id);
+    if (this.locks.has(sessionKey(tenant, id)) && this.options.busy === "reject") throw new RuntimeError("session_busy", `session ${id} is busy with another request`);
+  }
+
+  /** Throws not_found unless the tenant has this session, in memory or in its store. */
+  private async assertExists(tenant: string, id: string): Promise<void> {
+    if (!this.resident.has(sessionKey(tenant, id)) && !(await this.storeOf(tenant).has(id))) throw new RuntimeError("not_found", `no session with id ${id}`);
   }
 
   /**
@@ -199,76 +213,95 @@ export class SessionManager {
    * opens a stream. The busy check is synchronous and last: nothing can take the lock between it and a
    * turn submitted right after.
    */
-  async assertReady(id: string): Promise<void> {
+  async assertReady(tenant: string, id: string): Promise<void> {
     assertSessionId(id);
-    await this.assertExists(id);
-    this.assertAvailable(id);
+    await this.assertExists(tenant, id);
+    this.assertAvailable(tenant, id);
   }
 
   /** Takes the session's lock: waits for the current holder, or refuses at once under busy=reject. Returns the release. */
-  private async acquire(id: string): Promise<() => void> {
-    this.assertAvailable(id);
-    const previous = this.locks.get(id);
+  private async acquire(tenant: string, id: string): Promise<() => void> {
+    this.assertAvailable(tenant, id);
+    const key = sessionKey(tenant, id);
+    const previous = this.locks.get(key);
     let release!: () => void;
     const mine = new Promise<void>((resolve) => (release = resolve));
     const chain = (previous ?? Promise.resolve()).then(() => mine);
-    this.locks.set(id, chain);
+    this.locks.set(key, chain);
     await previous;
-    const session = this.resident.get(id);
-    if (session) session.busy = true;
     return () => {
-      const s = this.resident.get(id);
-      if (s) s.busy = false;
-      if (this.locks.get(id) === chain) this.locks.delete(id);
+      if (this.locks.get(key) === chain) this.locks.delete(key);
       release();
     };
   }
 
-  /** Runs `fn` holding the session's lock. */
-  private async locked<T>(id: string, fn: () => Promise<T>): Promise<T> {
-    const release = await this.acquire(id);
+  /** Runs `fn` holding the session's lock; afterwards sessions beyond the memory budget leave memory. */
+  private async locked<T>(tenant: string, id: string, fn: () => Promise<T>): Promise<T> {
+    const release = await this.acquire(tenant, id);
     try {
       return await fn();
     } finally {
       release();
+      this.enforceBudget();
     }
   }
 
-  private sessionFromSnapshot(data: SnapshotData, id: string): Session {
+  private sessionFromSnapshot(data: SnapshotData, tenant: string, id: string, origin: KvOrigin): Session {
     const cache = this.engine.model.newCache();
     cache.assign(data.keys, data.values, data.positions, data.length, data.nextPosition);
     const m = data.meta;
-    return new Session(id, m.createdAt, m.updatedAt, Array.from(data.tokens), cache, restoreMessages(m.messages), m.templateKwargs, m.compaction);
+    const state: SessionState = { tokens: Array.from(data.tokens), cache, messages: m.messages as ChatMessage[], updatedAt: m.updatedAt };
+    return new Session(tenant, id, m.createdAt, state, m.templateKwargs, origin, m.compaction);
   }
 
-  /** The session in memory, read back from the store if it was dropped from memory or the server restarted. */
-  private async load(id: string): Promise<Session> {
-    let session = this.resident.get(id);
+  /** The session in memory, read back from its tenant's store if it was dropped from memory or the server restarted. */
+  private async load(tenant: string, id: string): Promise<Session> {
+    const key = sessionKey(tenant, id);
+    let session = this.resident.get(key);
     if (!session) {
-      await this.assertExists(id);
-      const data = await this.store.read(id, (source) => decodeSnapshot(source, this.snapshotExpectation()));
-      session = this.sessionFromSnapshot(data, id);
-      this.resident.set(id, session);
+      await this.assertExists(tenant, id);
+      const data = await this.storeOf(tenant).read(id, (source) => decodeSnapshot(source, this.snapshotExpectation()));
+      session = this.sessionFromSnapshot(data, tenant, id, data.meta.origin);
+      this.resident.set(key, session);
     }
-    session.busy = true;
     session.lastUsed = ++useCounter;
     return session;
   }
 
-  private async persist(session: Session): Promise<void> {
-    session.updatedAt = Date.now();
-    await this.store.save(session.id, encodeSnapshot(session.toSnapshot(this.engine), this.options.chunkTokens));
+  /** Writes `state` as the session's snapshot; the session in memory is not touched. */
+  private async persist(session: Session, state: SessionState): Promise<void> {
+    await this.storeOf(session.tenant).save(session.id, encodeSnapshot(session.toSnapshot(this.engine, state), this.options.chunkTokens));
+  }
+
+  /**
+   * Changes a session all or nothing: `work` reads `promptIds` into a working copy of the KV (its queue turn
+   * calls `prepare`); unless it was cancelled, the new state is persisted and then put in place. A
+   * cancellation or any error (the model, the disk) leaves the session exactly as it was.
+   */
+  private async change<T>(
+    session: Session,
+    promptIds: number[],
+    work: (prepare: () => KvCache) => Promise<{ result: T; generated: number[]; cancelled: boolean; messages: ChatMessage[] }>,
+  ): Promise<T> {
+    let working: KvCache | null = null;
+    const { result, generated, cancelled, messages } = await work(() => (working = session.workingCacheFor(promptIds)));
+    if (cancelled || !working) return result;
+    const cache: KvCache = working;
+    const next: SessionState = { tokens: [...promptIds, ...generated].slice(0, cache.length), cache, messages, updatedAt: Date.now() };
+    await this.persist(session, next);
+    session.state = next;
+    return result;
   }
 
   /** Drops the least recently used idle sessions from memory while the resident KV exceeds the budget (all are already stored). */
   private enforceBudget(): void {
     let total = 0;
-    for (const s of this.resident.values()) total += s.cache.bytes;
-    const idle = [...this.resident.values()].filter((s) => !s.busy).sort((a, b) => a.lastUsed - b.lastUsed);
+    for (const s of this.resident.values()) total += s.state.cache.bytes;
+    const idle = [...this.resident.values()].filter((s) => !this.locks.has(s.key)).sort((a, b) => a.lastUsed - b.lastUsed);
     for (const s of idle) {
       if (total <= this.options.memoryBudgetBytes) break;
-      this.resident.delete(s.id);
-      total -= s.cache.bytes;
+      this.resident.delete(s.key);
+      total -= s.state.cache.bytes;
     }
   }
 
@@ -276,97 +309,93 @@ export class SessionManager {
     return this.engine.encodeChat(messages, { addGenerationPrompt, tools, extra: session.templateKwargs });
   }
 
-  private async ingestMessages(
+  /** Reads `messages` (the whole conversation) into the session without generating. */
+  private ingestMessages(
     session: Session,
     messages: ChatMessage[],
     onProgress?: (done: number, total: number) => void | Promise<void>,
     signal?: AbortSignal,
   ): Promise<IngestResult> {
+    assertStorableMessages(messages);
     const promptIds = this.renderIds(session, messages, false);
-    const result = await this.engine.ingest(promptIds, () => session.reuseFor(promptIds), onProgress, signal);
-    session.recordTokens(promptIds, []);
-    session.messages = messages;
-    await this.persist(session);
-    return result;
+    return this.change(session, promptIds, async (prepare) => {
+      // A cancellation during prefill throws out of ingest: nothing is committed.
+      const result = await this.engine.ingest(promptIds, prepare, onProgress, signal);
+      return { result, generated: [], cancelled: false, messages };
+    });
   }
 
   async create(options: {
+    tenant: string;
     id?: string;
     messages?: ChatMessage[];
     templateKwargs?: Record<string, unknown>;
     onProgress?: (done: number, total: number) => void | Promise<void>;
     signal?: AbortSignal;
   }): Promise<SessionInfo & { ingest: IngestResult | null }> {
+    const { tenant } = options;
     const id = options.id ?? `sess_${crypto.randomUUID().replaceAll("-", "").slice(0, 24)}`;
-    const ingest = await this.locked(id, async () => {
-      if (this.resident.has(id) || (await this.store.has(id))) throw invalidRequest(`a session with id ${id} already exists`, "id");
+    assertSessionId(id);
+    const templateKwargs = { date_string: templateDate(), ...options.templateKwargs };
+    assertJsonDepth(templateKwargs, "chat_template_kwargs");
+    const ingest = await this.locked(tenant, id, async () => {
+      const store = this.storeOf(tenant);
+      if (this.resident.has(sessionKey(tenant, id)) || (await store.has(id))) throw invalidRequest(`a session with id ${id} already exists`, "id");
       const now = Date.now();
-      const session = new Session(id, now, now, [], this.engine.model.newCache(), [], { date_string: templateDate(), ...options.templateKwargs });
-      session.busy = true;
-      this.resident.set(id, session);
-      try {
-        const result = options.messages?.length ? await this.ingestMessages(session, options.messages, options.onProgress, options.signal) : null;
-        if (!result) await this.persist(session);
-        return result;
-      } catch (e) {
-        this.resident.delete(id);
-        await this.store.remove(id);
-        throw e;
-      } finally {
-        this.enforceBudget();
-      }
+      const empty: SessionState = { tokens: [], cache: this.engine.model.newCache(), messages: [], updatedAt: now };
+      const session = new Session(tenant, id, now, empty, templateKwargs, "computed");
+      // Nothing is stored or listed until the session's first state is persisted: a failed read leaves no trace.
+      let result: IngestResult | null = null;
+      if (options.messages?.length) result = await this.ingestMessages(session, options.messages, options.onProgress, options.signal);
+      else await this.persist(session, empty);
+      this.resident.set(session.key, session);
+      return result;
     });
-    return { ...(await this.info(id)), ingest };
+    return { ...(await this.info(tenant, id)), ingest };
   }
 
   /** Adds a message (default role user) and reads it into the KV without generating. */
   async append(
+    tenant: string,
     id: string,
     message: ChatMessage,
     onProgress?: (done: number, total: number) => void | Promise<void>,
     signal?: AbortSignal,
   ): Promise<SessionInfo & { ingest: IngestResult }> {
-    const ingest = await this.locked(id, async () => {
-      const session = await this.load(id);
-      try {
-        return await this.ingestMessages(session, [...session.messages, message], onProgress, signal);
-      } finally {
-        session.busy = false;
-        this.enforceBudget();
-      }
+    const ingest = await this.locked(tenant, id, async () => {
+      const session = await this.load(tenant, id);
+      return this.ingestMessages(session, [...session.state.messages, message], onProgress, signal);
     });
-    return { ...(await this.info(id)), ingest };
+    return { ...(await this.info(tenant, id)), ingest };
   }
 
   /**
    * Answers a conversation in the session: `messages` become its conversation, KV of the shared token prefix
-   * is kept, only new tokens are prefilled, and the reply joins the messages.
+   * is kept, only new tokens are prefilled, and the reply joins the messages. A turn whose client went away
+   * changes nothing.
    */
-  async turn(id: string, request: TurnRequest, onDelta?: (text: string) => void | Promise<void>): Promise<GenerateResult> {
-    return this.locked(id, async () => {
-      const session = await this.load(id);
-      try {
-        const messages = request.messages(session.messages);
-        const promptIds = this.renderIds(session, messages, true, request.tools);
-        const { messages: _, tools: __, ...generation } = request;
-        const result = await this.engine.complete({ ...generation, promptIds, prepare: () => session.reuseFor(promptIds) }, onDelta);
-        session.recordTokens(promptIds, result.tokenIds);
-        session.messages = [...messages, { role: "assistant", content: result.text }];
-        await this.persist(session);
-        return result;
-      } finally {
-        session.busy = false;
-        this.enforceBudget();
-      }
+  async turn(tenant: string, id: string, request: TurnRequest, onDelta?: (text: string) => void | Promise<void>): Promise<GenerateResult> {
+    return this.locked(tenant, id, async () => {
+      const session = await this.load(tenant, id);
+      const messages = request.messages(session.state.messages);
+      assertStorableMessages(messages);
+      const promptIds = this.renderIds(session, messages, true, request.tools);
+      const { messages: _, tools: __, ...generation } = request;
+      return this.change(session, promptIds, async (prepare) => {
+        const result = await this.engine.complete({ ...generation, promptIds, prepare }, onDelta);
+        const reply: ChatMessage = { role: "assistant", content: result.text };
+        return { result, generated: result.tokenIds, cancelled: result.finishReason === "cancelled", messages: [...messages, reply] };
+      });
     });
   }
 
-  async info(id: string): Promise<SessionInfo> {
+  async info(tenant: string, id: string): Promise<SessionInfo> {
     assertSessionId(id);
-    const session = this.resident.get(id);
-    if (session) return session.info();
-    await this.assertExists(id);
-    const h = await this.store.read(id, readSnapshotHeader);
+    const session = this.resident.get(sessionKey(tenant, id));
+    const busy = this.locks.has(sessionKey(tenant, id));
+    if (session) return session.info(busy);
+    await this.assertExists(tenant, id);
+    const h = await this.storeOf(tenant).read(id, readSnapshotHeader);
     const bytesPerSlot = h.layers * 2 * h.kvHeads * h.headDim * (h.kvDtype === "float16" ? 2 : 4);
     return {
       id,
@@ -378,16 +407,18 @@ export class SessionManager {
       kv_bytes: h.length * bytesPerSlot,
       messages: h.meta.messages.length,
       in_memory: false,
-      busy: this.locks.has(id),
+      busy,
     };
   }
 
-  async list(): Promise<SessionInfo[]> {
-    const ids = new Set([...this.resident.keys(), ...(await this.store.ids())]);
+  /** The tenant's sessions, in memory and in its store. */
+  async list(tenant: string): Promise<SessionInfo[]> {
+    const ids = new Set([...this.resident.values()].filter((s) => s.tenant === tenant).map((s) => s.id));
+    for (const id of await this.storeOf(tenant).ids()) ids.add(id);
     const infos: SessionInfo[] = [];
     for (const id of ids) {
       try {
-        infos.push(await this.info(id));
+        infos.push(await this.info(tenant, id));
       } catch {
         // a stored file that cannot be read is left out of the list (it stays on disk for inspection)
       }
@@ -395,34 +426,36 @@ export class SessionManager {
     return infos.sort((a, b) => a.created_at - b.created_at || a.id.localeCompare(b.id));
   }
 
-  async delete(id: string): Promise<void> {
-    await this.locked(id, async () => {
-      await this.assertExists(id);
-      this.resident.delete(id);
-      await this.store.remove(id);
+  /** Deletes the session from the store, then from memory: a delete that fails leaves it as it was. */
+  async delete(tenant: string, id: string): Promise<void> {
+    await this.locked(tenant, id, async () => {
+      await this.assertExists(tenant, id);
+      await this.storeOf(tenant).remove(id);
+      this.resident.delete(sessionKey(tenant, id));
     });
   }
 
   /**
-   * Streams the session's stored snapshot (always current: every change is saved before its request ends),
-   * holding the session's lock until the last byte is read or the reader goes away.
+   * Streams the session's stored snapshot, which is always current (a change is persisted before it takes
+   * effect). The open file is the version current when the download began: a later turn renames a new file
+   * over it without touching what is being read, so no lock is held while a slow client reads.
    */
-  async download(id: string): Promise<{ stream: ReadableStream<Uint8Array>; bytes: number }> {
-    const release = await this.acquire(id);
+  async download(tenant: string, id: string): Promise<{ stream: ReadableStream<Uint8Array>; bytes: number }> {
+    assertSessionId(id);
+    await this.assertExists(tenant, id);
     let source: FileByteSource;
-    let bytes: number;
     try {
-      await this.assertExists(id);
-      bytes = await this.store.size(id);
-      source = await FileByteSource.open(this.store.path(id));
+      source = await FileByteSource.open(this.storeOf(tenant).path(id));
     } catch (e) {
-      release();
+      if ((e as NodeJS.ErrnoException).code === "ENOENT") throw new RuntimeError("not_found", `no session with id ${id}`);
       throw e;
     }
     const CHUNK = 1 << 20;
-    const finish = async () => {
+    let closed = false;
+    const close = async () => {
+      if (closed) return;
+      closed = true;
       await source.close();
-      release();
     };
     const stream = new ReadableStream<Uint8Array>({
       async pull(controller) {
@@ -430,39 +463,42 @@ export class SessionManager {
         if (chunk.length > 0) controller.enqueue(chunk);
         if (chunk.length < CHUNK) {
           controller.close();
-          await finish();
+          await close();
         }
       },
-      cancel: finish,
+      cancel: close,
     });
-    return { stream, bytes };
+    return { stream, bytes: source.size };
   }
 
   /**
    * Resumes a session from an uploaded snapshot: the upload is streamed to a temporary file under a size
-   * limit, decoded and checked against this model, and only then replaces any session of that id.
+   * limit, decoded and checked against this model (tokens in the vocabulary, positions, finite KV, messages
+   * and template variables as the API would take them), and only then replaces any session of that id of
+   * the same tenant. The store gets a snapshot written by this server, marking the KV as uploaded: it is
+   * never lent to another session or request.
    */
-  async upload(id: string, body: ReadableStream<Uint8Array>, maxBytes: number): Promise<SessionInfo & { replaced: boolean }> {
+  async upload(tenant: string, id: string, body: ReadableStream<Uint8Array>, maxBytes: number): Promise<SessionInfo & { replaced: boolean }> {
     assertSessionId(id);
-    const temp = await this.store.receive(body, maxBytes);
+    const store = this.storeOf(tenant);
+    const temp = await store.receive(body, maxBytes);
     try {
-      const data = await this.store.readFile(temp, (source) => decodeSnapshot(source, this.snapshotExpectation()));
-      return await this.locked(id, async () => {
-        const replaced = this.resident.has(id) || (await this.store.has(id));
-        const session = this.sessionFromSnapshot(data, id);
-        await this.store.commit(temp, id);
-        this.resident.set(id, session);
+      const data = await store.readFile(temp, (source) => decodeSnapshot(source, this.snapshotExpectation()));
+      return await this.locked(tenant, id, async () => {
+        const replaced = this.resident.has(sessionKey(tenant, id)) || (await store.has(id));
+        const session = this.sessionFromSnapshot(data, tenant, id, "uploaded");
+        await this.persist(session, session.state);
+        this.resident.set(session.key, session);
         session.lastUsed = ++useCounter;
-        this.enforceBudget();
-        return { ...session.info(), replaced };
+        return { ...session.info(false), replaced };
       });
     } finally {
-      await this.store.discard(temp);
+      await store.discard(temp);
     }
   }
 
   /**
-   * Resolves once no session turn, append, upload or download holds a lock (or after `timeoutMs`):
+   * Resolves once no session turn, append, upload or delete holds a lock (or after `timeoutMs`):
    * shutdown calls it after the listener stops accepting, so every finished turn is persisted before exit.
    * Returns whether everything finished in time.
    */
@@ -477,14 +513,17 @@ export class SessionManager {
   }
 
   /**
-   * For a request outside any session: a copy of the KV of the in-memory session that shares the longest
-   * token prefix with `promptIds` (at least `minTokens`), or null. Call it inside the request's queue turn.
+   * For a request outside any session: a copy of the KV of the tenant's in-memory session that shares the
+   * longest token prefix with `promptIds` (at least `minTokens`), or null. Only KV this server computed is
+   * lent, and only within a tenant. Call it inside the request's queue turn; it reads sessions' committed
+   * states, whose tokens and KV always agree.
    */
-  prefixCache(promptIds: number[], minTokens = 16): KvCache | null {
+  prefixCache(tenant: string, promptIds: number[], minTokens = 16): KvCache | null {
     let best: Session | null = null;
     let bestLength = 0;
     for (const s of this.resident.values()) {
-      const n = commonPrefix(s.tokens, s.cache.length, promptIds);
+      if (s.tenant !== tenant || s.origin !== "computed") continue;
+      const n = commonPrefix(s.state.tokens, s.state.cache.length, promptIds);
       if (n > bestLength) {
         best = s;
         bestLength = n;
@@ -492,6 +531,17 @@ export class SessionManager {
     }
     bestLength = Math.min(bestLength, promptIds.length - 1);
     if (!best || bestLength < minTokens) return null;
-    return best.cache.clone(bestLength);
+    return best.state.cache.clone(bestLength);
   }
+}
+
+/** Messages a session takes must be storable as they are (the snapshot reader's limits). */
+function assertStorableMessages(messages: ChatMessage[]): void {
+  messages.forEach((m, i) => {
+    const parsed = storedMessageSchema.safeParse(m);
+    if (!parsed.success) {
+      const issue = parsed.error.issues[0]!;
+      throw invalidRequest(`messages.${i}.${issue.path.join(".")}: ${issue.message}`, `messages.${i}`);
+    }
+  });
 }

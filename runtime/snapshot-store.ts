@@ -1,7 +1,10 @@
 /**
- * Where snapshots live between requests, restarts and machines: one file per session in a directory.
- * Writes go to a temporary file that is synced and then renamed over the old one, so a crash leaves
- * either the previous snapshot or the new one, never half of one.
+ * Where snapshots live between requests, restarts and machines: one file per session in a directory, and
+ * one directory per tenant (the default tenant's is the root, so a single-tenant store keeps its layout).
+ * Writes go to a temporary file that is synced and then renamed over the old one, and the directory is
+ * synced after the rename, so a crash leaves either the previous snapshot or the new one, never half of
+ * one. Temporary files carry the writing process's id; those of processes that no longer run (a crash)
+ * are removed when the store is first used.
  */
 import { mkdir, open, readdir, rename, rm, stat, type FileHandle } from "node:fs/promises";
 import { join } from "node:path";
@@ -64,14 +67,68 @@ export class FileByteSource implements ByteSource {
   }
 }
 
+const TEMP_PREFIX = ".tmp-";
+const TENANTS_DIR = "tenants";
+/** The tenant whose sessions live in the store's root directory. */
+export const DEFAULT_TENANT = "default";
+
+/** Whether a process with this id runs on this machine (a temporary file of a live writer must not be removed). */
+function processAlive(pid: number): boolean {
+  if (pid === process.pid) return true;
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code === "EPERM";
+  }
+}
+
 export class SnapshotStore {
   private ready: Promise<void> | null = null;
+  private readonly tenants = new Map<string, SnapshotStore>();
 
   constructor(readonly dir: string) {}
 
+  /** The store of one tenant's sessions (ids are per tenant: two tenants may both have a session "report"). */
+  forTenant(tenant: string): SnapshotStore {
+    if (tenant === DEFAULT_TENANT) return this;
+    assertSessionId(tenant);
+    let store = this.tenants.get(tenant);
+    if (!store) {
+      store = new SnapshotStore(join(this.dir, TENANTS_DIR, tenant));
+      this.tenants.set(tenant, store);
+    }
+    return store;
+  }
+
   private async ensureDir(): Promise<void> {
-    this.ready ??= mkdir(this.dir, { recursive: true }).then(() => undefined);
+    this.ready ??= (async () => {
+      await mkdir(this.dir, { recursive: true });
+      await this.removeDeadTemps();
+    })();
     await this.ready;
+  }
+
+  /** Removes temporary files whose writer is gone: what a crash in the middle of a save or an upload left. */
+  private async removeDeadTemps(): Promise<void> {
+    for (const name of await readdir(this.dir)) {
+      if (!name.startsWith(TEMP_PREFIX)) continue;
+      const pid = Number(name.slice(TEMP_PREFIX.length).split("-")[0]);
+      if (!Number.isInteger(pid) || pid <= 0 || !processAlive(pid)) await rm(join(this.dir, name), { force: true });
+    }
+  }
+
+  /** Makes a rename in the directory durable (the rename is atomic, but only a synced directory keeps it across a power loss). */
+  private async syncDir(): Promise<void> {
+    let handle: FileHandle | null = null;
+    try {
+      handle = await open(this.dir, "r");
+      await handle.sync();
+    } catch {
+      // Some platforms cannot open or sync a directory; the rename itself stays atomic.
+    } finally {
+      await handle?.close();
+    }
   }
 
   path(id: string): string {
@@ -80,7 +137,7 @@ export class SnapshotStore {
   }
 
   private tempPath(label: string): string {
-    return join(this.dir, `.tmp-${label}-${crypto.randomUUID()}`);
+    return join(this.dir, `${TEMP_PREFIX}${process.pid}-${label}-${crypto.randomUUID()}`);
   }
 
   async has(id: string): Promise<boolean> {
@@ -94,6 +151,12 @@ export class SnapshotStore {
   async ids(): Promise<string[]> {
     await this.ensureDir();
     return (await readdir(this.dir)).filter((f) => f.endsWith(SUFFIX)).map((f) => f.slice(0, -SUFFIX.length)).filter((id) => ID.test(id));
+  }
+
+  /** Temporary files now in the store's directory (for tests and diagnostics). */
+  async temps(): Promise<string[]> {
+    await this.ensureDir();
+    return (await readdir(this.dir)).filter((f) => f.startsWith(TEMP_PREFIX));
   }
 
   /**
@@ -121,11 +184,20 @@ export class SnapshotStore {
     return { path, bytes };
   }
 
-  /** Writes the chunks as the session's snapshot, atomically (temporary file, sync, rename); returns the bytes written. */
+  /**
+   * Writes the chunks as the session's snapshot, atomically (temporary file, sync, rename, directory sync);
+   * returns the bytes written. On failure the previous snapshot stays and no temporary file is left.
+   */
   async save(id: string, chunks: Iterable<Uint8Array>): Promise<number> {
     const target = this.path(id);
     const { path, bytes } = await this.writeTemp(id, chunks);
-    await rename(path, target);
+    try {
+      await rename(path, target);
+    } catch (e) {
+      await rm(path, { force: true });
+      throw e;
+    }
+    await this.syncDir();
     return bytes;
   }
 
@@ -138,8 +210,10 @@ export class SnapshotStore {
     return (await stat(this.path(id))).size;
   }
 
+  /** Deletes the session's snapshot; throws if it exists and cannot be deleted. */
   async remove(id: string): Promise<void> {
     await rm(this.path(id), { force: true });
+    await this.syncDir();
   }
 
   /**
@@ -170,10 +244,6 @@ export class SnapshotStore {
     } finally {
       await source.close();
     }
-  }
-
-  async commit(tempPath: string, id: string): Promise<void> {
-    await rename(tempPath, this.path(id));
   }
 
   async discard(tempPath: string): Promise<void> {

@@ -19,6 +19,7 @@ import { z } from "zod";
 import { sliceSlots, writeSlots, type KvArray } from "../kernels/kv-slots.ts";
 import { RuntimeError } from "./errors.ts";
 import type { KvDtype } from "./kv-cache.ts";
+import { storedMessageSchema, templateKwargsSchema, SNAPSHOT_NESTING_DEPTH } from "./message-schema.ts";
 import { assertPlainMsgpack } from "./msgpack-guard.ts";
 
 export const SNAPSHOT_MAGIC = new TextEncoder().encode("ULS-SNAP");
@@ -50,6 +51,13 @@ export class SnapshotError extends RuntimeError {
   }
 }
 
+/**
+ * Where a session's KV came from: computed by this server from its tokens, or uploaded (only checked for
+ * shape, so never lent to another session or request). Snapshots written before the field existed read
+ * as "uploaded".
+ */
+export type KvOrigin = "computed" | "uploaded";
+
 /** What a session carries besides tensors. `compaction` is reserved for the compaction state of a later issue. */
 export interface SnapshotMeta {
   id: string;
@@ -58,6 +66,7 @@ export interface SnapshotMeta {
   messages: unknown[];
   templateKwargs: Record<string, unknown>;
   compaction: unknown;
+  origin: KvOrigin;
 }
 
 export interface SnapshotModel {
@@ -98,9 +107,10 @@ const headerSchema = z.object({
     id: z.string().max(256),
     createdAt: z.number(),
     updatedAt: z.number(),
-    messages: z.array(z.record(z.string(), z.unknown())),
-    templateKwargs: z.record(z.string(), z.unknown()),
+    messages: z.array(storedMessageSchema),
+    templateKwargs: templateKwargsSchema,
     compaction: z.unknown(),
+    origin: z.enum(["computed", "uploaded"]).default("uploaded"),
   }),
 });
 type Header = z.infer<typeof headerSchema>;
@@ -122,7 +132,10 @@ const unpackr = new Unpackr({ useRecords: false, structuredClone: false, mapsAsO
 const bytesOf = (a: ArrayBufferView) => new Uint8Array(a.buffer, a.byteOffset, a.byteLength);
 
 function frame(payload: Record<string, unknown>): Uint8Array {
-  const body = packr.pack(payload);
+  return frameOf(packr.pack(payload));
+}
+
+function frameOf(body: Uint8Array): Uint8Array {
   const out = new Uint8Array(FRAME_HEAD + body.length);
   const view = new DataView(out.buffer);
   view.setUint32(0, body.length, true);
@@ -159,10 +172,19 @@ export function* encodeSnapshot(data: SnapshotData, chunkTokens = 4096): Generat
     length: data.length,
     nextPosition: data.nextPosition,
     chunkTokens,
-    meta: { ...data.meta, messages: data.meta.messages as Record<string, unknown>[] },
+    meta: { ...data.meta, messages: data.meta.messages as Header["meta"]["messages"] },
   };
+  // The reader's checks, run on what is about to be written: a snapshot this server writes always loads again.
+  const headerBody = packr.pack(header);
+  try {
+    assertPlainMsgpack(headerBody, SNAPSHOT_NESTING_DEPTH);
+  } catch (e) {
+    throw new SnapshotError("malformed", `the session cannot be stored: ${(e as Error).message}`);
+  }
+  const check = headerSchema.safeParse(unpackr.unpack(headerBody));
+  if (!check.success) throw new SnapshotError("malformed", `the session cannot be stored: header field ${check.error.issues[0]!.path.join(".")}: ${check.error.issues[0]!.message}`);
   yield SNAPSHOT_MAGIC;
-  yield frame(header);
+  yield frameOf(headerBody);
   const layout = { heads: data.kvHeads, headDim: data.headDim };
   let frames = 0;
   for (const p of plan(header)) {
@@ -189,6 +211,23 @@ export interface ByteSource {
 export interface SnapshotExpectation extends SnapshotModel {
   /** Most tokens a snapshot may hold (the server's context length bounds what it can use). */
   maxTokens: number;
+  /** Token ids must be below this. */
+  vocabSize: number;
+  /**
+   * Called with the KV bytes the snapshot will occupy once its header is read, before they are allocated:
+   * throws to refuse (the memory budget).
+   */
+  reserveKv?: (bytes: number) => void;
+}
+
+/** Whether every value is finite: float32 directly, float16 by its exponent bits (all ones is Inf or NaN). */
+function allFinite(a: KvArray): boolean {
+  if (a instanceof Uint16Array) {
+    for (let i = 0; i < a.length; i++) if ((a[i]! & 0x7c00) === 0x7c00) return false;
+    return true;
+  }
+  for (let i = 0; i < a.length; i++) if (!Number.isFinite(a[i]!)) return false;
+  return true;
 }
 
 async function readFrame(source: ByteSource, index: number, maxBytes: number): Promise<Record<string, unknown>> {
@@ -202,7 +241,7 @@ async function readFrame(source: ByteSource, index: number, maxBytes: number): P
   if (body.length < length) throw new SnapshotError("truncated", `frame ${index} has ${body.length} of its ${length} bytes`);
   if (crc32(body) !== expectedCrc) throw new SnapshotError("checksum_mismatch", `frame ${index} fails its CRC-32 check`);
   try {
-    assertPlainMsgpack(body);
+    assertPlainMsgpack(body, SNAPSHOT_NESTING_DEPTH);
     const value: unknown = unpackr.unpack(body);
     if (!value || typeof value !== "object" || Array.isArray(value)) throw new Error("not a map");
     return value as Record<string, unknown>;
@@ -246,6 +285,7 @@ export async function decodeSnapshot(source: ByteSource, expect: SnapshotExpecta
   if (source.size !== undefined && source.size < payloadBytes) {
     throw new SnapshotError("truncated", `the header promises ${payloadBytes} bytes of tokens and tensors but the data holds ${source.size} bytes in all`);
   }
+  expect.reserveKv?.(h.length * slotValues * bytesPerElement * h.layers * 2);
   const tokens = new Int32Array(h.tokenCount);
   const positions = new Int32Array(h.length);
   const alloc = () => (h.kvDtype === "float16" ? new Uint16Array(h.length * slotValues) : new Float32Array(h.length * slotValues));
@@ -276,8 +316,15 @@ export async function decodeSnapshot(source: ByteSource, expect: SnapshotExpecta
   const end = endFrameSchema.safeParse(await readFrame(source, index, 1024));
   if (!end.success || end.data.frames !== index - 1) throw new SnapshotError("malformed", `frame ${index} should end the snapshot after ${index - 1} data frames`);
   if ((await source.read(1)).length > 0) throw new SnapshotError("malformed", "data continues after the end frame");
+  for (let i = 0; i < h.tokenCount; i++) {
+    if (tokens[i]! < 0 || tokens[i]! >= expect.vocabSize) throw new SnapshotError("malformed", `token ${i} is id ${tokens[i]}, outside the vocabulary (0..${expect.vocabSize - 1})`);
+  }
+  if (h.length > 0 && positions[0]! < 0) throw new SnapshotError("malformed", `slot 0 has the negative position ${positions[0]}`);
   for (let i = 1; i < h.length; i++) {
     if (positions[i]! <= positions[i - 1]!) throw new SnapshotError("malformed", `slot positions are not increasing at slot ${i}`);
+  }
+  for (let layer = 0; layer < h.layers; layer++) {
+    if (!allFinite(keys[layer]!) || !allFinite(values[layer]!)) throw new SnapshotError("malformed", `layer ${layer} holds KV values that are not finite (NaN or infinity)`);
   }
   if (h.length > 0 && positions[h.length - 1]! >= h.nextPosition) throw new SnapshotError("malformed", "nextPosition is not past the last slot's position");
 

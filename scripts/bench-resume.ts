@@ -17,7 +17,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
-import { Engine, SessionManager, SnapshotStore, decodeSnapshot, encodeSnapshot, type ChatMessage } from "../runtime/index.ts";
+import { Engine, SessionManager, SnapshotStore, DEFAULT_TENANT, decodeSnapshot, encodeSnapshot, type ChatMessage } from "../runtime/index.ts";
 import { createRng } from "../runtime/sampling.ts";
 
 const { values } = parseArgs({
@@ -75,7 +75,7 @@ for (const size of sizes) {
   const document: ChatMessage = { role: "user", content: documentOf(engine, size) };
 
   const writer = new SessionManager(engine, store, options);
-  const created = await writer.create({ id: "doc", messages: [document], templateKwargs: DATE });
+  const created = await writer.create({ tenant: DEFAULT_TENANT, id: "doc", messages: [document], templateKwargs: DATE });
   const snapshotBytes = (await stat(store.path("doc"))).size;
 
   // Cold: the whole conversation from nothing.
@@ -101,6 +101,7 @@ for (const size of sizes) {
     const t0 = performance.now();
     let firstToken = 0;
     const r = await reader.turn(
+      DEFAULT_TENANT,
       id,
       { messages: (current) => [...current.slice(0, 1), QUESTION], maxTokens: 1, sampling: { temperature: 0 }, stop: [], ignoreEos: true },
       () => {

@@ -7,7 +7,7 @@
 import { Hono } from "hono";
 import { bodyLimit } from "hono/body-limit";
 import type { Engine, SessionManager } from "../runtime/index.ts";
-import { authMiddleware } from "./auth.ts";
+import { authMiddleware, tenantOf } from "./auth.ts";
 import { badRequest, toErrorResponse } from "./http-errors.ts";
 import { RouteKit, clientAbort, newId, nowSeconds, parseBody, respondChat, toChatMessage, usage, timings } from "./http-kit.ts";
 import { applyTemplateSchema, chatCompletionSchema, completionSchema, detokenizeSchema, tokenizeSchema } from "./schemas.ts";
@@ -97,15 +97,16 @@ export function createApp(options: AppOptions): Hono {
       // Continue a session: the request's messages are the conversation; the session keeps the KV they share.
       if (!sessions) throw badRequest("sessions are not enabled on this server", "session_id");
       const sessionId = req.session_id;
-      await sessions.assertReady(sessionId);
+      await sessions.assertReady(tenantOf(c), sessionId);
       const turn = { ...kit.generationOf(req, maxTokens, abort.signal), messages: () => messages, tools };
-      return respondChat(kit, c, { ...common, run: (onDelta) => sessions.turn(sessionId, turn, onDelta), extra: { session_id: sessionId } });
+      return respondChat(kit, c, { ...common, run: (onDelta) => sessions.turn(tenantOf(c), sessionId, turn, onDelta), extra: { session_id: sessionId } });
     }
 
     const promptIds = engine.encodeChat(messages, { tools, addGenerationPrompt: true, extra: req.chat_template_kwargs });
     const job = kit.jobOf(req, promptIds, maxTokens, abort.signal);
-    // Reuse the KV of an in-memory session that shares this prompt's beginning (a copy: the session is not touched).
-    if (sessions) job.prepare = () => sessions.prefixCache(promptIds) ?? engine.model.newCache();
+    // Reuse the KV of an in-memory session of the same tenant that shares this prompt's beginning (a copy: the session is not touched).
+    const tenant = tenantOf(c);
+    if (sessions) job.prepare = () => sessions.prefixCache(tenant, promptIds) ?? engine.model.newCache();
     return respondChat(kit, c, { ...common, run: (onDelta) => engine.complete(job, onDelta) });
   });
 
@@ -115,7 +116,8 @@ export function createApp(options: AppOptions): Hono {
     const promptIds = typeof req.prompt === "string" ? engine.encodePrompt(req.prompt) : req.prompt;
     const abort = clientAbort(c);
     const job = kit.jobOf(req, promptIds, kit.maxTokensOf(req.max_tokens) ?? 16 /* OpenAI's default here */, abort.signal);
-    if (sessions) job.prepare = () => sessions.prefixCache(promptIds) ?? engine.model.newCache();
+    const tenant = tenantOf(c);
+    if (sessions) job.prepare = () => sessions.prefixCache(tenant, promptIds) ?? engine.model.newCache();
     const id = newId("cmpl");
     const created = nowSeconds();
     const model = engine.info.modelId;

@@ -3,8 +3,7 @@
  * no key configured every caller is the one tenant "default".
  */
 import type { Context, MiddlewareHandler } from "hono";
-
-export const DEFAULT_TENANT = "default";
+import { DEFAULT_TENANT } from "../runtime/index.ts";
 
 export interface AuthOptions {
   /** A single key (tenant "default"), as --api-key gives. */

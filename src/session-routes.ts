@@ -13,6 +13,7 @@
 import type { Context, Hono } from "hono";
 import { SnapshotError, type ChatMessage, type SessionManager } from "../runtime/index.ts";
 import { badRequest } from "./http-errors.ts";
+import { tenantOf } from "./auth.ts";
 import { RouteKit, clientAbort, parseBody, respondChat, toChatMessage } from "./http-kit.ts";
 import { appendSchema, createSessionSchema, sessionMessageSchema } from "./schemas.ts";
 import { sseResponse } from "./sse.ts";
@@ -61,20 +62,20 @@ export function registerSessionRoutes(app: Hono, kit: RouteKit, sessions: Sessio
       req.stream,
       req.id,
       async (onProgress, signal) => {
-        const { ingest, ...info } = await sessions.create({ id: req.id, messages, templateKwargs: req.chat_template_kwargs, onProgress, signal });
+        const { ingest, ...info } = await sessions.create({ tenant: tenantOf(c), id: req.id, messages, templateKwargs: req.chat_template_kwargs, onProgress, signal });
         return { ...info, ingest: ingestJson(ingest) };
       },
       201,
     );
   });
 
-  app.get("/v1/sessions", async (c) => c.json({ object: "list", data: await sessions.list() }));
+  app.get("/v1/sessions", async (c) => c.json({ object: "list", data: await sessions.list(tenantOf(c)) }));
 
-  app.get("/v1/sessions/:id", async (c) => c.json(await sessions.info(c.req.param("id"))));
+  app.get("/v1/sessions/:id", async (c) => c.json(await sessions.info(tenantOf(c), c.req.param("id"))));
 
   app.delete("/v1/sessions/:id", async (c) => {
     const id = c.req.param("id");
-    await sessions.delete(id);
+    await sessions.delete(tenantOf(c), id);
     return c.json({ id, object: "session.deleted", deleted: true });
   });
 
@@ -84,11 +85,11 @@ export function registerSessionRoutes(app: Hono, kit: RouteKit, sessions: Sessio
     kit.checkModel(req.model);
     const message = toChatMessage({ role: req.role, content: req.content });
     const abort = clientAbort(c);
-    await sessions.assertReady(id);
+    await sessions.assertReady(tenantOf(c), id);
     const tools = req.tools ?? null;
     const turn = { ...kit.generationOf(req, kit.maxTokensOf(req.max_completion_tokens ?? req.max_tokens), abort.signal), messages: (current: ChatMessage[]) => [...current, message], tools };
     return respondChat(kit, c, {
-      run: (onDelta) => sessions.turn(id, turn, onDelta),
+      run: (onDelta) => sessions.turn(tenantOf(c), id, turn, onDelta),
       abort,
       stream: req.stream === true,
       includeUsage: req.stream_options?.include_usage === true,
@@ -104,13 +105,13 @@ export function registerSessionRoutes(app: Hono, kit: RouteKit, sessions: Sessio
     // Token ids join the conversation as their text: the session's history is always its rendered messages.
     const text = req.tokens ? engine.tokenizer.decode(req.tokens) : req.text!;
     const message = toChatMessage({ role: req.role, content: text });
-    await sessions.assertReady(id);
+    await sessions.assertReady(tenantOf(c), id);
     return ingestResponse(
       c,
       req.stream,
       id,
       async (onProgress, signal) => {
-        const { ingest, ...info } = await sessions.append(id, message, onProgress, signal);
+        const { ingest, ...info } = await sessions.append(tenantOf(c), id, message, onProgress, signal);
         return { ...info, ingest: ingestJson(ingest) };
       },
       200,
@@ -119,7 +120,7 @@ export function registerSessionRoutes(app: Hono, kit: RouteKit, sessions: Sessio
 
   app.get("/v1/sessions/:id/snapshot", async (c) => {
     const id = c.req.param("id");
-    const { stream, bytes } = await sessions.download(id);
+    const { stream, bytes } = await sessions.download(tenantOf(c), id);
     return new Response(stream, {
       headers: {
         "content-type": "application/vnd.ultralong.snapshot+msgpack",
@@ -135,7 +136,7 @@ export function registerSessionRoutes(app: Hono, kit: RouteKit, sessions: Sessio
     if (declared > maxSnapshotBytes) throw new SnapshotError("too_large", `the upload of ${declared} bytes passes the ${maxSnapshotBytes}-byte limit for snapshots`);
     const body = c.req.raw.body;
     if (!body) throw badRequest("the request has no body: send the snapshot file as the body", null, "missing_body");
-    const { replaced, ...info } = await sessions.upload(id, body, maxSnapshotBytes);
+    const { replaced, ...info } = await sessions.upload(tenantOf(c), id, body, maxSnapshotBytes);
     return c.json(info, replaced ? 200 : 201);
   });
 }

@@ -98,9 +98,9 @@ describe("snapshot codec", () => {
     positions: cache.positions.subarray(0, cache.length),
     keys: cache.keys,
     values: cache.values,
-    meta: { id: "x", createdAt: 1, updatedAt: 2, messages: [{ role: "user", content: "hi" }], templateKwargs: { date_string: "1 Jan 2025" }, compaction: null },
+    meta: { id: "x", createdAt: 1, updatedAt: 2, messages: [{ role: "user", content: "hi" }], templateKwargs: { date_string: "1 Jan 2025" }, compaction: null, origin: "computed" },
   });
-  const expectation = { fingerprint: "f", modelId: "m", layers: 3, kvHeads: 2, headDim: 4, maxTokens: 10_000 };
+  const expectation = { fingerprint: "f", modelId: "m", layers: 3, kvHeads: 2, headDim: 4, maxTokens: 10_000, vocabSize: 128256 };
 
   for (const dtype of ["float32", "float16"] as const) {
     test(`${dtype}: encode then decode gives the same tokens, positions, KV and meta (chunks not dividing the length)`, async () => {
