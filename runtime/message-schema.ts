@@ -31,9 +31,11 @@ export function jsonDepth(value: unknown, stopAbove = Infinity): number {
   return deepest;
 }
 
-/** Throws invalid_request naming `param` if `value` nests deeper than MAX_JSON_DEPTH. */
-export function assertJsonDepth(value: unknown, param: string): void {
-  if (jsonDepth(value, MAX_JSON_DEPTH) > MAX_JSON_DEPTH) throw invalidRequest(`${param}: nested deeper than ${MAX_JSON_DEPTH} levels`, param);
+/** Throws invalid_request naming the variable if a template variable's value nests deeper than MAX_JSON_DEPTH. */
+export function assertTemplateKwargsDepth(kwargs: Record<string, unknown>, param = "chat_template_kwargs"): void {
+  for (const [name, value] of Object.entries(kwargs)) {
+    if (jsonDepth(value, MAX_JSON_DEPTH) > MAX_JSON_DEPTH) throw invalidRequest(`${param}.${name}: nested deeper than ${MAX_JSON_DEPTH} levels`, `${param}.${name}`);
+  }
 }
 
 const nested = (what: string) => z.unknown().refine((v) => jsonDepth(v, MAX_JSON_DEPTH) <= MAX_JSON_DEPTH, { message: `${what} nests deeper than ${MAX_JSON_DEPTH} levels` });

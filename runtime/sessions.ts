@@ -16,7 +16,7 @@ import type { CompletionJob, Engine } from "./engine.ts";
 import { RuntimeError, invalidRequest } from "./errors.ts";
 import type { GenerateResult } from "./generate.ts";
 import type { KvCache } from "./kv-cache.ts";
-import { assertJsonDepth, storedMessageSchema } from "./message-schema.ts";
+import { assertTemplateKwargsDepth, storedMessageSchema } from "./message-schema.ts";
 import { decodeSnapshot, encodeSnapshot, readSnapshotHeader, type KvOrigin, type SnapshotData, type SnapshotExpectation } from "./snapshot.ts";
 import { assertSessionId, FileByteSource, type SnapshotStore } from "./snapshot-store.ts";
 
@@ -337,7 +337,7 @@ export class SessionManager {
     const id = options.id ?? `sess_${crypto.randomUUID().replaceAll("-", "").slice(0, 24)}`;
     assertSessionId(id);
     const templateKwargs = { date_string: templateDate(), ...options.templateKwargs };
-    assertJsonDepth(templateKwargs, "chat_template_kwargs");
+    assertTemplateKwargsDepth(templateKwargs);
     const ingest = await this.locked(tenant, id, async () => {
       const store = this.storeOf(tenant);
       if (this.resident.has(sessionKey(tenant, id)) || (await store.has(id))) throw invalidRequest(`a session with id ${id} already exists`, "id");

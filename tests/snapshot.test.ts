@@ -266,4 +266,39 @@ describe("uploads that must be refused, each with its cause, leaving the target 
     const extra = concat([good, frameBytes(packr.pack({ t: "end", frames: 0 }))]);
     await refused(extra, 400, "malformed", /continues after the end frame/);
   });
+
+  /** Index and decoded payload of the first data frame of kind `t` ("tokens", "positions", "kv"). */
+  const firstFrame = (t: string) => {
+    const f = frames(good);
+    const index = f.findIndex((x, i) => i > 0 && (unpackr.unpack(x.payload) as { t: string }).t === t);
+    return { index, frame: unpackr.unpack(f[index]!.payload) as Record<string, any> };
+  };
+
+  test("what can be checked cheaply is checked: token ids, positions, finite KV, messages, template variables", async () => {
+    // A token id outside the vocabulary (checksums recomputed: only the content is wrong).
+    const tokens = firstFrame("tokens");
+    const ids = new Int32Array(tokens.frame.data.slice().buffer);
+    ids[3] = engine.info.vocabSize + 5;
+    await refused(replaceFrame(good, tokens.index, packr.pack({ ...tokens.frame, data: new Uint8Array(ids.buffer) })), 400, "malformed", /token 3 is id \d+, outside the vocabulary/);
+    // A negative first position.
+    const positions = firstFrame("positions");
+    const pos = new Int32Array(positions.frame.data.slice().buffer);
+    pos[0] = -7;
+    await refused(replaceFrame(good, positions.index, packr.pack({ ...positions.frame, data: new Uint8Array(pos.buffer) })), 400, "malformed", /negative position -7/);
+    // NaN and infinity in the KV.
+    const kv = firstFrame("kv");
+    for (const bad of [NaN, Infinity]) {
+      const values = new Float32Array(kv.frame.data.slice().buffer);
+      values[1] = bad;
+      await refused(replaceFrame(good, kv.index, packr.pack({ ...kv.frame, data: new Uint8Array(values.buffer) })), 400, "malformed", /not finite/);
+    }
+    // Messages and template variables the API would not take.
+    const header = unpackr.unpack(frames(good)[0]!.payload) as Record<string, any>;
+    const withMeta = (meta: Record<string, unknown>) => replaceFrame(good, 0, packr.pack({ ...header, meta: { ...header.meta, ...meta } }));
+    await refused(withMeta({ messages: [{ role: "root", content: "x" }] }), 400, "malformed", /header field meta\.messages\.0\.role/);
+    await refused(withMeta({ messages: [{ role: "user", content: 42 }] }), 400, "malformed", /header field meta\.messages\.0\.content/);
+    let deep: unknown = 1;
+    for (let i = 0; i < 33; i++) deep = [deep];
+    await refused(withMeta({ templateKwargs: { date_string: "1 Jan 2025", deep } }), 400, "malformed", /nests deeper than 32/);
+  });
 });
