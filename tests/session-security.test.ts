@@ -63,7 +63,7 @@ describe("uploaded KV is never lent", () => {
     const victimIds = engine.encodeChat(victim, { addGenerationPrompt: true, extra: DATE });
     expect(victimIds.length).toBeGreaterThan(header.tokenCount);
     const planted = withTokens(snapshot, victimIds.slice(0, header.tokenCount));
-    const uploaded = await app.request("/v1/sessions/planted/snapshot", { method: "PUT", body: planted });
+    const uploaded = await app.request("/v1/sessions/planted/snapshot", { method: "PUT", body: planted as BodyInit });
     expect(uploaded.status).toBe(201);
     await app.request("/v1/sessions/mine", { method: "DELETE" });
 
