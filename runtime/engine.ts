@@ -12,6 +12,7 @@ import { createHash } from "node:crypto";
 import { open, readFile } from "node:fs/promises";
 import { join } from "node:path";
 import type { KvCache } from "./kv-cache.ts";
+import { KvMemory } from "./kv-memory.ts";
 import { loadModelFolder, variantUsesFloat16, type ModelFolder, type ModelVariant } from "./model-folder.ts";
 import { RequestQueue } from "./request-queue.ts";
 import { DEFAULT_SAMPLING, type SamplingParams } from "./sampling.ts";
@@ -59,6 +60,8 @@ export interface EngineOptions {
   /** Tokens of context a request may use (prompt + completion); 0 means the model's max_position_embeddings. */
   contextLength: number;
   prefillChunk: number;
+  /** KV bytes the process may hold in all (sessions, running requests, uploads being read); default 8 GiB. */
+  kvMemoryBytes?: number;
 }
 
 export interface EngineInfo {
@@ -104,6 +107,8 @@ export interface EngineMetrics {
   decodeMs: number;
 }
 
+export const DEFAULT_KV_MEMORY_BYTES = 8 * 2 ** 30;
+
 export class Engine {
   readonly metrics: EngineMetrics = { requests: 0, cancelled: 0, promptTokens: 0, completionTokens: 0, prefillMs: 0, decodeMs: 0 };
 
@@ -114,6 +119,8 @@ export class Engine {
     readonly template: ChatTemplate,
     private readonly queue: RequestQueue,
     private readonly prefillChunk: number,
+    /** Every KV cache holds a reservation here while it exists. */
+    readonly kvMemory: KvMemory,
   ) {}
 
   static async load(options: EngineOptions): Promise<Engine> {
@@ -139,7 +146,8 @@ export class Engine {
       loadMs: Math.round(performance.now() - t0),
       createdAt: Math.floor(Date.now() / 1000),
     };
-    return new Engine(info, model, tokenizer, template, new RequestQueue(options.queueLimit), options.prefillChunk);
+    const kvMemory = new KvMemory(options.kvMemoryBytes ?? DEFAULT_KV_MEMORY_BYTES);
+    return new Engine(info, model, tokenizer, template, new RequestQueue(options.queueLimit), options.prefillChunk, kvMemory);
   }
 
   get queueState(): { busy: boolean; waiting: number; limit: number } {
@@ -197,18 +205,29 @@ export class Engine {
     }
     this.checkTokenIds(job.promptIds, "prompt");
     const room = context - promptTokens;
-    const maxTokens = Math.min(job.maxTokens ?? room, room);
+    const bytesPerToken = this.info.kvBytesPerToken;
+    // Without max_tokens a reply may run to the end of the context, or of the KV budget if that comes first.
+    const maxTokens =
+      job.maxTokens !== undefined ? Math.min(job.maxTokens, room) : Math.min(room, Math.floor(this.kvMemory.limitBytes / bytesPerToken) - promptTokens);
+    if (maxTokens < 1) this.kvMemory.assertCanEverFit((promptTokens + 1) * bytesPerToken, `a prompt of ${promptTokens} tokens`, "messages");
+    this.kvMemory.assertCanEverFit((promptTokens + maxTokens) * bytesPerToken, `${promptTokens} prompt tokens plus max_tokens ${maxTokens}`, "max_tokens");
     const sampling = this.resolveSampling(job.sampling);
     const eosIds = new Set(job.ignoreEos ? [] : this.model.folder.generation.eosTokenIds);
 
     const result = await this.queue.run(async () => {
-      const cache = job.prepare ? job.prepare() : this.model.newCache();
-      return generate(
-        { model: this.model, tokenizer: this.tokenizer, prefillChunk: this.prefillChunk },
-        cache,
-        { promptIds: job.promptIds, maxTokens, sampling, stop: job.stop, eosIds, signal: job.signal },
-        onDelta,
-      );
+      // The cache this job builds (from nothing, a session's working copy or a borrowed prefix) is held here while it runs.
+      const hold = this.kvMemory.reserve((promptTokens + maxTokens) * bytesPerToken, "this request", "max_tokens");
+      try {
+        const cache = job.prepare ? job.prepare() : this.model.newCache();
+        return await generate(
+          { model: this.model, tokenizer: this.tokenizer, prefillChunk: this.prefillChunk },
+          cache,
+          { promptIds: job.promptIds, maxTokens, sampling, stop: job.stop, eosIds, signal: job.signal },
+          onDelta,
+        );
+      } finally {
+        hold.release();
+      }
     }, job.signal);
     this.metrics.requests++;
     if (result.finishReason === "cancelled") this.metrics.cancelled++;
@@ -233,15 +252,22 @@ export class Engine {
     if (promptIds.length >= this.info.contextLength) {
       throw invalidRequest(`the session would hold ${promptIds.length} tokens but the context holds ${this.info.contextLength}`, "text");
     }
+    const bytes = promptIds.length * this.info.kvBytesPerToken;
+    this.kvMemory.assertCanEverFit(bytes, `reading ${promptIds.length} tokens`, "text");
     return this.queue.run(async () => {
-      const t0 = performance.now();
-      const cache = prepare();
-      const cachedTokens = cache.length;
-      const rest = promptIds.slice(cachedTokens);
-      if (rest.length > 0) await this.model.prefill(cache, rest, this.prefillChunk, signal, onProgress);
-      this.metrics.promptTokens += rest.length;
-      this.metrics.prefillMs += performance.now() - t0;
-      return { cachedTokens, prefilledTokens: rest.length, ms: performance.now() - t0 };
+      const hold = this.kvMemory.reserve(bytes, "this read", "text");
+      try {
+        const t0 = performance.now();
+        const cache = prepare();
+        const cachedTokens = cache.length;
+        const rest = promptIds.slice(cachedTokens);
+        if (rest.length > 0) await this.model.prefill(cache, rest, this.prefillChunk, signal, onProgress);
+        this.metrics.promptTokens += rest.length;
+        this.metrics.prefillMs += performance.now() - t0;
+        return { cachedTokens, prefilledTokens: rest.length, ms: performance.now() - t0 };
+      } finally {
+        hold.release();
+      }
     }, signal);
   }
 
@@ -249,4 +275,3 @@ export class Engine {
     await this.model.release();
   }
 }
-

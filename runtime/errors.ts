@@ -6,6 +6,7 @@ export type RuntimeErrorKind =
   | "model_folder" // the model folder is missing a file or holds an unexpected graph
   | "invalid_request" // the request cannot be served as asked (bad template input, too long, ...)
   | "queue_full" // the FIFO queue is at its configured limit
+  | "kv_memory_full" // the KV memory budget is in use by others now (sessions, running requests, uploads)
   | "cancelled" // the client went away or aborted
   | "backend_unavailable" // a requested backend cannot be provisioned
   | "not_found" // no session with that id

@@ -16,8 +16,9 @@ import type { CompletionJob, Engine } from "./engine.ts";
 import { RuntimeError, invalidRequest } from "./errors.ts";
 import type { GenerateResult } from "./generate.ts";
 import type { KvCache } from "./kv-cache.ts";
+import type { KvHold } from "./kv-memory.ts";
 import { assertTemplateKwargsDepth, storedMessageSchema } from "./message-schema.ts";
-import { decodeSnapshot, encodeSnapshot, readSnapshotHeader, type KvOrigin, type SnapshotData, type SnapshotExpectation } from "./snapshot.ts";
+import { decodeSnapshot, encodeSnapshot, readSnapshotHeader, SnapshotError, type ByteSource, type KvOrigin, type SnapshotData, type SnapshotExpectation } from "./snapshot.ts";
 import { assertSessionId, FileByteSource, type SnapshotStore } from "./snapshot-store.ts";
 
 export type BusyPolicy = "wait" | "reject";
@@ -29,6 +30,8 @@ export interface SessionManagerOptions {
   busy: BusyPolicy;
   /** Tokens per snapshot chunk. */
   chunkTokens: number;
+  /** Uploads decoded at once (each holds its KV in memory while it is checked); more get 429. Default 2. */
+  maxConcurrentUploads?: number;
 }
 
 export interface SessionInfo {
@@ -103,6 +106,8 @@ class Session {
     readonly templateKwargs: Record<string, unknown>,
     /** Uploaded KV is only checked for shape: it is never lent to another session or request. */
     readonly origin: KvOrigin,
+    /** The session's KV in the process's memory budget, while it is in memory. */
+    readonly hold: KvHold,
     /** Reserved for the compaction issue: its policy state travels with the snapshot. */
     public compaction: unknown = null,
   ) {}
@@ -170,13 +175,47 @@ export class SessionManager {
   private readonly resident = new Map<string, Session>();
   /** Per-session turn lock, so two changes of one session never interleave (also while it is being loaded). */
   private readonly locks = new Map<string, Promise<void>>();
+  private uploadsDecoding = 0;
 
   constructor(
     readonly engine: Engine,
     /** The store's root; each tenant's sessions live in store.forTenant(tenant). */
     readonly store: SnapshotStore,
     readonly options: SessionManagerOptions,
-  ) {}
+  ) {
+    // When a request's KV does not fit, idle sessions leave memory (they are all in the store).
+    engine.kvMemory.setReclaimer((bytes) => this.evictIdle(bytes));
+  }
+
+  /** KV bytes held by sessions in memory. */
+  get residentBytes(): number {
+    let total = 0;
+    for (const s of this.resident.values()) total += s.hold.bytes;
+    return total;
+  }
+
+  /** Decodes a snapshot for this server, holding its KV in the memory budget (released if decoding fails). */
+  private async decode(source: ByteSource, what: string): Promise<{ data: SnapshotData; hold: KvHold }> {
+    let hold: KvHold | null = null;
+    try {
+      const data = await decodeSnapshot(source, {
+        ...this.snapshotExpectation(),
+        reserveKv: (bytes) => {
+          try {
+            hold = this.engine.kvMemory.reserve(bytes, what);
+          } catch (e) {
+            // A snapshot larger than the whole budget can never be loaded here: say so as a size refusal.
+            if (e instanceof RuntimeError && e.kind === "invalid_request") throw new SnapshotError("too_large", e.message);
+            throw e;
+          }
+        },
+      });
+      return { data, hold: hold ?? this.engine.kvMemory.reserve(0, what) };
+    } catch (e) {
+      (hold as KvHold | null)?.release();
+      throw e;
+    }
+  }
 
   /** What a snapshot must match to be loaded into this server (its model, KV layout, context length and vocabulary). */
   snapshotExpectation(): SnapshotExpectation {
@@ -246,12 +285,12 @@ export class SessionManager {
     }
   }
 
-  private sessionFromSnapshot(data: SnapshotData, tenant: string, id: string, origin: KvOrigin): Session {
+  private sessionFromSnapshot(data: SnapshotData, hold: KvHold, tenant: string, id: string, origin: KvOrigin): Session {
     const cache = this.engine.model.newCache();
     cache.assign(data.keys, data.values, data.positions, data.length, data.nextPosition);
     const m = data.meta;
     const state: SessionState = { tokens: Array.from(data.tokens), cache, messages: m.messages as ChatMessage[], updatedAt: m.updatedAt };
-    return new Session(tenant, id, m.createdAt, state, m.templateKwargs, origin, m.compaction);
+    return new Session(tenant, id, m.createdAt, state, m.templateKwargs, origin, hold, m.compaction);
   }
 
   /** The session in memory, read back from its tenant's store if it was dropped from memory or the server restarted. */
@@ -260,8 +299,8 @@ export class SessionManager {
     let session = this.resident.get(key);
     if (!session) {
       await this.assertExists(tenant, id);
-      const data = await this.storeOf(tenant).read(id, (source) => decodeSnapshot(source, this.snapshotExpectation()));
-      session = this.sessionFromSnapshot(data, tenant, id, data.meta.origin);
+      const { data, hold } = await this.storeOf(tenant).read(id, (source) => this.decode(source, `reading session ${id} back`));
+      session = this.sessionFromSnapshot(data, hold, tenant, id, data.meta.origin);
       this.resident.set(key, session);
     }
     session.lastUsed = ++useCounter;
@@ -290,18 +329,39 @@ export class SessionManager {
     const next: SessionState = { tokens: [...promptIds, ...generated].slice(0, cache.length), cache, messages, updatedAt: Date.now() };
     await this.persist(session, next);
     session.state = next;
+    // The new cache exists already (the request's reservation covered it while it was built): count it.
+    session.hold.resize(cache.bytes, true);
     return result;
   }
 
-  /** Drops the least recently used idle sessions from memory while the resident KV exceeds the budget (all are already stored). */
+  /** Drops a session from memory (it stays in the store) and gives its KV back to the budget. */
+  private evict(session: Session): void {
+    if (this.resident.get(session.key) === session) this.resident.delete(session.key);
+    session.hold.release();
+  }
+
+  /** Idle sessions, least recently used first. */
+  private idleSessions(): Session[] {
+    return [...this.resident.values()].filter((s) => !this.locks.has(s.key)).sort((a, b) => a.lastUsed - b.lastUsed);
+  }
+
+  /** Drops the least recently used idle sessions from memory while the resident KV exceeds the session budget (all are already stored). */
   private enforceBudget(): void {
-    let total = 0;
-    for (const s of this.resident.values()) total += s.state.cache.bytes;
-    const idle = [...this.resident.values()].filter((s) => !this.locks.has(s.key)).sort((a, b) => a.lastUsed - b.lastUsed);
-    for (const s of idle) {
+    let total = this.residentBytes;
+    for (const s of this.idleSessions()) {
       if (total <= this.options.memoryBudgetBytes) break;
-      this.resident.delete(s.key);
-      total -= s.state.cache.bytes;
+      total -= s.hold.bytes;
+      this.evict(s);
+    }
+  }
+
+  /** Frees at least `bytes` of KV memory if idle sessions hold that much, least recently used first. */
+  private evictIdle(bytes: number): void {
+    let freed = 0;
+    for (const s of this.idleSessions()) {
+      if (freed >= bytes) break;
+      freed += s.hold.bytes;
+      this.evict(s);
     }
   }
 
@@ -343,13 +403,18 @@ export class SessionManager {
       if (this.resident.has(sessionKey(tenant, id)) || (await store.has(id))) throw invalidRequest(`a session with id ${id} already exists`, "id");
       const now = Date.now();
       const empty: SessionState = { tokens: [], cache: this.engine.model.newCache(), messages: [], updatedAt: now };
-      const session = new Session(tenant, id, now, empty, templateKwargs, "computed");
+      const session = new Session(tenant, id, now, empty, templateKwargs, "computed", this.engine.kvMemory.reserve(0, "a new session"));
       // Nothing is stored or listed until the session's first state is persisted: a failed read leaves no trace.
-      let result: IngestResult | null = null;
-      if (options.messages?.length) result = await this.ingestMessages(session, options.messages, options.onProgress, options.signal);
-      else await this.persist(session, empty);
-      this.resident.set(session.key, session);
-      return result;
+      try {
+        let result: IngestResult | null = null;
+        if (options.messages?.length) result = await this.ingestMessages(session, options.messages, options.onProgress, options.signal);
+        else await this.persist(session, empty);
+        this.resident.set(session.key, session);
+        return result;
+      } catch (e) {
+        session.hold.release();
+        throw e;
+      }
     });
     return { ...(await this.info(tenant, id)), ingest };
   }
@@ -431,7 +496,8 @@ export class SessionManager {
     await this.locked(tenant, id, async () => {
       await this.assertExists(tenant, id);
       await this.storeOf(tenant).remove(id);
-      this.resident.delete(sessionKey(tenant, id));
+      const session = this.resident.get(sessionKey(tenant, id));
+      if (session) this.evict(session);
     });
   }
 
@@ -481,19 +547,33 @@ export class SessionManager {
   async upload(tenant: string, id: string, body: ReadableStream<Uint8Array>, maxBytes: number): Promise<SessionInfo & { replaced: boolean }> {
     assertSessionId(id);
     const store = this.storeOf(tenant);
-    const temp = await store.receive(body, maxBytes);
+    const limit = this.options.maxConcurrentUploads ?? 2;
+    if (this.uploadsDecoding >= limit) throw new RuntimeError("queue_full", `${limit} snapshot uploads are being read already; retry later`);
+    this.uploadsDecoding++;
+    let hold: KvHold | null = null;
     try {
-      const data = await store.readFile(temp, (source) => decodeSnapshot(source, this.snapshotExpectation()));
-      return await this.locked(tenant, id, async () => {
-        const replaced = this.resident.has(sessionKey(tenant, id)) || (await store.has(id));
-        const session = this.sessionFromSnapshot(data, tenant, id, "uploaded");
-        await this.persist(session, session.state);
-        this.resident.set(session.key, session);
-        session.lastUsed = ++useCounter;
-        return { ...session.info(false), replaced };
-      });
+      const temp = await store.receive(body, maxBytes);
+      try {
+        const decoded = await store.readFile(temp, (source) => this.decode(source, "the uploaded snapshot"));
+        hold = decoded.hold;
+        const { data } = decoded;
+        return await this.locked(tenant, id, async () => {
+          const previous = this.resident.get(sessionKey(tenant, id));
+          const replaced = previous !== undefined || (await store.has(id));
+          const session = this.sessionFromSnapshot(data, decoded.hold, tenant, id, "uploaded");
+          await this.persist(session, session.state);
+          if (previous) this.evict(previous);
+          this.resident.set(session.key, session);
+          hold = null; // the session holds it now
+          session.lastUsed = ++useCounter;
+          return { ...session.info(false), replaced };
+        });
+      } finally {
+        await store.discard(temp);
+      }
     } finally {
-      await store.discard(temp);
+      (hold as KvHold | null)?.release();
+      this.uploadsDecoding--;
     }
   }
 

@@ -56,6 +56,7 @@ export function createApp(options: AppOptions): Hono {
       variant: engine.info.variant,
       context_length: engine.info.contextLength,
       queue: engine.queueState,
+      kv_memory: { used_bytes: engine.kvMemory.usedBytes, limit_bytes: engine.kvMemory.limitBytes, sessions_bytes: sessions?.residentBytes ?? 0 },
     }),
   );
 
@@ -175,6 +176,9 @@ export function createApp(options: AppOptions): Hono {
       ["llamacpp:requests_cancelled_total", "counter", "Generations stopped because the client went away", m.cancelled],
       ["llamacpp:requests_processing", "gauge", "Requests being processed", q.busy ? 1 : 0],
       ["llamacpp:requests_deferred", "gauge", "Requests waiting in the queue", q.waiting],
+      ["ultralong:kv_memory_used_bytes", "gauge", "KV bytes held: sessions in memory, running requests, uploads being read", engine.kvMemory.usedBytes],
+      ["ultralong:kv_memory_limit_bytes", "gauge", "KV bytes the process may hold (--kv-memory-bytes)", engine.kvMemory.limitBytes],
+      ["ultralong:kv_memory_sessions_bytes", "gauge", "KV bytes held by sessions in memory", sessions?.residentBytes ?? 0],
     ] as const;
     const text = lines.map(([name, type, help, value]) => `# HELP ${name} ${help}\n# TYPE ${name} ${type}\n${name} ${value}`).join("\n");
     return c.text(`${text}\n`, 200, { "content-type": "text/plain; version=0.0.4" });

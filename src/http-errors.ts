@@ -44,6 +44,8 @@ export function toErrorResponse(error: unknown, log: (message: string) => void):
         return { status: 400, body: body(badRequest(error.message, error.param)) };
       case "queue_full":
         return { status: 429, body: body(new HttpError(429, error.message, "rate_limit_error", "queue_full")) };
+      case "kv_memory_full":
+        return { status: 429, body: body(new HttpError(429, error.message, "rate_limit_error", "kv_memory_full")) };
       case "not_found":
         return { status: 404, body: body(new HttpError(404, error.message, "invalid_request_error", "session_not_found")) };
       case "session_busy":

@@ -30,6 +30,7 @@ export async function createServer(env: Record<string, string | undefined>, argv
     queueLimit: config.queueLimit,
     contextLength: config.ctxSize,
     prefillChunk: config.prefillChunk,
+    kvMemoryBytes: config.kvMemoryBytes,
   });
   const sessions = new SessionManager(engine, new SnapshotStore(config.sessionDir), {
     memoryBudgetBytes: config.sessionMemoryBytes,
