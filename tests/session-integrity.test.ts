@@ -71,6 +71,18 @@ describe("a turn is all or nothing", () => {
     expect(continued.choices[0].message.content).toBe(reference.choices[0].message.content);
   }, 120_000);
 
+  test("a request queued behind a diverging turn borrows the session's KV as it was committed, never half-updated", async () => {
+    const { app, post } = sessionApp(engine);
+    expect((await post("/v1/sessions", { id: "q", messages: [SYSTEM, DOC_A], chat_template_kwargs: DATE })).status).toBe(201);
+    const reference = await reply(fresh, [SYSTEM, DOC_A, QUESTION]);
+    // The turn replaces the session's conversation; the plain request, queued right behind it, begins with the old one.
+    const turn = reply(app, [SYSTEM, DOC_B, QUESTION], { session_id: "q" });
+    while (!engine.queueState.busy) await new Promise((r) => setImmediate(r));
+    const plain = reply(app, [SYSTEM, DOC_A, QUESTION]);
+    const [, borrowed] = await Promise.all([turn, plain]);
+    expect(borrowed.choices[0].message.content).toBe(reference.choices[0].message.content);
+  }, 120_000);
+
   test("a turn whose snapshot cannot be written fails and leaves the session as before the turn", async () => {
     const { app, post, dir } = sessionApp(engine);
     expect((await post("/v1/sessions", { id: "p", messages: [SYSTEM, DOC_A], chat_template_kwargs: DATE })).status).toBe(201);
