@@ -7,9 +7,12 @@
  *
  * Each turn renders the whole conversation with the model's template, keeps the KV of the longest prefix
  * the cache already holds, and prefills only the rest: a turn costs its new tokens, and its reply is
- * token-identical to a fresh request that carries the whole conversation. After each turn the session is
- * written to the SnapshotStore; sessions beyond the memory budget are dropped from memory (least
- * recently used first) and read back from the store on their next use.
+ * token-identical to a fresh request that carries the whole conversation. A change is all or nothing: it
+ * is persisted to the tenant's SnapshotStore before it takes effect. Sessions beyond the memory budget are
+ * dropped from memory (least recently used first) and read back from the store on their next use.
+ *
+ * The record and its state are in session.ts, the per-session locks in session-locks.ts, the memory
+ * budget in kv-memory.ts, the store in snapshot-store.ts; this file is the manager that ties them.
  */
 import type { ChatMessage, ToolDefinition } from "./chat-template.ts";
 import type { CompletionJob, Engine } from "./engine.ts";
@@ -20,8 +23,11 @@ import type { KvHold } from "./kv-memory.ts";
 import { assertTemplateKwargsDepth, storedMessageSchema } from "./message-schema.ts";
 import { decodeSnapshot, encodeSnapshot, readSnapshotHeader, SnapshotError, type ByteSource, type KvOrigin, type SnapshotData, type SnapshotExpectation } from "./snapshot.ts";
 import { assertSessionId, FileByteSource, type SnapshotStore } from "./snapshot-store.ts";
+import { commonPrefix, nextUse, Session, sessionKey, templateDate, type SessionInfo, type SessionState } from "./session.ts";
+import { SessionLocks, type BusyPolicy } from "./session-locks.ts";
 
-export type BusyPolicy = "wait" | "reject";
+export type { BusyPolicy, SessionInfo };
+export { templateDate };
 
 export interface SessionManagerOptions {
   /** KV bytes that resident sessions may hold together before the least recently used are dropped from memory. */
@@ -32,22 +38,6 @@ export interface SessionManagerOptions {
   chunkTokens: number;
   /** Uploads decoded at once (each holds its KV in memory while it is checked); more get 429. Default 2. */
   maxConcurrentUploads?: number;
-}
-
-export interface SessionInfo {
-  id: string;
-  object: "session";
-  created_at: number;
-  updated_at: number;
-  /** Tokens the session has read (its history). */
-  tokens_read: number;
-  /** KV slots held for it. */
-  tokens_resident: number;
-  kv_bytes: number;
-  messages: number;
-  /** In memory now (else only in the store, read back on next use). */
-  in_memory: boolean;
-  busy: boolean;
 }
 
 export interface TurnRequest extends Omit<CompletionJob, "promptIds" | "prepare"> {
@@ -65,116 +55,11 @@ export interface IngestResult {
   ms: number;
 }
 
-/** strftime("%d %b %Y"), the form Llama-3.1's template writes its date line in. */
-export function templateDate(now = new Date()): string {
-  const months = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
-  return `${String(now.getDate()).padStart(2, "0")} ${months[now.getMonth()]} ${now.getFullYear()}`;
-}
-
-function commonPrefix(a: ArrayLike<number>, aLength: number, b: ArrayLike<number>): number {
-  const n = Math.min(aLength, b.length);
-  let i = 0;
-  while (i < n && a[i] === b[i]) i++;
-  return i;
-}
-
-/** A counter, not a clock: several sessions can be touched within one millisecond. */
-let useCounter = 0;
-
-/**
- * What a session is between changes: the tokens it has read, the KV of (a prefix of) them, its messages.
- * A change builds a new state beside the current one (the KV as a working copy), persists it, and only
- * then puts it in place, in one step: a cancelled or failed change leaves the old state untouched, and
- * nobody (the session's next turn, another request borrowing its KV) ever sees tokens and KV that disagree.
- */
-interface SessionState {
-  /** Every token read; the first cache.length of them are the KV's slots. */
-  tokens: number[];
-  cache: KvCache;
-  messages: ChatMessage[];
-  updatedAt: number;
-}
-
-class Session {
-  /** Order of last use, for LRU eviction. */
-  lastUsed = ++useCounter;
-  constructor(
-    readonly tenant: string,
-    readonly id: string,
-    readonly createdAt: number,
-    public state: SessionState,
-    readonly templateKwargs: Record<string, unknown>,
-    /** Uploaded KV is only checked for shape: it is never lent to another session or request. */
-    readonly origin: KvOrigin,
-    /** The session's KV in the process's memory budget, while it is in memory. */
-    readonly hold: KvHold,
-    /** Reserved for the compaction issue: its policy state travels with the snapshot. */
-    public compaction: unknown = null,
-  ) {}
-
-  get key(): string {
-    return sessionKey(this.tenant, this.id);
-  }
-
-  /** A working copy of the cache holding the longest prefix of `promptIds` it already has, leaving at least one token to read. */
-  workingCacheFor(promptIds: number[]): KvCache {
-    const { tokens, cache } = this.state;
-    let keep = commonPrefix(tokens, cache.length, promptIds);
-    if (keep >= promptIds.length) keep = promptIds.length - 1;
-    return cache.clone(keep);
-  }
-
-  toSnapshot(engine: Engine, state: SessionState): SnapshotData {
-    const { cache } = state;
-    return {
-      fingerprint: engine.info.fingerprint,
-      modelId: engine.info.modelId,
-      kvDtype: cache.dtype,
-      layers: cache.layers,
-      kvHeads: cache.kvHeads,
-      headDim: cache.headDim,
-      tokens: Int32Array.from(state.tokens),
-      length: cache.length,
-      nextPosition: cache.nextPosition,
-      positions: cache.positions.subarray(0, cache.length),
-      keys: cache.keys,
-      values: cache.values,
-      meta: {
-        id: this.id,
-        createdAt: this.createdAt,
-        updatedAt: state.updatedAt,
-        messages: state.messages,
-        templateKwargs: this.templateKwargs,
-        compaction: this.compaction,
-        origin: this.origin,
-      },
-    };
-  }
-
-  info(busy: boolean): SessionInfo {
-    const { tokens, cache, messages, updatedAt } = this.state;
-    return {
-      id: this.id,
-      object: "session",
-      created_at: Math.floor(this.createdAt / 1000),
-      updated_at: Math.floor(updatedAt / 1000),
-      tokens_read: tokens.length,
-      tokens_resident: cache.length,
-      kv_bytes: cache.bytes,
-      messages: messages.length,
-      in_memory: true,
-      busy,
-    };
-  }
-}
-
-const sessionKey = (tenant: string, id: string) => `${tenant}/${id}`;
-
 export class SessionManager {
   /** Sessions in memory, by tenant/id. */
   private readonly resident = new Map<string, Session>();
-  /** Per-session turn lock, so two changes of one session never interleave (also while it is being loaded). */
-  private readonly locks = new Map<string, Promise<void>>();
+  /** Two changes of one session never interleave (also while it is being loaded). */
+  private readonly locks: SessionLocks;
   private uploadsDecoding = 0;
 
   constructor(
@@ -183,6 +68,7 @@ export class SessionManager {
     readonly store: SnapshotStore,
     readonly options: SessionManagerOptions,
   ) {
+    this.locks = new SessionLocks(options.busy);
     // When a request's KV does not fit, idle sessions leave memory (they are all in the store).
     engine.kvMemory.setReclaimer((bytes) => this.evictIdle(bytes));
   }
@@ -239,7 +125,7 @@ export class SessionManager {
   /** Throws session_busy if the session is in use and busy=reject (a caller that must answer before it starts checks here). */
   assertAvailable(tenant: string, id: string): void {
     assertSessionId(id);
-    if (this.locks.has(sessionKey(tenant, id)) && this.options.busy === "reject") throw new RuntimeError("session_busy", `session ${id} is busy with another request`);
+    this.locks.assertAvailable(sessionKey(tenant, id), id);
   }
 
   /** Throws not_found unless the tenant has this session, in memory or in its store. */
@@ -258,25 +144,9 @@ export class SessionManager {
     this.assertAvailable(tenant, id);
   }
 
-  /** Takes the session's lock: waits for the current holder, or refuses at once under busy=reject. Returns the release. */
-  private async acquire(tenant: string, id: string): Promise<() => void> {
-    this.assertAvailable(tenant, id);
-    const key = sessionKey(tenant, id);
-    const previous = this.locks.get(key);
-    let release!: () => void;
-    const mine = new Promise<void>((resolve) => (release = resolve));
-    const chain = (previous ?? Promise.resolve()).then(() => mine);
-    this.locks.set(key, chain);
-    await previous;
-    return () => {
-      if (this.locks.get(key) === chain) this.locks.delete(key);
-      release();
-    };
-  }
-
   /** Runs `fn` holding the session's lock; afterwards sessions beyond the memory budget leave memory. */
   private async locked<T>(tenant: string, id: string, fn: () => Promise<T>): Promise<T> {
-    const release = await this.acquire(tenant, id);
+    const release = await this.locks.acquire(sessionKey(tenant, id), id);
     try {
       return await fn();
     } finally {
@@ -303,7 +173,7 @@ export class SessionManager {
       session = this.sessionFromSnapshot(data, hold, tenant, id, data.meta.origin);
       this.resident.set(key, session);
     }
-    session.lastUsed = ++useCounter;
+    session.lastUsed = nextUse();
     return session;
   }
 
@@ -342,7 +212,7 @@ export class SessionManager {
 
   /** Idle sessions, least recently used first. */
   private idleSessions(): Session[] {
-    return [...this.resident.values()].filter((s) => !this.locks.has(s.key)).sort((a, b) => a.lastUsed - b.lastUsed);
+    return [...this.resident.values()].filter((s) => !this.locks.isHeld(s.key)).sort((a, b) => a.lastUsed - b.lastUsed);
   }
 
   /** Drops the least recently used idle sessions from memory while the resident KV exceeds the session budget (all are already stored). */
@@ -457,7 +327,7 @@ export class SessionManager {
   async info(tenant: string, id: string): Promise<SessionInfo> {
     assertSessionId(id);
     const session = this.resident.get(sessionKey(tenant, id));
-    const busy = this.locks.has(sessionKey(tenant, id));
+    const busy = this.locks.isHeld(sessionKey(tenant, id));
     if (session) return session.info(busy);
     await this.assertExists(tenant, id);
     const h = await this.storeOf(tenant).read(id, readSnapshotHeader);
@@ -565,7 +435,7 @@ export class SessionManager {
           if (previous) this.evict(previous);
           this.resident.set(session.key, session);
           hold = null; // the session holds it now
-          session.lastUsed = ++useCounter;
+          session.lastUsed = nextUse();
           return { ...session.info(false), replaced };
         });
       } finally {
@@ -582,14 +452,8 @@ export class SessionManager {
    * shutdown calls it after the listener stops accepting, so every finished turn is persisted before exit.
    * Returns whether everything finished in time.
    */
-  async drain(timeoutMs: number): Promise<boolean> {
-    const deadline = Date.now() + timeoutMs;
-    while (this.locks.size > 0) {
-      const left = deadline - Date.now();
-      if (left <= 0) return false;
-      await Promise.race([Promise.all([...this.locks.values()]), new Promise((r) => setTimeout(r, left))]);
-    }
-    return true;
+  drain(timeoutMs: number): Promise<boolean> {
+    return this.locks.drain(timeoutMs);
   }
 
   /**

@@ -1,0 +1,134 @@
+/**
+ * One session's record: who owns it, its committed state (tokens read, the KV of a prefix of them, its
+ * messages), its pinned template variables, where its KV came from, and its place in the memory budget.
+ * The manager (sessions.ts) changes it only by building a new state beside the current one and swapping
+ * it in after it is persisted.
+ */
+import type { ChatMessage } from "./chat-template.ts";
+import type { Engine } from "./engine.ts";
+import type { KvCache } from "./kv-cache.ts";
+import type { KvHold } from "./kv-memory.ts";
+import type { KvOrigin, SnapshotData } from "./snapshot.ts";
+
+export interface SessionInfo {
+  id: string;
+  object: "session";
+  created_at: number;
+  updated_at: number;
+  /** Tokens the session has read (its history). */
+  tokens_read: number;
+  /** KV slots held for it. */
+  tokens_resident: number;
+  kv_bytes: number;
+  messages: number;
+  /** In memory now (else only in the store, read back on next use). */
+  in_memory: boolean;
+  busy: boolean;
+}
+
+/** strftime("%d %b %Y"), the form Llama-3.1's template writes its date line in. */
+export function templateDate(now = new Date()): string {
+  const months = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+  return `${String(now.getDate()).padStart(2, "0")} ${months[now.getMonth()]} ${now.getFullYear()}`;
+}
+
+export function commonPrefix(a: ArrayLike<number>, aLength: number, b: ArrayLike<number>): number {
+  const n = Math.min(aLength, b.length);
+  let i = 0;
+  while (i < n && a[i] === b[i]) i++;
+  return i;
+}
+
+/** A counter, not a clock: several sessions can be touched within one millisecond. */
+let useCounter = 0;
+export const nextUse = () => ++useCounter;
+
+/**
+ * What a session is between changes: the tokens it has read, the KV of (a prefix of) them, its messages.
+ * A change builds a new state beside the current one (the KV as a working copy), persists it, and only
+ * then puts it in place, in one step: a cancelled or failed change leaves the old state untouched, and
+ * nobody (the session's next turn, another request borrowing its KV) ever sees tokens and KV that disagree.
+ */
+export interface SessionState {
+  /** Every token read; the first cache.length of them are the KV's slots. */
+  tokens: number[];
+  cache: KvCache;
+  messages: ChatMessage[];
+  updatedAt: number;
+}
+
+export class Session {
+  /** Order of last use, for LRU eviction. */
+  lastUsed = nextUse();
+  constructor(
+    readonly tenant: string,
+    readonly id: string,
+    readonly createdAt: number,
+    public state: SessionState,
+    readonly templateKwargs: Record<string, unknown>,
+    /** Uploaded KV is only checked for shape: it is never lent to another session or request. */
+    readonly origin: KvOrigin,
+    /** The session's KV in the process's memory budget, while it is in memory. */
+    readonly hold: KvHold,
+    /** Reserved for the compaction issue: its policy state travels with the snapshot. */
+    public compaction: unknown = null,
+  ) {}
+
+  get key(): string {
+    return sessionKey(this.tenant, this.id);
+  }
+
+  /** A working copy of the cache holding the longest prefix of `promptIds` it already has, leaving at least one token to read. */
+  workingCacheFor(promptIds: number[]): KvCache {
+    const { tokens, cache } = this.state;
+    let keep = commonPrefix(tokens, cache.length, promptIds);
+    if (keep >= promptIds.length) keep = promptIds.length - 1;
+    return cache.clone(keep);
+  }
+
+  toSnapshot(engine: Engine, state: SessionState): SnapshotData {
+    const { cache } = state;
+    return {
+      fingerprint: engine.info.fingerprint,
+      modelId: engine.info.modelId,
+      kvDtype: cache.dtype,
+      layers: cache.layers,
+      kvHeads: cache.kvHeads,
+      headDim: cache.headDim,
+      tokens: Int32Array.from(state.tokens),
+      length: cache.length,
+      nextPosition: cache.nextPosition,
+      positions: cache.positions.subarray(0, cache.length),
+      keys: cache.keys,
+      values: cache.values,
+      meta: {
+        id: this.id,
+        createdAt: this.createdAt,
+        updatedAt: state.updatedAt,
+        messages: state.messages,
+        templateKwargs: this.templateKwargs,
+        compaction: this.compaction,
+        origin: this.origin,
+      },
+    };
+  }
+
+  info(busy: boolean): SessionInfo {
+    const { tokens, cache, messages, updatedAt } = this.state;
+    return {
+      id: this.id,
+      object: "session",
+      created_at: Math.floor(this.createdAt / 1000),
+      updated_at: Math.floor(updatedAt / 1000),
+      tokens_read: tokens.length,
+      tokens_resident: cache.length,
+      kv_bytes: cache.bytes,
+      messages: messages.length,
+      in_memory: true,
+      busy,
+    };
+  }
+}
+
+export const sessionKey = (tenant: string, id: string) => `${tenant}/${id}`;
+
