@@ -88,12 +88,16 @@ export const completionSchema = z.object({
   ...samplingFields,
   prompt: z.union([z.string(), z.array(z.number().int().min(0)).min(1)]),
   echo: z.literal(false, { message: "echo is not supported" }).nullable().optional(),
+  /** llama.cpp's parse_special: special-token strings in a text prompt become special tokens (default: plain text). */
+  parse_special: z.boolean().optional(),
 });
 export type CompletionRequest = z.infer<typeof completionSchema>;
 
 export const tokenizeSchema = z.object({
   content: z.string(),
   add_special: z.boolean().optional(),
+  /** As on /v1/completions: special-token strings become special tokens only when true. */
+  parse_special: z.boolean().optional(),
   with_pieces: z.boolean().optional(),
 });
 
