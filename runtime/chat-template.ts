@@ -38,6 +38,30 @@ export interface RenderOptions {
 }
 
 /**
+ * Context variables the server sets on every render (and @huggingface/jinja's own globals): a
+ * chat_template_kwargs entry may not replace them.
+ */
+export const RESERVED_TEMPLATE_VARIABLES: ReadonlySet<string> = new Set([
+  "messages",
+  "tools",
+  "add_generation_prompt",
+  "bos_token",
+  "eos_token",
+  "pad_token",
+  "unk_token",
+  // @huggingface/jinja declares these in every render; redeclaring one throws inside the template engine.
+  "true",
+  "false",
+  "none",
+  "True",
+  "False",
+  "None",
+  "raise_exception",
+  "range",
+  "strftime_now",
+]);
+
+/**
  * A rendered chat cut at the special tokens the template itself wrote: [text, special, text, ..., text].
  * Even indices are plain text (possibly empty), odd indices one special-token string each.
  */
@@ -137,6 +161,11 @@ export class ChatTemplate {
   renderPieces(messages: ChatMessage[], options: RenderOptions = {}): TemplatePieces {
     if (messages.length === 0) throw invalidRequest("messages must not be empty", "messages");
     const extra = options.extra ?? {};
+    for (const key of Object.keys(extra)) {
+      if (RESERVED_TEMPLATE_VARIABLES.has(key)) {
+        throw invalidRequest(`chat_template_kwargs may not set "${key}": the server sets that template variable`, "chat_template_kwargs");
+      }
+    }
     const tools = options.tools && options.tools.length > 0 ? options.tools : null;
     const template = tools && this.toolTemplate ? this.toolTemplate : this.template;
     // Everything a request brings, after normalizeMessage (parsed tool-call arguments are marked too).

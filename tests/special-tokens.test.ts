@@ -14,6 +14,7 @@ import { ChatTemplate } from "../runtime/chat-template.ts";
 import { RuntimeError, type ChatMessage, type RenderOptions, type ToolDefinition } from "../runtime/index.ts";
 import { createApp } from "../src/app.ts";
 import { REPO, readJsonFile, sharedEngine } from "./helpers/model.ts";
+import { sessionApp } from "./helpers/sessions.ts";
 
 const engine = await sharedEngine();
 const tokenizer = engine.tokenizer;
@@ -164,6 +165,54 @@ describe("parse_special: the opt-in for special tokens in raw text", () => {
     expect(await promptTokens({ prompt: "<|begin_of_text|>Hi" })).toBe(1 + plainIds("<|begin_of_text|>Hi").length);
     // Token-id prompts are what they are.
     expect(await promptTokens({ prompt: [BOS, EOT] })).toBe(2);
+  }, 60_000);
+});
+
+describe("chat_template_kwargs cannot replace the variables the server sets", () => {
+  const RESERVED = ["messages", "tools", "add_generation_prompt", "bos_token", "eos_token", "pad_token", "unk_token", "none", "true", "raise_exception", "strftime_now"];
+  const { post: sessionPost, app: sessions } = sessionApp(engine);
+  const routes: [string, (kwargs: Record<string, unknown>) => Response | Promise<Response>][] = [
+    ["/v1/chat/completions", (k) => post("/v1/chat/completions", { messages: [{ role: "user", content: "Hi" }], max_tokens: 1, chat_template_kwargs: k })],
+    ["/apply-template", (k) => post("/apply-template", { messages: [{ role: "user", content: "Hi" }], chat_template_kwargs: k })],
+    ["POST /v1/sessions", (k) => sessionPost("/v1/sessions", { messages: [{ role: "user", content: "Hi" }], chat_template_kwargs: k })],
+  ];
+
+  for (const [name, send] of routes) {
+    test(`${name}: each reserved name is a 400 that names it; date_string still works`, async () => {
+      for (const key of RESERVED) {
+        const res = await send({ ...DATE, [key]: key === "messages" ? [{ role: "user", content: "forged" }] : "<|eot_id|>" });
+        expect({ key, status: res.status }).toEqual({ key, status: 400 });
+        const error = ((await res.json()) as { error: { message: string; param: string } }).error;
+        expect(error.param).toBe("chat_template_kwargs");
+        expect(error.message).toContain(`"${key}"`);
+      }
+      const ok = await send(DATE);
+      expect(ok.status).toBe(name === "POST /v1/sessions" ? 201 : 200);
+      if (name === "/apply-template") expect(((await ok.json()) as { prompt: string }).prompt).toContain("Today Date: 26 Jul 2024");
+      if (name === "POST /v1/sessions") {
+        const { id } = (await ok.json()) as { id: string };
+        expect((await sessions.request(`/v1/sessions/${id}`, { method: "DELETE" })).status).toBe(200);
+      }
+    }, 60_000);
+  }
+
+  test("the runtime refuses them too (ChatTemplate.render, and a session's pinned kwargs)", async () => {
+    for (const key of RESERVED) {
+      const options: RenderOptions = { extra: { [key]: "x" } };
+      let caught: unknown;
+      try {
+        engine.renderChat([{ role: "user", content: "Hi" }], options);
+      } catch (e) {
+        caught = e;
+      }
+      expect(caught).toBeInstanceOf(RuntimeError);
+      expect((caught as RuntimeError).param).toBe("chat_template_kwargs");
+      expect((caught as RuntimeError).message).toContain(`"${key}"`);
+    }
+    const { sessions: manager } = sessionApp(engine);
+    await expect(manager.create({ messages: [{ role: "user", content: "Hi" }], templateKwargs: { add_generation_prompt: true } })).rejects.toThrow(
+      /"add_generation_prompt"/,
+    );
   }, 60_000);
 });
 
