@@ -129,7 +129,7 @@ export class Engine {
     const backend = await selectBackend(options.backend, options.threads, { float16Io: variantUsesFloat16(folder.variant) });
     const model = await LlamaModel.load(folder, backend);
     const tokenizer = new TextTokenizer(folder.tokenizerJson, folder.tokenizerConfig);
-    const template = new ChatTemplate(folder.tokenizerConfig);
+    const template = new ChatTemplate(folder.tokenizerConfig, tokenizer.specialTokens);
     const c = folder.config;
     const kvBytesPerToken = c.numLayers * 2 * c.numKeyValueHeads * c.headDim * (model.io.kvDtype === "float16" ? 2 : 4);
     const info: EngineInfo = {
@@ -170,15 +170,22 @@ export class Engine {
     return this.template.render(messages, options);
   }
 
-  /** Token ids of a chat: the template's text already holds the BOS token, so none is added. */
+  /**
+   * Token ids of a chat: special tokens only where the template wrote them (request text is plain text).
+   * The template's text already holds the BOS token, so none is added.
+   */
   encodeChat(messages: ChatMessage[], options: RenderOptions = {}): number[] {
-    return this.tokenizer.encode(this.renderChat(messages, options), false);
+    return this.tokenizer.encodePieces(this.template.renderPieces(messages, options));
   }
 
-  /** Token ids of a raw prompt; BOS is added unless the text already starts with it. */
-  encodePrompt(text: string): number[] {
+  /**
+   * Token ids of a raw prompt, BOS first. Special-token strings in it are plain text unless parseSpecial
+   * (llama.cpp's parse_special); then a prompt that starts with the BOS string gets no second BOS.
+   */
+  encodePrompt(text: string, parseSpecial = false): number[] {
+    if (!parseSpecial) return this.tokenizer.encode(text, true);
     const bos = this.tokenizer.specials.bosToken;
-    return this.tokenizer.encode(text, !(bos && text.startsWith(bos)));
+    return this.tokenizer.encode(text, !(bos && text.startsWith(bos)), true);
   }
 
   /** Request values win; then the model's generation_config.json; then neutral defaults. */

@@ -4,6 +4,7 @@
  * and template variables, with a bound on how deeply request-provided JSON may nest.
  */
 import { z } from "zod";
+import { RESERVED_TEMPLATE_VARIABLES } from "./chat-template.ts";
 import { invalidRequest } from "./errors.ts";
 
 /**
@@ -57,4 +58,7 @@ export const storedMessageSchema = z.object({
     .optional(),
 });
 
-export const templateKwargsSchema = z.record(z.string(), nested("a template variable"));
+/** Template variables pinned in a session: none may replace a variable the server sets. */
+export const templateKwargsSchema = z
+  .record(z.string(), nested("a template variable"))
+  .refine((kwargs) => !Object.keys(kwargs).some((k) => RESERVED_TEMPLATE_VARIABLES.has(k)), { message: "a template variable replaces one the server sets" });

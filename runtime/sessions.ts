@@ -14,7 +14,7 @@
  * The record and its state are in session.ts, the per-session locks in session-locks.ts, the memory
  * budget in kv-memory.ts, the store in snapshot-store.ts; this file is the manager that ties them.
  */
-import type { ChatMessage, ToolDefinition } from "./chat-template.ts";
+import { assertTemplateKwargsAllowed, type ChatMessage, type ToolDefinition } from "./chat-template.ts";
 import type { CompletionJob, Engine } from "./engine.ts";
 import { RuntimeError, invalidRequest } from "./errors.ts";
 import type { GenerateResult } from "./generate.ts";
@@ -267,6 +267,7 @@ export class SessionManager {
     const id = options.id ?? `sess_${crypto.randomUUID().replaceAll("-", "").slice(0, 24)}`;
     assertSessionId(id);
     const templateKwargs = { date_string: templateDate(), ...options.templateKwargs };
+    assertTemplateKwargsAllowed(templateKwargs);
     assertTemplateKwargsDepth(templateKwargs);
     const ingest = await this.locked(tenant, id, async () => {
       const store = this.storeOf(tenant);

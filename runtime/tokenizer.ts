@@ -43,6 +43,14 @@ function tokenString(v: unknown): string | null {
 
 export class TextTokenizer {
   private readonly tokenizer: Tokenizer;
+  private readonly tokenizerJson: Record<string, unknown>;
+  private readonly tokenizerConfig: Record<string, unknown>;
+  /** The same tokenizer without its special added tokens (built on first use): text in which no special token is recognized. */
+  private plainTokenizer: Tokenizer | null = null;
+  /** What add_special_tokens puts before and after a text (Llama-3: BOS before), found once by a probe. */
+  private addedAround: { before: number[]; after: number[] } | null = null;
+  /** Special-token string -> id, with the added token's lstrip/rstrip flags. */
+  private readonly specialByText = new Map<string, { id: number; lstrip: boolean; rstrip: boolean }>();
   private readonly style: PieceStyle;
   private readonly byteTable = byteLevelDecoderTable();
   private readonly encoder = new TextEncoder();
@@ -53,11 +61,16 @@ export class TextTokenizer {
 
   constructor(tokenizerJson: Record<string, unknown>, tokenizerConfig: Record<string, unknown>) {
     this.tokenizer = new Tokenizer(tokenizerJson, tokenizerConfig);
+    this.tokenizerJson = tokenizerJson;
+    this.tokenizerConfig = tokenizerConfig;
     const decoder = tokenizerJson.decoder as { type?: string; decoders?: { type?: string }[] } | null;
     const types = [decoder?.type, ...(decoder?.decoders ?? []).map((d) => d.type)];
     this.style = types.includes("ByteLevel") ? "byte-level" : "sentencepiece";
     for (const [id, token] of this.tokenizer.get_added_tokens_decoder()) {
-      if (token.special) this.special.add(id);
+      if (token.special) {
+        this.special.add(id);
+        this.specialByText.set(token.content, { id, lstrip: token.lstrip, rstrip: token.rstrip });
+      }
     }
     this.vocabSize = this.tokenizer.get_vocab(true).size;
     const bosToken = tokenString(tokenizerConfig.bos_token);
@@ -72,9 +85,67 @@ export class TextTokenizer {
     return this.vocabSize;
   }
 
-  /** Encodes text. Special-token strings in the text (e.g. from a rendered chat template) become their ids. */
-  encode(text: string, addSpecialTokens = false): number[] {
-    return this.tokenizer.encode(text, { add_special_tokens: addSpecialTokens }).ids;
+  /** The strings that parseSpecial turns into special tokens (ChatTemplate keeps request text from forming them). */
+  get specialTokens(): string[] {
+    return [...this.specialByText.keys()];
+  }
+
+  /**
+   * Encodes text. By default a special-token string in the text ("<|eot_id|>") is plain text, as
+   * transformers' split_special_tokens=True does; with parseSpecial (trusted text only) it becomes its id.
+   * addSpecialTokens adds what the tokenizer adds around a text (Llama-3: BOS).
+   */
+  encode(text: string, addSpecialTokens = false, parseSpecial = false): number[] {
+    if (parseSpecial) return this.tokenizer.encode(text, { add_special_tokens: addSpecialTokens }).ids;
+    const ids = this.plain().encode(text, { add_special_tokens: false }).ids;
+    if (!addSpecialTokens) return ids;
+    const { before, after } = this.around();
+    return before.length + after.length === 0 ? ids : [...before, ...ids, ...after];
+  }
+
+  /**
+   * Ids of a rendered chat cut at the template's own special tokens (ChatTemplate.renderPieces): each odd
+   * piece is one special token, each even piece plain text. Equal to tokenizing the whole text with
+   * specials recognized only at the cuts: the tokenizer splits at added tokens before anything else.
+   */
+  encodePieces(pieces: readonly string[]): number[] {
+    const texts = pieces.filter((_, i) => i % 2 === 0);
+    const specials = pieces.filter((_, i) => i % 2 === 1).map((p) => {
+      const token = this.specialByText.get(p);
+      if (!token) throw new Error(`"${p}" is not a special token of this tokenizer`);
+      return token;
+    });
+    // An added token with lstrip / rstrip eats the whitespace beside it, as the tokenizer's own split does.
+    specials.forEach((t, i) => {
+      if (t.lstrip) texts[i] = texts[i]!.trimEnd();
+      if (t.rstrip) texts[i + 1] = texts[i + 1]!.trimStart();
+    });
+    const ids: number[] = [];
+    texts.forEach((text, i) => {
+      if (text.length > 0) for (const id of this.encode(text)) ids.push(id);
+      if (i < specials.length) ids.push(specials[i]!.id);
+    });
+    return ids;
+  }
+
+  private plain(): Tokenizer {
+    if (!this.plainTokenizer) {
+      const added = (this.tokenizerJson.added_tokens ?? []) as { special?: boolean }[];
+      const json = { ...this.tokenizerJson, added_tokens: added.filter((t) => t.special !== true) };
+      this.plainTokenizer = new Tokenizer(json, this.tokenizerConfig);
+    }
+    return this.plainTokenizer;
+  }
+
+  private around(): { before: number[]; after: number[] } {
+    if (!this.addedAround) {
+      const probe = "a";
+      const bare = this.tokenizer.encode(probe, { add_special_tokens: false }).ids;
+      const full = this.tokenizer.encode(probe, { add_special_tokens: true }).ids;
+      const at = full.findIndex((_, i) => bare.every((id, j) => full[i + j] === id));
+      this.addedAround = at < 0 ? { before: [], after: [] } : { before: full.slice(0, at), after: full.slice(at + bare.length) };
+    }
+    return this.addedAround;
   }
 
   isSpecial(id: number): boolean {

@@ -114,7 +114,7 @@ export function createApp(options: AppOptions): Hono {
   app.post("/v1/completions", async (c) => {
     const req = await parseBody(c, completionSchema);
     kit.checkModel(req.model);
-    const promptIds = typeof req.prompt === "string" ? engine.encodePrompt(req.prompt) : req.prompt;
+    const promptIds = typeof req.prompt === "string" ? engine.encodePrompt(req.prompt, req.parse_special ?? false) : req.prompt;
     const abort = clientAbort(c);
     const job = kit.jobOf(req, promptIds, kit.maxTokensOf(req.max_tokens) ?? 16 /* OpenAI's default here */, abort.signal);
     const tenant = tenantOf(c);
@@ -143,7 +143,7 @@ export function createApp(options: AppOptions): Hono {
 
   app.post("/tokenize", async (c) => {
     const req = await parseBody(c, tokenizeSchema);
-    const ids = engine.tokenizer.encode(req.content, req.add_special ?? false);
+    const ids = engine.tokenizer.encode(req.content, req.add_special ?? false, req.parse_special ?? false);
     if (!req.with_pieces) return c.json({ tokens: ids });
     return c.json({ tokens: ids.map((id) => ({ id, piece: engine.tokenizer.decode([id]) })) });
   });

@@ -3,6 +3,7 @@
  * Unknown fields are ignored (OpenAI clients send many); fields we cannot honour are refused by name.
  */
 import { z } from "zod";
+import { RESERVED_TEMPLATE_VARIABLES } from "../runtime/index.ts";
 
 const MAX_TOKENS_LIMIT = 1 << 30;
 
@@ -36,6 +37,16 @@ const toolSchema = z.object({
     description: z.string().optional(),
     parameters: z.record(z.string(), z.unknown()).optional(),
   }),
+});
+
+/**
+ * Extra chat-template variables, as transformers' apply_chat_template kwargs (e.g. date_string). The
+ * variables the server sets itself (messages, tools, add_generation_prompt, bos_token, ...) are refused.
+ */
+const chatTemplateKwargs = z.record(z.string(), z.unknown()).superRefine((kwargs, ctx) => {
+  for (const key of Object.keys(kwargs)) {
+    if (RESERVED_TEMPLATE_VARIABLES.has(key)) ctx.addIssue({ code: "custom", message: `"${key}" is set by the server and cannot be a template kwarg` });
+  }
 });
 
 const stop = z.union([z.string(), z.array(z.string()).max(16)]).nullable().optional();
@@ -77,8 +88,7 @@ export const chatCompletionSchema = z.object({
     .object({ type: z.literal("text", { message: "only response_format type 'text' is supported" }) })
     .nullable()
     .optional(),
-  /** Extra chat-template variables, as transformers' apply_chat_template kwargs (e.g. date_string). */
-  chat_template_kwargs: z.record(z.string(), z.unknown()).optional(),
+  chat_template_kwargs: chatTemplateKwargs.optional(),
   /** Continue this session: the messages are the whole conversation, the session keeps the KV they share. */
   session_id: z.string().nullable().optional(),
 });
@@ -88,12 +98,16 @@ export const completionSchema = z.object({
   ...samplingFields,
   prompt: z.union([z.string(), z.array(z.number().int().min(0)).min(1)]),
   echo: z.literal(false, { message: "echo is not supported" }).nullable().optional(),
+  /** llama.cpp's parse_special: special-token strings in a text prompt become special tokens (default: plain text). */
+  parse_special: z.boolean().optional(),
 });
 export type CompletionRequest = z.infer<typeof completionSchema>;
 
 export const tokenizeSchema = z.object({
   content: z.string(),
   add_special: z.boolean().optional(),
+  /** As on /v1/completions: special-token strings become special tokens only when true. */
+  parse_special: z.boolean().optional(),
   with_pieces: z.boolean().optional(),
 });
 
@@ -103,7 +117,7 @@ export const applyTemplateSchema = z.object({
   messages: z.array(chatMessageSchema).min(1, { message: "messages must hold at least one message" }),
   tools: z.array(toolSchema).nullable().optional(),
   add_generation_prompt: z.boolean().optional(),
-  chat_template_kwargs: z.record(z.string(), z.unknown()).optional(),
+  chat_template_kwargs: chatTemplateKwargs.optional(),
 });
 
 const sessionIdSchema = z.string().regex(/^[A-Za-z0-9_-]{1,64}$/, { message: "a session id is 1-64 letters, digits, '_' or '-'" });
@@ -115,7 +129,7 @@ export const createSessionSchema = z.object({
   /** A document to read into the session now (a user message), so later questions prefill only themselves. */
   document: z.string().optional(),
   /** Template variables pinned for the session's life (default: today's date_string). */
-  chat_template_kwargs: z.record(z.string(), z.unknown()).optional(),
+  chat_template_kwargs: chatTemplateKwargs.optional(),
   /** Stream prefill progress as server-sent events. */
   stream: z.boolean().optional(),
 });

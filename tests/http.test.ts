@@ -111,11 +111,11 @@ describe("OpenAI routes", () => {
     expect(prompt).toContain('"name": "get_weather"');
     const withTools = await post("/v1/chat/completions", chat({ messages, tools, chat_template_kwargs: kwargs, max_tokens: 4 }));
     expect(withTools.status).toBe(200);
-    expect(((await withTools.json()) as any).usage.prompt_tokens).toBe(engine.tokenizer.encode(prompt).length);
+    expect(((await withTools.json()) as any).usage.prompt_tokens).toBe(engine.tokenizer.encode(prompt, false, true).length);
     // tool_choice "none" leaves the tools out of the prompt.
     const none = await post("/v1/chat/completions", chat({ messages, tools, tool_choice: "none", chat_template_kwargs: kwargs, max_tokens: 4 }));
     const plainPrompt = engine.renderChat(messages, { extra: kwargs });
-    expect(((await none.json()) as any).usage.prompt_tokens).toBe(engine.tokenizer.encode(plainPrompt).length);
+    expect(((await none.json()) as any).usage.prompt_tokens).toBe(engine.tokenizer.encode(plainPrompt, false, true).length);
   });
 });
 

@@ -55,7 +55,7 @@ describe("sessions", () => {
       // Everything the session had read is reused (the last sampled token was never fed, so at most one is re-read)...
       expect(turn.usage.prompt_tokens_details.cached_tokens).toBeGreaterThanOrEqual(previousTokens - 1);
       // ...and what is prefilled is only this turn's new tokens.
-      const newTokens = engine.tokenizer.encode(`<|start_header_id|>user<|end_header_id|>\n\n${question}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n`).length;
+      const newTokens = engine.tokenizer.encode(`<|start_header_id|>user<|end_header_id|>\n\n${question}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n`, false, true).length;
       expect(turn.timings.prompt_n).toBe(turn.usage.prompt_tokens - turn.usage.prompt_tokens_details.cached_tokens);
       expect(turn.timings.prompt_n).toBeLessThanOrEqual(newTokens + 2);
       expect(reference.usage.prompt_tokens_details.cached_tokens).toBe(0);

@@ -15,8 +15,8 @@ describe("tokenizer", () => {
     expect(tokenizer.encode("Hello world", true)).toEqual([128000, 9906, 1917]);
   });
 
-  test("special-token strings in text become their ids", () => {
-    expect(tokenizer.encode("<|begin_of_text|><|start_header_id|>user<|end_header_id|>")).toEqual([128000, 128006, 882, 128007]);
+  test("special-token strings in text become their ids when parseSpecial is asked", () => {
+    expect(tokenizer.encode("<|begin_of_text|><|start_header_id|>user<|end_header_id|>", false, true)).toEqual([128000, 128006, 882, 128007]);
     expect(tokenizer.specials.bosTokenId).toBe(128000);
     expect(tokenizer.isSpecial(128009)).toBe(true);
     expect(tokenizer.isSpecial(9906)).toBe(false);
@@ -25,7 +25,7 @@ describe("tokenizer", () => {
   test("decode round-trips text, with and without special tokens", () => {
     const text = "Grüße, 世界! The year is 2024.\n\tTabs and  spaces.";
     expect(tokenizer.decode(tokenizer.encode(text))).toBe(text);
-    const ids = tokenizer.encode("<|begin_of_text|>Hi<|eot_id|>");
+    const ids = tokenizer.encode("<|begin_of_text|>Hi<|eot_id|>", false, true);
     expect(tokenizer.decode(ids)).toBe("<|begin_of_text|>Hi<|eot_id|>");
     expect(tokenizer.decode(ids, true)).toBe("Hi");
   });

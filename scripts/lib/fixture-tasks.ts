@@ -205,7 +205,8 @@ export class FixtureTasks {
       const MARK = "\u0000CONTENT\u0000";
       const text = this.template.render([{ role: "user", content: MARK }], { extra: { date_string: dateString } });
       const [before, after] = text.split(MARK) as [string, string];
-      parts = { before: this.tokenizer.encode(before), after: this.tokenizer.encode(after) };
+      // The template's own text: its special-token strings are the special tokens.
+      parts = { before: this.tokenizer.encode(before, false, true), after: this.tokenizer.encode(after, false, true) };
       this.templateCache.set(dateString, parts);
     }
     return parts;
@@ -355,7 +356,7 @@ export class FixtureTasks {
 
   /** True when tokenizing the rendered chat gives exactly `ids`. */
   private rendersTo(messages: ChatMessage[], dateString: string, ids: number[]): boolean {
-    const full = this.tokenizer.encode(this.template.render(messages, { extra: { date_string: dateString } }));
+    const full = this.tokenizer.encodePieces(this.template.renderPieces(messages, { extra: { date_string: dateString } }));
     return full.length === ids.length && full.every((t, i) => t === ids[i]);
   }
 }
