@@ -5,7 +5,7 @@
  */
 import { selectBackend, type BackendName, type BackendRequest } from "./backend.ts";
 import { ChatTemplate, type ChatMessage, type RenderOptions } from "./chat-template.ts";
-import { invalidRequest } from "./errors.ts";
+import { RuntimeError, invalidRequest } from "./errors.ts";
 import { generate, type GenerateResult } from "./generate.ts";
 import { LlamaModel } from "./llama-model.ts";
 import { createHash } from "node:crypto";
@@ -98,6 +98,8 @@ export interface EngineMetrics {
   requests: number;
   /** Requests whose client went away during generation (counted in requests too). */
   cancelled: number;
+  /** Requests (completions and ingests) whose client went away while they waited in the queue: they never ran. */
+  cancelledQueued: number;
   promptTokens: number;
   completionTokens: number;
   prefillMs: number;
@@ -105,7 +107,7 @@ export interface EngineMetrics {
 }
 
 export class Engine {
-  readonly metrics: EngineMetrics = { requests: 0, cancelled: 0, promptTokens: 0, completionTokens: 0, prefillMs: 0, decodeMs: 0 };
+  readonly metrics: EngineMetrics = { requests: 0, cancelled: 0, cancelledQueued: 0, promptTokens: 0, completionTokens: 0, prefillMs: 0, decodeMs: 0 };
 
   private constructor(
     readonly info: EngineInfo,
@@ -155,7 +157,7 @@ export class Engine {
   checkTokenIds(ids: readonly number[], param: string): void {
     const vocab = this.info.vocabSize;
     const bad = ids.find((id) => !Number.isInteger(id) || id < 0 || id >= vocab);
-    if (bad !== undefined) throw invalidRequest(`token id ${bad} is outside the vocabulary (0..${vocab - 1})`, param);
+    if (bad !== undefined) throw invalidRequest(`${param}: token id ${bad} is outside the vocabulary (0..${vocab - 1})`, param);
   }
 
   renderChat(messages: ChatMessage[], options: RenderOptions = {}): string {
@@ -201,7 +203,7 @@ export class Engine {
     const sampling = this.resolveSampling(job.sampling);
     const eosIds = new Set(job.ignoreEos ? [] : this.model.folder.generation.eosTokenIds);
 
-    const result = await this.queue.run(async () => {
+    const result = await this.runQueued(async () => {
       const cache = job.prepare ? job.prepare() : this.model.newCache();
       return generate(
         { model: this.model, tokenizer: this.tokenizer, prefillChunk: this.prefillChunk },
@@ -233,7 +235,7 @@ export class Engine {
     if (promptIds.length >= this.info.contextLength) {
       throw invalidRequest(`the session would hold ${promptIds.length} tokens but the context holds ${this.info.contextLength}`, "text");
     }
-    return this.queue.run(async () => {
+    return this.runQueued(async () => {
       const t0 = performance.now();
       const cache = prepare();
       const cachedTokens = cache.length;
@@ -243,6 +245,25 @@ export class Engine {
       this.metrics.prefillMs += performance.now() - t0;
       return { cachedTokens, prefilledTokens: rest.length, ms: performance.now() - t0 };
     }, signal);
+  }
+
+  /** Resolves once no request runs or waits in the queue. */
+  idle(): Promise<void> {
+    return this.queue.idle();
+  }
+
+  /** queue.run, counting the requests cancelled before their turn came. */
+  private async runQueued<T>(job: () => Promise<T>, signal: AbortSignal | undefined): Promise<T> {
+    let started = false;
+    try {
+      return await this.queue.run(() => {
+        started = true;
+        return job();
+      }, signal);
+    } catch (e) {
+      if (!started && e instanceof RuntimeError && e.kind === "cancelled") this.metrics.cancelledQueued++;
+      throw e;
+    }
   }
 
   async close(): Promise<void> {
