@@ -31,8 +31,8 @@ export function createApp(options: AppOptions): Hono {
   const app = new Hono();
 
   app.onError((error, c) => {
-    const { status, body } = toErrorResponse(error, log);
-    return c.json(body, status as 400);
+    const { status, body, headers } = toErrorResponse(error, log);
+    return c.json(body, status as 400, headers);
   });
   app.notFound((c) =>
     c.json({ error: { message: `no route for ${c.req.method} ${c.req.path}`, type: "invalid_request_error", param: null, code: "not_found" } }, 404),
@@ -171,6 +171,7 @@ export function createApp(options: AppOptions): Hono {
       ["llamacpp:tokens_predicted_seconds_total", "counter", "Generation time", m.decodeMs / 1000],
       ["llamacpp:requests_total", "counter", "Generation requests run", m.requests],
       ["llamacpp:requests_cancelled_total", "counter", "Generations stopped because the client went away", m.cancelled],
+      ["llamacpp:requests_cancelled_queued_total", "counter", "Requests whose client went away while they waited in the queue (not in requests_total)", m.cancelledQueued],
       ["llamacpp:requests_processing", "gauge", "Requests being processed", q.busy ? 1 : 0],
       ["llamacpp:requests_deferred", "gauge", "Requests waiting in the queue", q.waiting],
     ] as const;

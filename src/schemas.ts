@@ -6,6 +6,42 @@ import { z } from "zod";
 
 const MAX_TOKENS_LIMIT = 1 << 30;
 
+/**
+ * Deepest nesting accepted in free-form JSON fields (chat_template_kwargs, tool parameters, tool-call
+ * arguments): the template engine and the snapshot encoder recurse into them, and a 100,000-deep value
+ * would overflow their stacks.
+ */
+export const MAX_JSON_DEPTH = 32;
+
+/**
+ * Whether `value` nests arrays or objects more than `limit` levels deep ({} and [] are one level). The
+ * walk uses its own stack and stops one level past the limit, so it cannot overflow itself.
+ */
+export function nestedDeeperThan(value: unknown, limit: number): boolean {
+  const stack: [unknown, number][] = [[value, 0]];
+  while (stack.length > 0) {
+    const [v, depth] = stack.pop()!;
+    if (v === null || typeof v !== "object") continue;
+    if (depth + 1 > limit) return true;
+    for (const child of Array.isArray(v) ? v : Object.values(v)) stack.push([child, depth + 1]);
+  }
+  return false;
+}
+
+const depthMessage = { message: `at most ${MAX_JSON_DEPTH} levels of nesting` };
+/** A JSON object field whose nesting is bounded. */
+const boundedObject = () => z.record(z.string(), z.unknown()).refine((v) => !nestedDeeperThan(v, MAX_JSON_DEPTH), depthMessage);
+/** Tool-call arguments as OpenAI sends them (a JSON string, which the template parses) are bounded as parsed. */
+const boundedJsonText = z.string().refine((text) => {
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(text);
+  } catch {
+    return true; // not JSON: the template renders it as the string it is
+  }
+  return !nestedDeeperThan(parsed, MAX_JSON_DEPTH);
+}, depthMessage);
+
 const textPart = z.object({ type: z.literal("text"), text: z.string() });
 /** OpenAI content: a string, or an array of parts of which we serve the text ones. */
 const content = z.union([z.string(), z.array(textPart).min(1)]).nullable();
@@ -13,7 +49,7 @@ const content = z.union([z.string(), z.array(textPart).min(1)]).nullable();
 const toolCall = z.object({
   id: z.string().optional(),
   type: z.literal("function").optional(),
-  function: z.object({ name: z.string().min(1), arguments: z.union([z.string(), z.record(z.string(), z.unknown())]) }),
+  function: z.object({ name: z.string().min(1), arguments: z.union([boundedJsonText, boundedObject()]) }),
 });
 
 export const chatMessageSchema = z
@@ -34,7 +70,7 @@ const toolSchema = z.object({
   function: z.object({
     name: z.string().min(1),
     description: z.string().optional(),
-    parameters: z.record(z.string(), z.unknown()).optional(),
+    parameters: boundedObject().optional(),
   }),
 });
 
@@ -69,7 +105,7 @@ const samplingFields = {
 
 export const chatCompletionSchema = z.object({
   ...samplingFields,
-  messages: z.array(chatMessageSchema).min(1, { message: "messages must hold at least one message" }),
+  messages: z.array(chatMessageSchema).min(1),
   max_completion_tokens: z.number().int().min(1).max(MAX_TOKENS_LIMIT).nullable().optional(),
   tools: z.array(toolSchema).nullable().optional(),
   tool_choice: z.union([z.enum(["none", "auto", "required"]), z.object({ type: z.literal("function") }).loose()]).optional(),
@@ -78,7 +114,7 @@ export const chatCompletionSchema = z.object({
     .nullable()
     .optional(),
   /** Extra chat-template variables, as transformers' apply_chat_template kwargs (e.g. date_string). */
-  chat_template_kwargs: z.record(z.string(), z.unknown()).optional(),
+  chat_template_kwargs: boundedObject().optional(),
   /** Continue this session: the messages are the whole conversation, the session keeps the KV they share. */
   session_id: z.string().nullable().optional(),
 });
@@ -100,10 +136,10 @@ export const tokenizeSchema = z.object({
 export const detokenizeSchema = z.object({ tokens: z.array(z.number().int().min(0)) });
 
 export const applyTemplateSchema = z.object({
-  messages: z.array(chatMessageSchema).min(1, { message: "messages must hold at least one message" }),
+  messages: z.array(chatMessageSchema).min(1),
   tools: z.array(toolSchema).nullable().optional(),
   add_generation_prompt: z.boolean().optional(),
-  chat_template_kwargs: z.record(z.string(), z.unknown()).optional(),
+  chat_template_kwargs: boundedObject().optional(),
 });
 
 const sessionIdSchema = z.string().regex(/^[A-Za-z0-9_-]{1,64}$/, { message: "a session id is 1-64 letters, digits, '_' or '-'" });
@@ -115,7 +151,7 @@ export const createSessionSchema = z.object({
   /** A document to read into the session now (a user message), so later questions prefill only themselves. */
   document: z.string().optional(),
   /** Template variables pinned for the session's life (default: today's date_string). */
-  chat_template_kwargs: z.record(z.string(), z.unknown()).optional(),
+  chat_template_kwargs: boundedObject().optional(),
   /** Stream prefill progress as server-sent events. */
   stream: z.boolean().optional(),
 });
