@@ -7,6 +7,8 @@ import { afterEach, describe, expect, test } from "bun:test";
 import type { ChildProcess } from "node:child_process";
 import { rm } from "node:fs/promises";
 import { connect } from "node:net";
+import { createApp } from "../src/app.ts";
+import { sharedEngine } from "./helpers/model.ts";
 import { bin, startProcess, type ServerProcess } from "./helpers/server.ts";
 import { tempDir } from "./helpers/sessions.ts";
 
@@ -134,3 +136,16 @@ describe("SIGTERM", () => {
     await stream.rest.catch(() => {});
   }, 120_000);
 });
+
+test("while draining, a request that still arrives on an open connection gets 503 and Connection: close", async () => {
+  const draining = { active: false };
+  const app = createApp({ engine: await sharedEngine(), maxBodyBytes: 64 * 1024, draining, log: () => {} });
+  expect((await app.request("/v1/models")).status).toBe(200);
+  draining.active = true;
+  for (const path of ["/v1/models", "/health"]) {
+    const res = await app.request(path);
+    expect(res.status).toBe(503);
+    expect(res.headers.get("connection")).toBe("close");
+    expect(((await res.json()) as { error: { code: string } }).error.code).toBe("shutting_down");
+  }
+}, 60_000);
