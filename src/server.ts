@@ -141,7 +141,7 @@ export async function shutdown(server: Server, signal: string, stopListening: ()
   });
   const finished = (async () => {
     await Promise.all([stopListening(), server.engine.idle()]);
-    // A session's turn persists under its lock after the reply is written: wait for those writes too.
+    // Sessions are written under their locks (turns, appends, uploads): wait for those writes too.
     return server.sessions.drain(Math.max(0, deadline - Date.now()));
   })();
   const done = await Promise.race([finished, graceOver]);
