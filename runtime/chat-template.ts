@@ -204,6 +204,8 @@ export class ChatTemplate {
     try {
       return template.render(context);
     } catch (e) {
+      // A RangeError (a stack overflow in the renderer) is ours, not the client's: no message of it goes out.
+      if (e instanceof RangeError) throw e;
       // raise_exception(...) in a template reports a user error ("single tool-calls only", role order, ...).
       throw invalidRequest(`chat template rejected the messages: ${(e as Error).message}`, "messages");
     }

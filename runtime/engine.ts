@@ -5,7 +5,7 @@
  */
 import { selectBackend, type BackendName, type BackendRequest } from "./backend.ts";
 import { ChatTemplate, type ChatMessage, type RenderOptions } from "./chat-template.ts";
-import { invalidRequest } from "./errors.ts";
+import { RuntimeError, invalidRequest } from "./errors.ts";
 import { generate, type GenerateResult } from "./generate.ts";
 import { LlamaModel } from "./llama-model.ts";
 import { createHash } from "node:crypto";
@@ -101,6 +101,8 @@ export interface EngineMetrics {
   requests: number;
   /** Requests whose client went away during generation (counted in requests too). */
   cancelled: number;
+  /** Requests (completions and ingests) whose client went away while they waited in the queue: they never ran. */
+  cancelledQueued: number;
   promptTokens: number;
   completionTokens: number;
   prefillMs: number;
@@ -110,7 +112,7 @@ export interface EngineMetrics {
 export const DEFAULT_KV_MEMORY_BYTES = 8 * 2 ** 30;
 
 export class Engine {
-  readonly metrics: EngineMetrics = { requests: 0, cancelled: 0, promptTokens: 0, completionTokens: 0, prefillMs: 0, decodeMs: 0 };
+  readonly metrics: EngineMetrics = { requests: 0, cancelled: 0, cancelledQueued: 0, promptTokens: 0, completionTokens: 0, prefillMs: 0, decodeMs: 0 };
 
   private constructor(
     readonly info: EngineInfo,
@@ -163,7 +165,7 @@ export class Engine {
   checkTokenIds(ids: readonly number[], param: string): void {
     const vocab = this.info.vocabSize;
     const bad = ids.find((id) => !Number.isInteger(id) || id < 0 || id >= vocab);
-    if (bad !== undefined) throw invalidRequest(`token id ${bad} is outside the vocabulary (0..${vocab - 1})`, param);
+    if (bad !== undefined) throw invalidRequest(`${param}: token id ${bad} is outside the vocabulary (0..${vocab - 1})`, param);
   }
 
   renderChat(messages: ChatMessage[], options: RenderOptions = {}): string {
@@ -221,7 +223,7 @@ export class Engine {
     const sampling = this.resolveSampling(job.sampling);
     const eosIds = new Set(job.ignoreEos ? [] : this.model.folder.generation.eosTokenIds);
 
-    const result = await this.queue.run(async () => {
+    const result = await this.runQueued(async () => {
       // The cache this job builds (from nothing, a session's working copy or a borrowed prefix) is held here while it runs.
       const hold = this.kvMemory.reserve((promptTokens + maxTokens) * bytesPerToken, "this request", "max_tokens");
       try {
@@ -261,7 +263,7 @@ export class Engine {
     }
     const bytes = promptIds.length * this.info.kvBytesPerToken;
     this.kvMemory.assertCanEverFit(bytes, `reading ${promptIds.length} tokens`, "text");
-    return this.queue.run(async () => {
+    return this.runQueued(async () => {
       const hold = this.kvMemory.reserve(bytes, "this read", "text");
       try {
         const t0 = performance.now();
@@ -276,6 +278,25 @@ export class Engine {
         hold.release();
       }
     }, signal);
+  }
+
+  /** Resolves once no request runs or waits in the queue. */
+  idle(): Promise<void> {
+    return this.queue.idle();
+  }
+
+  /** queue.run, counting the requests cancelled before their turn came. */
+  private async runQueued<T>(job: () => Promise<T>, signal: AbortSignal | undefined): Promise<T> {
+    let started = false;
+    try {
+      return await this.queue.run(() => {
+        started = true;
+        return job();
+      }, signal);
+    } catch (e) {
+      if (!started && e instanceof RuntimeError && e.kind === "cancelled") this.metrics.cancelledQueued++;
+      throw e;
+    }
   }
 
   async close(): Promise<void> {

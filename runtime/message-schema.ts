@@ -8,12 +8,13 @@ import { RESERVED_TEMPLATE_VARIABLES } from "./chat-template.ts";
 import { invalidRequest } from "./errors.ts";
 
 /**
- * How deeply a request-provided JSON value (tool-call arguments, tool parameters, a template variable) may
- * nest. A snapshot holds such values a few levels below its header's root, and the snapshot reader allows
- * SNAPSHOT_NESTING_DEPTH levels there, so anything the API accepts is stored and read back.
+ * How deeply a request's free-form JSON field (tool-call arguments, tool parameters, chat_template_kwargs)
+ * may nest, the field's own object counting as one level. A snapshot holds such values a few levels below
+ * its header's root, and the snapshot reader allows SNAPSHOT_NESTING_DEPTH levels, so anything the API
+ * accepts is stored and read back.
  */
 export const MAX_JSON_DEPTH = 32;
-/** Levels of a snapshot header above a message's tool-call arguments (header > meta > messages > message > tool_calls > call > function > arguments). */
+/** Levels of a snapshot header above a message's tool-call arguments (header > meta > messages > message > tool_calls > call > function), plus one to spare. */
 const HEADER_LEVELS = 8;
 export const SNAPSHOT_NESTING_DEPTH = MAX_JSON_DEPTH + HEADER_LEVELS;
 
@@ -32,14 +33,15 @@ export function jsonDepth(value: unknown, stopAbove = Infinity): number {
   return deepest;
 }
 
-/** Throws invalid_request naming the variable if a template variable's value nests deeper than MAX_JSON_DEPTH. */
+const depthMessage = { message: `at most ${MAX_JSON_DEPTH} levels of nesting` };
+
+/** Throws invalid_request naming the field if template variables nest deeper than MAX_JSON_DEPTH (as the API's schema says). */
 export function assertTemplateKwargsDepth(kwargs: Record<string, unknown>, param = "chat_template_kwargs"): void {
-  for (const [name, value] of Object.entries(kwargs)) {
-    if (jsonDepth(value, MAX_JSON_DEPTH) > MAX_JSON_DEPTH) throw invalidRequest(`${param}.${name}: nested deeper than ${MAX_JSON_DEPTH} levels`, `${param}.${name}`);
-  }
+  if (jsonDepth(kwargs, MAX_JSON_DEPTH) > MAX_JSON_DEPTH) throw invalidRequest(`${param}: ${depthMessage.message}`, param);
 }
 
-const nested = (what: string) => z.unknown().refine((v) => jsonDepth(v, MAX_JSON_DEPTH) <= MAX_JSON_DEPTH, { message: `${what} nests deeper than ${MAX_JSON_DEPTH} levels` });
+/** A JSON object field bounded as the API bounds it. */
+const boundedObject = () => z.record(z.string(), z.unknown()).refine((v) => jsonDepth(v, MAX_JSON_DEPTH) <= MAX_JSON_DEPTH, depthMessage);
 
 /** A ChatMessage as the runtime stores it (after the HTTP edge mapped OpenAI's shapes onto it). */
 export const storedMessageSchema = z.object({
@@ -52,13 +54,11 @@ export const storedMessageSchema = z.object({
       z.object({
         id: z.string().optional(),
         type: z.literal("function").optional(),
-        function: z.object({ name: z.string().min(1), arguments: z.union([z.string(), z.record(z.string(), nested("tool-call arguments"))]) }),
+        function: z.object({ name: z.string().min(1), arguments: z.union([z.string(), boundedObject()]) }),
       }),
     )
     .optional(),
 });
 
 /** Template variables pinned in a session: none may replace a variable the server sets. */
-export const templateKwargsSchema = z
-  .record(z.string(), nested("a template variable"))
-  .refine((kwargs) => !Object.keys(kwargs).some((k) => RESERVED_TEMPLATE_VARIABLES.has(k)), { message: "a template variable replaces one the server sets" });
+export const templateKwargsSchema = boundedObject().refine((kwargs) => !Object.keys(kwargs).some((k) => RESERVED_TEMPLATE_VARIABLES.has(k)), { message: "a template variable replaces one the server sets" });

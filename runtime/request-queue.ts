@@ -12,6 +12,8 @@ interface Waiter {
 export class RequestQueue {
   private running = false;
   private readonly waiters: Waiter[] = [];
+  /** Resolved when nothing runs and nothing waits (graceful shutdown waits on this). */
+  private readonly idleWaiters: (() => void)[] = [];
 
   constructor(readonly limit: number) {}
 
@@ -31,6 +33,12 @@ export class RequestQueue {
     if (this.running && this.waiters.length >= this.limit) {
       throw new RuntimeError("queue_full", `the server is busy: ${this.waiters.length} request(s) are already waiting (queue limit ${this.limit})`);
     }
+  }
+
+  /** Resolves once no job runs and none waits. */
+  idle(): Promise<void> {
+    if (!this.running) return Promise.resolve();
+    return new Promise((resolve) => this.idleWaiters.push(resolve));
   }
 
   /** Runs `job` when its turn comes. */
@@ -74,6 +82,9 @@ export class RequestQueue {
   private release(): void {
     const next = this.waiters.shift();
     if (next) next.start();
-    else this.running = false;
+    else {
+      this.running = false;
+      for (const resolve of this.idleWaiters.splice(0)) resolve();
+    }
   }
 }

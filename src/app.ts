@@ -7,7 +7,7 @@
 import { Hono } from "hono";
 import { bodyLimit } from "hono/body-limit";
 import type { Engine, SessionManager } from "../runtime/index.ts";
-import { authMiddleware, tenantOf } from "./auth.ts";
+import { authMiddleware, isAuthenticated, tenantOf, type ApiKey } from "./auth.ts";
 import { badRequest, toErrorResponse } from "./http-errors.ts";
 import { RouteKit, clientAbort, newId, nowSeconds, parseBody, respondChat, toChatMessage, usage, timings } from "./http-kit.ts";
 import { applyTemplateSchema, chatCompletionSchema, completionSchema, detokenizeSchema, tokenizeSchema } from "./schemas.ts";
@@ -20,7 +20,12 @@ export interface AppOptions {
   maxBodyBytes: number;
   /** Largest snapshot upload (PUT /v1/sessions/:id/snapshot), which the JSON body limit does not cover. */
   maxSnapshotBytes?: number;
+  /** A key whose caller is tenant "default" (--api-key). */
   apiKey?: string;
+  /** Keys of named tenants (--api-keys-file). With neither, every caller is tenant "default". */
+  apiKeys?: readonly ApiKey[];
+  /** Set once the server is shutting down: requests that arrive after that get 503. */
+  draining?: { readonly active: boolean };
   log?: (message: string) => void;
 }
 
@@ -31,14 +36,20 @@ export function createApp(options: AppOptions): Hono {
   const app = new Hono();
 
   app.onError((error, c) => {
-    const { status, body } = toErrorResponse(error, log);
-    return c.json(body, status as 400);
+    const { status, body, headers } = toErrorResponse(error, log);
+    return c.json(body, status as 400, headers);
   });
   app.notFound((c) =>
     c.json({ error: { message: `no route for ${c.req.method} ${c.req.path}`, type: "invalid_request_error", param: null, code: "not_found" } }, 404),
   );
 
-  app.use("*", authMiddleware({ apiKey: options.apiKey }));
+  // A request that arrives on a kept-alive connection while the server drains must not start new work.
+  app.use("*", async (c, next) => {
+    if (!options.draining?.active) return next();
+    const error = { message: "the server is shutting down", type: "server_error", param: null, code: "shutting_down" };
+    return c.json({ error }, 503, { connection: "close" });
+  });
+  app.use("*", authMiddleware({ apiKey: options.apiKey, apiKeys: options.apiKeys }));
   const jsonBodyLimit = bodyLimit({
     maxSize: options.maxBodyBytes,
     onError: (c) =>
@@ -47,8 +58,10 @@ export function createApp(options: AppOptions): Hono {
   // Snapshot uploads are streamed to disk under their own limit (SessionManager.upload).
   app.use("*", (c, next) => (isSnapshotUpload(c) ? next() : jsonBodyLimit(c, next)));
 
-  app.get("/health", (c) =>
-    c.json({
+  app.get("/health", (c) => {
+    // Without a valid key (when keys are configured) it says only that the server is up.
+    if (!isAuthenticated(c)) return c.json({ status: "ok" });
+    return c.json({
       status: "ok",
       model: engine.info.modelId,
       backend: engine.info.backend,
@@ -57,8 +70,8 @@ export function createApp(options: AppOptions): Hono {
       context_length: engine.info.contextLength,
       queue: engine.queueState,
       kv_memory: { used_bytes: engine.kvMemory.usedBytes, limit_bytes: engine.kvMemory.limitBytes, sessions_bytes: sessions?.residentBytes ?? 0 },
-    }),
-  );
+    });
+  });
 
   const modelCard = () => ({
     id: engine.info.modelId,
@@ -174,6 +187,7 @@ export function createApp(options: AppOptions): Hono {
       ["llamacpp:tokens_predicted_seconds_total", "counter", "Generation time", m.decodeMs / 1000],
       ["llamacpp:requests_total", "counter", "Generation requests run", m.requests],
       ["llamacpp:requests_cancelled_total", "counter", "Generations stopped because the client went away", m.cancelled],
+      ["llamacpp:requests_cancelled_queued_total", "counter", "Requests whose client went away while they waited in the queue (not in requests_total)", m.cancelledQueued],
       ["llamacpp:requests_processing", "gauge", "Requests being processed", q.busy ? 1 : 0],
       ["llamacpp:requests_deferred", "gauge", "Requests waiting in the queue", q.waiting],
       ["ultralong:kv_memory_used_bytes", "gauge", "KV bytes held: sessions in memory, running requests, uploads being read", engine.kvMemory.usedBytes],

@@ -19,13 +19,15 @@ export const configSchema = z.object({
   ctxSize: intIn(0, 1 << 30).default(131072).describe("context tokens per request, prompt + completion (0 = the model's max_position_embeddings)"),
   prefillChunk: intIn(1, 1 << 20).default(512).describe("prompt tokens per forward pass while prefilling"),
   maxBodyBytes: intIn(1024, 1 << 30).default(16 * 1024 * 1024).describe("largest request body accepted, in bytes (413 above)"),
-  apiKey: z.string().min(1).optional().describe("if set, every route but /health needs 'Authorization: Bearer <key>'"),
+  apiKey: z.string().min(1).optional().describe("if set, every route but /health needs 'Authorization: Bearer <key>' (tenant \"default\")"),
   sessionDir: z.string().min(1).default("snapshots").describe("directory of the session snapshot store"),
   sessionMemoryBytes: intIn(0, Number.MAX_SAFE_INTEGER).default(4 * 2 ** 30).describe("KV bytes sessions may hold in memory; beyond it the least recently used are dropped (they stay in the store)"),
   kvMemoryBytes: intIn(1 << 20, Number.MAX_SAFE_INTEGER).default(8 * 2 ** 30).describe("KV bytes the process may hold in all (sessions, running requests, uploads); a request that does not fit gets 400 or 429"),
   sessionBusy: z.enum(["wait", "reject"]).default("wait").describe("a second request on a busy session waits, or gets 409"),
   maxSnapshotBytes: intIn(1024, Number.MAX_SAFE_INTEGER).default(8 * 2 ** 30).describe("largest snapshot upload, in bytes (413 above)"),
   snapshotChunkTokens: intIn(1, 65536).default(4096).describe("tokens per snapshot chunk (each chunk has its own checksum)"),
+  apiKeysFile: z.string().min(1).optional().describe('JSON file of tenant name to API key(s): {"tenant-a": "sk-...", "tenant-b": ["sk-1", "sk-2"]}'),
+  shutdownGraceMs: intIn(0, 24 * 3600 * 1000).default(30000).describe("on SIGTERM / SIGINT, how long running requests may take to finish before the server exits anyway (status 1)"),
 });
 
 export type ServerConfig = z.infer<typeof configSchema>;
@@ -50,6 +52,8 @@ const NAMES: Record<keyof ServerConfig, { env: string; flag: string }> = {
   sessionBusy: { env: "SESSION_BUSY", flag: "--session-busy" },
   maxSnapshotBytes: { env: "MAX_SNAPSHOT_BYTES", flag: "--max-snapshot-bytes" },
   snapshotChunkTokens: { env: "SNAPSHOT_CHUNK_TOKENS", flag: "--snapshot-chunk-tokens" },
+  apiKeysFile: { env: "API_KEYS_FILE", flag: "--api-keys-file" },
+  shutdownGraceMs: { env: "SHUTDOWN_GRACE_MS", flag: "--shutdown-grace-ms" },
 };
 
 export class ConfigError extends Error {}

@@ -5,7 +5,7 @@
 import type { Context } from "hono";
 import type { z } from "zod";
 import { parseToolCall, type ChatMessage, type CompletionJob, type Engine, type GenerateResult, type SamplingParams } from "../runtime/index.ts";
-import { HttpError, badRequest, fromZod, toErrorResponse } from "./http-errors.ts";
+import { HttpError, badRequest, fromZod, toErrorResponse, zodIssueMessage } from "./http-errors.ts";
 import type { ChatCompletionRequest, CompletionRequest, chatMessageSchema } from "./schemas.ts";
 import { sseResponse } from "./sse.ts";
 
@@ -75,7 +75,7 @@ export async function parseBody<S extends z.ZodType>(c: Context, schema: S): Pro
   } catch {
     throw badRequest("the request body is not valid JSON", null, "invalid_json");
   }
-  const parsed = schema.safeParse(json);
+  const parsed = schema.safeParse(json, { error: zodIssueMessage });
   if (!parsed.success) throw fromZod(parsed.error);
   return parsed.data;
 }
@@ -113,6 +113,8 @@ export class RouteKit {
 
   /** What a request asks of generation, apart from its prompt. */
   generationOf(req: Sampled, maxTokens: number | undefined, signal: AbortSignal): Omit<CompletionJob, "promptIds" | "prepare"> {
+    // Sampling would silently ignore a bias on a token the model does not have: refuse it by name instead.
+    if (req.logit_bias) this.engine.checkTokenIds(Object.keys(req.logit_bias).map(Number), "logit_bias");
     return { maxTokens, sampling: samplingOf(req), stop: stopList(req.stop), ignoreEos: req.ignore_eos, signal };
   }
 

@@ -3,9 +3,34 @@
  * Unknown fields are ignored (OpenAI clients send many); fields we cannot honour are refused by name.
  */
 import { z } from "zod";
-import { RESERVED_TEMPLATE_VARIABLES } from "../runtime/index.ts";
+import { MAX_JSON_DEPTH, RESERVED_TEMPLATE_VARIABLES, jsonDepth } from "../runtime/index.ts";
 
 const MAX_TOKENS_LIMIT = 1 << 30;
+
+/**
+ * Free-form JSON fields (chat_template_kwargs, tool parameters, tool-call arguments) nest at most
+ * MAX_JSON_DEPTH levels ({} and [] are one level each): the template engine and the snapshot encoder
+ * recurse into them, and what a session stores must read back under the snapshot reader's own bound.
+ * The limit and the walk are the runtime's (message-schema.ts), so the API and the snapshot agree.
+ */
+export { MAX_JSON_DEPTH };
+
+/** Whether `value` nests arrays or objects more than `limit` levels deep; stops one level past the limit. */
+export const nestedDeeperThan = (value: unknown, limit: number): boolean => jsonDepth(value, limit) > limit;
+
+const depthMessage = { message: `at most ${MAX_JSON_DEPTH} levels of nesting` };
+/** A JSON object field whose nesting is bounded. */
+const boundedObject = () => z.record(z.string(), z.unknown()).refine((v) => !nestedDeeperThan(v, MAX_JSON_DEPTH), depthMessage);
+/** Tool-call arguments as OpenAI sends them (a JSON string, which the template parses) are bounded as parsed. */
+const boundedJsonText = z.string().refine((text) => {
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(text);
+  } catch {
+    return true; // not JSON: the template renders it as the string it is
+  }
+  return !nestedDeeperThan(parsed, MAX_JSON_DEPTH);
+}, depthMessage);
 
 const textPart = z.object({ type: z.literal("text"), text: z.string() });
 /** OpenAI content: a string, or an array of parts of which we serve the text ones. */
@@ -14,7 +39,7 @@ const content = z.union([z.string(), z.array(textPart).min(1)]).nullable();
 const toolCall = z.object({
   id: z.string().optional(),
   type: z.literal("function").optional(),
-  function: z.object({ name: z.string().min(1), arguments: z.union([z.string(), z.record(z.string(), z.unknown())]) }),
+  function: z.object({ name: z.string().min(1), arguments: z.union([boundedJsonText, boundedObject()]) }),
 });
 
 export const chatMessageSchema = z
@@ -35,7 +60,7 @@ const toolSchema = z.object({
   function: z.object({
     name: z.string().min(1),
     description: z.string().optional(),
-    parameters: z.record(z.string(), z.unknown()).optional(),
+    parameters: boundedObject().optional(),
   }),
 });
 
@@ -43,7 +68,7 @@ const toolSchema = z.object({
  * Extra chat-template variables, as transformers' apply_chat_template kwargs (e.g. date_string). The
  * variables the server sets itself (messages, tools, add_generation_prompt, bos_token, ...) are refused.
  */
-const chatTemplateKwargs = z.record(z.string(), z.unknown()).superRefine((kwargs, ctx) => {
+const chatTemplateKwargs = boundedObject().superRefine((kwargs, ctx) => {
   for (const key of Object.keys(kwargs)) {
     if (RESERVED_TEMPLATE_VARIABLES.has(key)) ctx.addIssue({ code: "custom", message: `"${key}" is set by the server and cannot be a template kwarg` });
   }
@@ -80,7 +105,7 @@ const samplingFields = {
 
 export const chatCompletionSchema = z.object({
   ...samplingFields,
-  messages: z.array(chatMessageSchema).min(1, { message: "messages must hold at least one message" }),
+  messages: z.array(chatMessageSchema).min(1),
   max_completion_tokens: z.number().int().min(1).max(MAX_TOKENS_LIMIT).nullable().optional(),
   tools: z.array(toolSchema).nullable().optional(),
   tool_choice: z.union([z.enum(["none", "auto", "required"]), z.object({ type: z.literal("function") }).loose()]).optional(),
@@ -114,7 +139,7 @@ export const tokenizeSchema = z.object({
 export const detokenizeSchema = z.object({ tokens: z.array(z.number().int().min(0)) });
 
 export const applyTemplateSchema = z.object({
-  messages: z.array(chatMessageSchema).min(1, { message: "messages must hold at least one message" }),
+  messages: z.array(chatMessageSchema).min(1),
   tools: z.array(toolSchema).nullable().optional(),
   add_generation_prompt: z.boolean().optional(),
   chat_template_kwargs: chatTemplateKwargs.optional(),

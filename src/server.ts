@@ -2,11 +2,13 @@
  * What every entry point does before it listens: read the configuration, load the model, build the app.
  * Runtime-specific listening lives in entry/*.ts.
  */
+import { readFile } from "node:fs/promises";
 import { stderr } from "node:process";
 import { fileURLToPath } from "node:url";
 import type { Hono } from "hono";
 import { Engine, SessionManager, SnapshotStore } from "../runtime/index.ts";
 import { createApp } from "./app.ts";
+import { ApiKeysError, keyTable, parseApiKeysFile, type ApiKey } from "./auth.ts";
 import { loadConfig, type ServerConfig } from "./config.ts";
 
 /** The built-in model folder, written by `npm run build:model` (scripts/build-model.ts). */
@@ -17,10 +19,25 @@ export interface Server {
   engine: Engine;
   sessions: SessionManager;
   config: ServerConfig;
+  /** Set by shutdown(): the app answers 503 to requests that arrive after it. */
+  draining: { active: boolean };
+}
+
+async function readApiKeysFile(path: string): Promise<ApiKey[]> {
+  let text: string;
+  try {
+    text = await readFile(path, "utf8");
+  } catch (e) {
+    throw new ApiKeysError(`API keys file ${path}: cannot be read (${(e as Error).message})`);
+  }
+  return parseApiKeysFile(text, path);
 }
 
 export async function createServer(env: Record<string, string | undefined>, argv: string[]): Promise<Server> {
   const config = loadConfig(env, argv);
+  // Keys before the model: a bad keys file should stop start-up at once.
+  const apiKeys = config.apiKeysFile !== undefined ? await readApiKeysFile(config.apiKeysFile) : [];
+  keyTable({ apiKey: config.apiKey, apiKeys });
   const engine = await Engine.load({
     modelDir: config.modelDir ?? BUILTIN_MODEL_DIR,
     modelId: config.modelId,
@@ -37,8 +54,17 @@ export async function createServer(env: Record<string, string | undefined>, argv
     busy: config.sessionBusy,
     chunkTokens: config.snapshotChunkTokens,
   });
-  const app = createApp({ engine, sessions, maxBodyBytes: config.maxBodyBytes, maxSnapshotBytes: config.maxSnapshotBytes, apiKey: config.apiKey });
-  return { app, engine, sessions, config };
+  const draining = { active: false };
+  const app = createApp({
+    engine,
+    sessions,
+    maxBodyBytes: config.maxBodyBytes,
+    maxSnapshotBytes: config.maxSnapshotBytes,
+    apiKey: config.apiKey,
+    apiKeys,
+    draining,
+  });
+  return { app, engine, sessions, config, draining };
 }
 
 export function startupLine(server: Server, runtime: string, url: string): string {
@@ -62,4 +88,74 @@ export async function createServerOrExit(env: Record<string, string | undefined>
     await new Promise<void>((resolve) => stderr.write(message, () => resolve()));
     return exit(1);
   }
+}
+
+/** What an entry point gives shutdown(): how to stop its listener, exit, and hear signals. */
+export interface ShutdownHooks {
+  /**
+   * Stops accepting connections and resolves once every accepted one has finished (in-flight responses,
+   * streams included, run to their end).
+   */
+  stopListening: () => Promise<void>;
+  exit: (code: number) => never;
+  onSignal: (signal: "SIGINT" | "SIGTERM", handler: () => void) => void;
+  log?: (message: string) => void;
+}
+
+/**
+ * Graceful shutdown on SIGTERM / SIGINT: stop accepting, let running and queued requests finish and
+ * sessions be persisted within --shutdown-grace-ms, release the model, exit 0. If the grace runs out the
+ * process says so and exits 1 without waiting (each session's last completed snapshot stays in the store:
+ * snapshots are replaced by rename). A second signal exits at once.
+ */
+export function exitOnSignals(server: Server, hooks: ShutdownHooks): void {
+  const log = hooks.log ?? ((m: string) => console.error(m));
+  let started = false;
+  const onSignal = (signal: string) => {
+    if (started) {
+      log(`ultralong-serve: ${signal} again: exiting now, without waiting for running requests`);
+      hooks.exit(1);
+    }
+    started = true;
+    void shutdown(server, signal, hooks.stopListening, log).then(hooks.exit, (error: unknown) => {
+      log(`ultralong-serve: shutdown failed: ${error instanceof Error ? (error.stack ?? error.message) : String(error)}`);
+      hooks.exit(1);
+    });
+  };
+  hooks.onSignal("SIGTERM", () => onSignal("SIGTERM"));
+  hooks.onSignal("SIGINT", () => onSignal("SIGINT"));
+}
+
+/** The shutdown sequence; resolves with the exit status (0: everything finished within the grace). */
+export async function shutdown(server: Server, signal: string, stopListening: () => Promise<void>, log: (message: string) => void): Promise<number> {
+  const grace = server.config.shutdownGraceMs;
+  const q = server.engine.queueState;
+  server.draining.active = true;
+  log(
+    `ultralong-serve: ${signal}: not accepting new connections; letting ${q.busy ? 1 : 0} running and ${q.waiting} queued ` +
+      `request(s) finish (grace ${grace} ms)`,
+  );
+  const deadline = Date.now() + grace;
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const graceOver = new Promise<false>((resolve) => {
+    timer = setTimeout(() => resolve(false), grace);
+  });
+  const finished = (async () => {
+    await Promise.all([stopListening(), server.engine.idle()]);
+    // Sessions are written under their locks (turns, appends, uploads): wait for those writes too.
+    return server.sessions.drain(Math.max(0, deadline - Date.now()));
+  })();
+  const done = await Promise.race([finished, graceOver]);
+  clearTimeout(timer);
+  if (!done) {
+    const now = server.engine.queueState;
+    log(
+      `ultralong-serve: the shutdown grace of ${grace} ms ran out with work unfinished (${now.busy ? 1 : 0} running, ` +
+        `${now.waiting} queued, or a session still being written); exiting with status 1`,
+    );
+    return 1;
+  }
+  await server.engine.close();
+  log("ultralong-serve: every request finished and every session is persisted; exiting");
+  return 0;
 }

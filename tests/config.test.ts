@@ -3,7 +3,8 @@ import { ConfigError, helpText, loadConfig } from "../src/config.ts";
 
 describe("configuration", () => {
   test("defaults", () => {
-    expect(loadConfig({}, [])).toMatchObject({ host: "127.0.0.1", port: 8080, backend: "auto", variant: "auto", threads: 1, queueLimit: 16 });
+    expect(loadConfig({}, [])).toMatchObject({ host: "127.0.0.1", port: 8080, backend: "auto", variant: "auto", threads: 1, queueLimit: 16, shutdownGraceMs: 30000 });
+    expect(loadConfig({ API_KEYS_FILE: "/etc/keys.json" }, ["--shutdown-grace-ms", "500"])).toMatchObject({ apiKeysFile: "/etc/keys.json", shutdownGraceMs: 500 });
   });
   test("environment, overridden by flags (both --flag value and --flag=value)", () => {
     const c = loadConfig({ PORT: "9000", BACKEND: "wasm", THREADS: "2", MODEL_DIR: "/models/x" }, ["--port", "9100", "--threads=4"]);
@@ -16,6 +17,6 @@ describe("configuration", () => {
     expect(() => loadConfig({}, ["--port"])).toThrow(/needs a value/);
   });
   test("help lists every option", () => {
-    for (const flag of ["--model", "--backend", "--variant", "--queue-limit", "--ctx-size", "--max-body-bytes", "--api-key"]) expect(helpText()).toContain(flag);
+    for (const flag of ["--model", "--backend", "--variant", "--queue-limit", "--ctx-size", "--max-body-bytes", "--api-key", "--api-keys-file", "--shutdown-grace-ms"]) expect(helpText()).toContain(flag);
   });
 });

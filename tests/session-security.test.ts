@@ -128,14 +128,14 @@ describe("what the API accepts is stored and read back", () => {
     return v;
   };
 
-  test("tool-call arguments and template variables nested as deep as the API allows survive eviction and restart", async () => {
+  test("tool-call arguments and template variables nested as deep as the API allows (32 levels, the field's own object included) survive eviction and restart", async () => {
     const { app, post, dir } = sessionApp(engine, { memoryBudgetBytes: 0 });
     const messages = [
       { role: "user", content: "Call the tool." },
       { role: "assistant", content: null, tool_calls: [{ id: "c1", type: "function", function: { name: "f", arguments: nest(32) } }] },
       { role: "tool", tool_call_id: "c1", content: "done" },
     ];
-    const created = await post("/v1/sessions", { id: "deep", messages, chat_template_kwargs: { ...DATE, extra: nest(32) } });
+    const created = await post("/v1/sessions", { id: "deep", messages, chat_template_kwargs: { ...DATE, extra: nest(31) } });
     expect(created.status).toBe(201);
     // Budget 0: the session left memory at once, so this turn reads it back from the store.
     const res = await post("/v1/sessions/deep/messages", { content: "And now?", ...GREEDY });
@@ -148,7 +148,7 @@ describe("what the API accepts is stored and read back", () => {
 
   test("one level deeper is refused at the door with a 400 naming the field", async () => {
     const { post } = sessionApp(engine);
-    const res = await post("/v1/sessions", { id: "deeper", messages: [{ role: "user", content: "x" }], chat_template_kwargs: { ...DATE, extra: nest(33) } });
+    const res = await post("/v1/sessions", { id: "deeper", messages: [{ role: "user", content: "x" }], chat_template_kwargs: { ...DATE, extra: nest(32) } });
     expect(res.status).toBe(400);
     const body = (await res.json()) as any;
     expect(body.error.param).toMatch(/^chat_template_kwargs/);

@@ -298,7 +298,8 @@ describe("uploads that must be refused, each with its cause, leaving the target 
     await refused(withMeta({ messages: [{ role: "root", content: "x" }] }), 400, "malformed", /header field meta\.messages\.0\.role/);
     await refused(withMeta({ messages: [{ role: "user", content: 42 }] }), 400, "malformed", /header field meta\.messages\.0\.content/);
     let deep: unknown = 1;
-    for (let i = 0; i < 33; i++) deep = [deep];
-    await refused(withMeta({ templateKwargs: { date_string: "1 Jan 2025", deep } }), 400, "malformed", /nests deeper than 32/);
+    for (let i = 0; i < 32; i++) deep = [deep];
+    await refused(withMeta({ templateKwargs: { date_string: "1 Jan 2025", deep } }), 400, "malformed", /at most 32 levels of nesting/);
+    await refused(withMeta({ templateKwargs: { add_generation_prompt: false } }), 400, "malformed", /replaces one the server sets/);
   });
 });

@@ -1,5 +1,5 @@
 /** `deno task serve`: Deno.serve in front of the Hono app. */
-import { createServerOrExit, startupLine } from "../server.ts";
+import { createServerOrExit, exitOnSignals, startupLine } from "../server.ts";
 
 declare const Deno: {
   env: { toObject(): Record<string, string> };
@@ -14,14 +14,13 @@ declare const Deno: {
 };
 
 const server = await createServerOrExit(Deno.env.toObject(), Deno.args, Deno.exit);
-const { app, engine, config } = server;
+const { app, config } = server;
 const listener = Deno.serve({ hostname: config.host, port: config.port, onListen: () => {} }, app.fetch);
 console.log(startupLine(server, `deno ${Deno.version.deno}`, `http://${config.host}:${listener.addr.port}`));
 
-const shutdown = async () => {
-  await listener.shutdown();
-  await engine.close();
-  Deno.exit(0);
-};
-Deno.addSignalListener("SIGINT", shutdown);
-Deno.addSignalListener("SIGTERM", shutdown);
+exitOnSignals(server, {
+  // shutdown(): stop accepting, let in-flight requests finish; resolves when they have.
+  stopListening: () => listener.shutdown(),
+  exit: Deno.exit,
+  onSignal: (signal, handler) => Deno.addSignalListener(signal, handler),
+});
