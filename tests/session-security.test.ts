@@ -121,6 +121,68 @@ describe("tenants", () => {
   }, 120_000);
 });
 
+describe("tenants over HTTP: each API key's sessions are its own", () => {
+  const dir = tempDir("tenants-http");
+  const sessions = new SessionManager(engine, new SnapshotStore(dir), { memoryBudgetBytes: 2 ** 30, busy: "wait", chunkTokens: 64 });
+  const app = createApp({
+    engine,
+    sessions,
+    maxBodyBytes: 4 * 1024 * 1024,
+    apiKeys: [
+      { tenant: "alice", key: "sk-alice" },
+      { tenant: "bob", key: "sk-bob" },
+    ],
+    log: () => {},
+  });
+  const as = (key: string, path: string, init: { method?: string; body?: unknown } = {}) =>
+    app.request(path, {
+      method: init.method ?? (init.body === undefined ? "GET" : "POST"),
+      headers: { authorization: `Bearer ${key}`, "content-type": "application/json" },
+      body: init.body === undefined ? undefined : typeof init.body === "string" || init.body instanceof Uint8Array ? (init.body as BodyInit) : JSON.stringify(init.body),
+    });
+  const report = { role: "user", content: `Alice's report. ${words(7, 120)}` };
+  const question = { role: "user", content: "What is in it?" };
+
+  test("another tenant cannot list, see, download, continue, append to, delete or borrow a session; ids are per tenant", async () => {
+    expect((await as("sk-alice", "/v1/sessions", { body: { id: "report", messages: [report], chat_template_kwargs: DATE } })).status).toBe(201);
+    const aliceList = (await (await as("sk-alice", "/v1/sessions")).json()) as any;
+    expect(aliceList.data.map((s: { id: string }) => s.id)).toEqual(["report"]);
+    expect(((await (await as("sk-bob", "/v1/sessions")).json()) as any).data).toEqual([]);
+    for (const [method, path, body] of [
+      ["GET", "/v1/sessions/report", undefined],
+      ["GET", "/v1/sessions/report/snapshot", undefined],
+      ["POST", "/v1/sessions/report/messages", { content: "Tell me.", max_tokens: 2 }],
+      ["POST", "/v1/sessions/report/append", { text: "More." }],
+      ["POST", "/v1/chat/completions", { session_id: "report", messages: [report, question], max_tokens: 2 }],
+      ["DELETE", "/v1/sessions/report", undefined],
+    ] as const) {
+      const res = await as("sk-bob", path, { method, body });
+      expect([method, path, res.status]).toEqual([method, path, 404]);
+    }
+    // Alice's plain request borrows her session's KV; Bob's identical request does not, and answers the same.
+    const ask = async (key: string) => {
+      const res = await as(key, "/v1/chat/completions", { body: { messages: [report, question], chat_template_kwargs: DATE, temperature: 0, max_tokens: 12 } });
+      return (await res.json()) as any;
+    };
+    const alice = await ask("sk-alice");
+    const bob = await ask("sk-bob");
+    expect(alice.usage.prompt_tokens_details.cached_tokens).toBeGreaterThan(0);
+    expect(bob.usage.prompt_tokens_details.cached_tokens).toBe(0);
+    expect(bob.choices[0].message.content).toBe(alice.choices[0].message.content);
+    // Bob may have a session called "report" too; uploading Alice's snapshot (if he had it) would make it his, marked uploaded.
+    const snapshot = new Uint8Array(await (await as("sk-alice", "/v1/sessions/report/snapshot")).arrayBuffer());
+    expect((await as("sk-bob", "/v1/sessions/report/snapshot", { method: "PUT", body: snapshot })).status).toBe(201);
+    expect(((await (await as("sk-bob", "/v1/sessions")).json()) as any).data.map((s: { id: string }) => s.id)).toEqual(["report"]);
+    const bobAgain = await ask("sk-bob");
+    expect(bobAgain.usage.prompt_tokens_details.cached_tokens).toBe(0);
+    // Deleting Bob's leaves Alice's.
+    expect((await as("sk-bob", "/v1/sessions/report", { method: "DELETE" })).status).toBe(200);
+    expect((await as("sk-alice", "/v1/sessions/report")).status).toBe(200);
+    expect(existsSync(join(dir, "report.ulsnap"))).toBe(false);
+    expect(existsSync(join(dir, "tenants", "alice", "report.ulsnap"))).toBe(true);
+  }, 120_000);
+});
+
 describe("what the API accepts is stored and read back", () => {
   const nest = (depth: number): unknown => {
     let v: unknown = "leaf";
