@@ -4,7 +4,7 @@
  * straight through: zod schema -> runtime call -> JSON or SSE. Errors become OpenAI error JSON in one
  * place (onError).
  */
-import { Hono } from "hono";
+import { Hono, type Context, type Next } from "hono";
 import { bodyLimit } from "hono/body-limit";
 import type { Engine, SessionManager } from "../runtime/index.ts";
 import { authMiddleware, isAuthenticated, tenantOf, type ApiKey } from "./auth.ts";
@@ -26,6 +26,12 @@ export interface AppOptions {
   apiKeys?: readonly ApiKey[];
   /** Set once the server is shutting down: requests that arrive after that get 503. */
   draining?: { readonly active: boolean };
+  /**
+   * Lifts the connection's idle timeout for one request (set by the entry point that owns the listener).
+   * Called for routes that may send nothing for a long time while they work (a non-streaming generation,
+   * a long prefill), once their whole body has arrived: a slow or silent client is still cut off.
+   */
+  idle?: { exempt: (c: Context) => void };
   log?: (message: string) => void;
 }
 
@@ -57,6 +63,15 @@ export function createApp(options: AppOptions): Hono {
   });
   // Snapshot uploads are streamed to disk under their own limit (SessionManager.upload).
   app.use("*", (c, next) => (isSnapshotUpload(c) ? next() : jsonBodyLimit(c, next)));
+  // Routes that generate or read may be silent for long: their body is read first (under the idle timeout), then the timeout is lifted.
+  const working = (paths: RegExp) => async (c: Context, next: Next) => {
+    if (c.req.method === "POST" && paths.test(c.req.path) && options.idle) {
+      await c.req.text(); // Hono keeps it for the handler
+      options.idle.exempt(c);
+    }
+    await next();
+  };
+  app.use("*", working(/^\/v1\/(chat\/completions|completions|sessions|sessions\/[^/]+\/(messages|append))$/));
 
   app.get("/health", (c) => {
     // Without a valid key (when keys are configured) it says only that the server is up.

@@ -27,6 +27,7 @@ export const configSchema = z.object({
   maxSnapshotBytes: intIn(1024, Number.MAX_SAFE_INTEGER).default(8 * 2 ** 30).describe("largest snapshot upload, in bytes (413 above)"),
   snapshotChunkTokens: intIn(1, 65536).default(4096).describe("tokens per snapshot chunk (each chunk has its own checksum)"),
   apiKeysFile: z.string().min(1).optional().describe('JSON file of tenant name to API key(s): {"tenant-a": "sk-...", "tenant-b": ["sk-1", "sk-2"]}'),
+  idleTimeoutS: intIn(0, 255).default(60).describe("seconds a connection may stay silent both ways before it is closed (0 = never; generations are exempt once their body is in)"),
   shutdownGraceMs: intIn(0, 24 * 3600 * 1000).default(30000).describe("on SIGTERM / SIGINT, how long running requests may take to finish before the server exits anyway (status 1)"),
 });
 
@@ -53,6 +54,7 @@ const NAMES: Record<keyof ServerConfig, { env: string; flag: string }> = {
   maxSnapshotBytes: { env: "MAX_SNAPSHOT_BYTES", flag: "--max-snapshot-bytes" },
   snapshotChunkTokens: { env: "SNAPSHOT_CHUNK_TOKENS", flag: "--snapshot-chunk-tokens" },
   apiKeysFile: { env: "API_KEYS_FILE", flag: "--api-keys-file" },
+  idleTimeoutS: { env: "IDLE_TIMEOUT_S", flag: "--idle-timeout-s" },
   shutdownGraceMs: { env: "SHUTDOWN_GRACE_MS", flag: "--shutdown-grace-ms" },
 };
 

@@ -5,7 +5,7 @@
 import { readFile } from "node:fs/promises";
 import { stderr } from "node:process";
 import { fileURLToPath } from "node:url";
-import type { Hono } from "hono";
+import type { Context, Hono } from "hono";
 import { Engine, SessionManager, SnapshotStore } from "../runtime/index.ts";
 import { createApp } from "./app.ts";
 import { ApiKeysError, keyTable, parseApiKeysFile, type ApiKey } from "./auth.ts";
@@ -21,6 +21,8 @@ export interface Server {
   config: ServerConfig;
   /** Set by shutdown(): the app answers 503 to requests that arrive after it. */
   draining: { active: boolean };
+  /** The entry point sets how a request's idle timeout is lifted (see AppOptions.idle). */
+  idle: { exempt: (c: Context) => void };
 }
 
 async function readApiKeysFile(path: string): Promise<ApiKey[]> {
@@ -55,6 +57,7 @@ export async function createServer(env: Record<string, string | undefined>, argv
     chunkTokens: config.snapshotChunkTokens,
   });
   const draining = { active: false };
+  const idle = { exempt: (_c: Context) => {} };
   const app = createApp({
     engine,
     sessions,
@@ -63,8 +66,9 @@ export async function createServer(env: Record<string, string | undefined>, argv
     apiKey: config.apiKey,
     apiKeys,
     draining,
+    idle,
   });
-  return { app, engine, sessions, config, draining };
+  return { app, engine, sessions, config, draining, idle };
 }
 
 export function startupLine(server: Server, runtime: string, url: string): string {

@@ -9,8 +9,11 @@ const { app, config } = server;
 const listener = serve({ fetch: app.fetch, hostname: config.host, port: config.port }, (info: AddressInfo) => {
   console.log(startupLine(server, `node ${process.version}`, `http://${config.host}:${info.port}`));
 }) as HttpServer;
-// A long non-streaming generation sends nothing for a while: no request timeout.
+// A long non-streaming generation sends nothing for a while: no whole-request timeout. A socket silent
+// both ways for --idle-timeout-s is closed, except one whose request a generation has exempted.
 listener.requestTimeout = 0;
+listener.timeout = config.idleTimeoutS * 1000;
+server.idle.exempt = (c) => (c.env as { incoming: { socket: { setTimeout(ms: number): void } } }).incoming.socket.setTimeout(0);
 
 exitOnSignals(server, {
   stopListening: () =>
