@@ -5,6 +5,7 @@
  */
 import { selectBackend, type BackendName, type BackendRequest } from "./backend.ts";
 import { ChatTemplate, type ChatMessage, type RenderOptions } from "./chat-template.ts";
+import { ChunkedEncoder } from "./chunked-encode.ts";
 import { invalidRequest } from "./errors.ts";
 import { generate, type GenerateResult } from "./generate.ts";
 import { LlamaModel } from "./llama-model.ts";
@@ -16,6 +17,7 @@ import { loadModelFolder, variantUsesFloat16, type ModelFolder, type ModelVarian
 import { RequestQueue } from "./request-queue.ts";
 import { DEFAULT_SAMPLING, type SamplingParams } from "./sampling.ts";
 import { TextTokenizer } from "./tokenizer.ts";
+import { yieldToEventLoop } from "./yield.ts";
 
 /**
  * A digest of what decides the meaning of a KV cache: config.json, tokenizer.json, the variant and KV
@@ -59,7 +61,28 @@ export interface EngineOptions {
   /** Tokens of context a request may use (prompt + completion); 0 means the model's max_position_embeddings. */
   contextLength: number;
   prefillChunk: number;
+  /** Bounds on text before and while it is tokenized (defaults: DEFAULT_TEXT_LIMITS). */
+  textLimits?: Partial<TextLimits>;
+  /**
+   * Milliseconds one prefill forward pass should take: the chunk shrinks below prefillChunk to fit, so the
+   * event loop (which a synchronous session.run holds) gets turns often. 0 (the default here; the server's
+   * is DEFAULT_PREFILL_TARGET_MS): always prefillChunk tokens.
+   */
+  prefillTargetMs?: number;
 }
+
+export interface TextLimits {
+  /** Characters of one text field of a request (a message's content, a prompt, a document). */
+  maxFieldChars: number;
+  /** Characters tokenized for one request: the rendered chat (a session's whole conversation) or the prompt. */
+  maxPromptChars: number;
+  /** Longest run without a break (a word, a number, a run of spaces or symbols): its tokenization cannot pause. */
+  maxRunChars: number;
+}
+
+/** A million-token context is about 4 MB of text: documents that size pass; one "word" of 2 MB does not. */
+export const DEFAULT_TEXT_LIMITS: TextLimits = { maxFieldChars: 8 * 2 ** 20, maxPromptChars: 16 * 2 ** 20, maxRunChars: 8192 };
+export const DEFAULT_PREFILL_TARGET_MS = 50;
 
 export interface EngineInfo {
   modelId: string;
@@ -114,6 +137,8 @@ export class Engine {
     readonly template: ChatTemplate,
     private readonly queue: RequestQueue,
     private readonly prefillChunk: number,
+    readonly textLimits: TextLimits,
+    private readonly encoder: ChunkedEncoder,
   ) {}
 
   static async load(options: EngineOptions): Promise<Engine> {
@@ -121,7 +146,10 @@ export class Engine {
     const folder = await loadModelFolder(options.modelDir, options.variant);
     const backend = await selectBackend(options.backend, options.threads, { float16Io: variantUsesFloat16(folder.variant) });
     const model = await LlamaModel.load(folder, backend);
+    model.prefillTargetMs = options.prefillTargetMs ?? 0;
     const tokenizer = new TextTokenizer(folder.tokenizerJson, folder.tokenizerConfig);
+    const textLimits = { ...DEFAULT_TEXT_LIMITS, ...options.textLimits };
+    const encoder = new ChunkedEncoder(folder.tokenizerJson, (text, addSpecial) => tokenizer.encode(text, addSpecial), textLimits);
     const template = new ChatTemplate(folder.tokenizerConfig);
     const c = folder.config;
     const kvBytesPerToken = c.numLayers * 2 * c.numKeyValueHeads * c.headDim * (model.io.kvDtype === "float16" ? 2 : 4);
@@ -139,7 +167,7 @@ export class Engine {
       loadMs: Math.round(performance.now() - t0),
       createdAt: Math.floor(Date.now() / 1000),
     };
-    return new Engine(info, model, tokenizer, template, new RequestQueue(options.queueLimit), options.prefillChunk);
+    return new Engine(info, model, tokenizer, template, new RequestQueue(options.queueLimit), options.prefillChunk, textLimits, encoder);
   }
 
   get queueState(): { busy: boolean; waiting: number; limit: number } {
@@ -163,14 +191,50 @@ export class Engine {
   }
 
   /** Token ids of a chat: the template's text already holds the BOS token, so none is added. */
-  encodeChat(messages: ChatMessage[], options: RenderOptions = {}): number[] {
-    return this.tokenizer.encode(this.renderChat(messages, options), false);
+  encodeChat(messages: ChatMessage[], options: RenderOptions = {}, signal?: AbortSignal): Promise<number[]> {
+    return this.encodeText(this.renderChat(messages, options), false, "messages", signal);
   }
 
   /** Token ids of a raw prompt; BOS is added unless the text already starts with it. */
-  encodePrompt(text: string): number[] {
+  encodePrompt(text: string, signal?: AbortSignal): Promise<number[]> {
     const bos = this.tokenizer.specials.bosToken;
-    return this.tokenizer.encode(text, !(bos && text.startsWith(bos)));
+    return this.encodeText(text, !(bos && text.startsWith(bos)), "prompt", signal);
+  }
+
+  /**
+   * Token ids of text, the tokenizer's own, computed in pieces that give the event loop turns (see
+   * chunked-encode.ts). Text over maxPromptChars, or with a run over maxRunChars, is refused naming `param`.
+   */
+  async encodeText(text: string, addSpecial: boolean, param: string, signal?: AbortSignal): Promise<number[]> {
+    const max = this.textLimits.maxPromptChars;
+    if (text.length > max) {
+      throw invalidRequest(`${param}: the text to tokenize has ${text.length} characters; at most ${max} are read per request (--max-prompt-chars)`, param);
+    }
+    return this.encoder.encode(text, addSpecial, param, signal);
+  }
+
+  /**
+   * Throws invalid_request naming `param` if one request field's text passes maxFieldChars or has a run
+   * over maxRunChars: checked before any tokenizing, so the error names the field the client sent.
+   */
+  async checkField(text: string, param: string, signal?: AbortSignal): Promise<void> {
+    const max = this.textLimits.maxFieldChars;
+    if (text.length > max) throw invalidRequest(`${param}: ${text.length} characters; a field may hold at most ${max} (--max-field-chars)`, param);
+    await this.encoder.checkRuns(text, param, signal);
+  }
+
+  /** The tokenizer's decode, a slice of ids at a time with turns for the event loop between slices. */
+  async decodeIds(ids: readonly number[], skipSpecial = false): Promise<string> {
+    const stream = this.tokenizer.streamDecoder(skipSpecial);
+    const parts: string[] = [];
+    for (let start = 0; start < ids.length; start += 1 << 16) {
+      if (start > 0) await yieldToEventLoop();
+      let text = "";
+      for (let i = start; i < Math.min(ids.length, start + (1 << 16)); i++) text += stream.push(ids[i]!);
+      parts.push(text);
+    }
+    parts.push(stream.flush());
+    return parts.join("");
   }
 
   /** Request values win; then the model's generation_config.json; then neutral defaults. */

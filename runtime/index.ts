@@ -1,4 +1,4 @@
-export { Engine, type EngineOptions, type EngineInfo, type CompletionJob } from "./engine.ts";
+export { Engine, DEFAULT_TEXT_LIMITS, DEFAULT_PREFILL_TARGET_MS, type EngineOptions, type EngineInfo, type CompletionJob, type TextLimits } from "./engine.ts";
 export { RuntimeError, ModelFolderError, invalidRequest, type RuntimeErrorKind } from "./errors.ts";
 export type { ChatMessage, ToolDefinition, ToolCall, RenderOptions } from "./chat-template.ts";
 export type { GenerateResult, FinishReason } from "./generate.ts";
@@ -10,3 +10,4 @@ export { SessionManager, templateDate, type SessionInfo, type TurnRequest, type 
 export { SnapshotStore } from "./snapshot-store.ts";
 export { SnapshotError, SNAPSHOT_VERSION, encodeSnapshot, decodeSnapshot, type SnapshotData } from "./snapshot.ts";
 export type { KvCache } from "./kv-cache.ts";
+export { yieldToEventLoop } from "./yield.ts";

@@ -272,7 +272,7 @@ export class SessionManager {
     }
   }
 
-  private renderIds(session: Session, messages: ChatMessage[], addGenerationPrompt: boolean, tools?: ToolDefinition[] | null): number[] {
+  private renderIds(session: Session, messages: ChatMessage[], addGenerationPrompt: boolean, tools?: ToolDefinition[] | null): Promise<number[]> {
     return this.engine.encodeChat(messages, { addGenerationPrompt, tools, extra: session.templateKwargs });
   }
 
@@ -282,7 +282,7 @@ export class SessionManager {
     onProgress?: (done: number, total: number) => void | Promise<void>,
     signal?: AbortSignal,
   ): Promise<IngestResult> {
-    const promptIds = this.renderIds(session, messages, false);
+    const promptIds = await this.renderIds(session, messages, false);
     const result = await this.engine.ingest(promptIds, () => session.reuseFor(promptIds), onProgress, signal);
     session.recordTokens(promptIds, []);
     session.messages = messages;
@@ -347,7 +347,7 @@ export class SessionManager {
       const session = await this.load(id);
       try {
         const messages = request.messages(session.messages);
-        const promptIds = this.renderIds(session, messages, true, request.tools);
+        const promptIds = await this.renderIds(session, messages, true, request.tools);
         const { messages: _, tools: __, ...generation } = request;
         const result = await this.engine.complete({ ...generation, promptIds, prepare: () => session.reuseFor(promptIds) }, onDelta);
         session.recordTokens(promptIds, result.tokenIds);

@@ -9,7 +9,7 @@ import { bodyLimit } from "hono/body-limit";
 import type { Engine, SessionManager } from "../runtime/index.ts";
 import { authMiddleware } from "./auth.ts";
 import { badRequest, toErrorResponse } from "./http-errors.ts";
-import { RouteKit, clientAbort, newId, nowSeconds, parseBody, respondChat, toChatMessage, usage, timings } from "./http-kit.ts";
+import { RouteKit, clientAbort, jsonListResponse, newId, nowSeconds, respondChat, toChatMessage, usage, timings } from "./http-kit.ts";
 import { applyTemplateSchema, chatCompletionSchema, completionSchema, detokenizeSchema, tokenizeSchema } from "./schemas.ts";
 import { isSnapshotUpload, registerSessionRoutes } from "./session-routes.ts";
 
@@ -80,7 +80,7 @@ export function createApp(options: AppOptions): Hono {
   });
 
   app.post("/v1/chat/completions", async (c) => {
-    const req = await parseBody(c, chatCompletionSchema);
+    const req = await kit.parse(c, chatCompletionSchema);
     kit.checkModel(req.model);
     const tools = req.tool_choice === "none" ? null : (req.tools ?? null);
     const messages = req.messages.map(toChatMessage);
@@ -102,7 +102,8 @@ export function createApp(options: AppOptions): Hono {
       return respondChat(kit, c, { ...common, run: (onDelta) => sessions.turn(sessionId, turn, onDelta), extra: { session_id: sessionId } });
     }
 
-    const promptIds = engine.encodeChat(messages, { tools, addGenerationPrompt: true, extra: req.chat_template_kwargs });
+    engine.checkAdmission(); // a full queue answers 429 before the prompt is tokenized, not after
+    const promptIds = await engine.encodeChat(messages, { tools, addGenerationPrompt: true, extra: req.chat_template_kwargs }, abort.signal);
     const job = kit.jobOf(req, promptIds, maxTokens, abort.signal);
     // Reuse the KV of an in-memory session that shares this prompt's beginning (a copy: the session is not touched).
     if (sessions) job.prepare = () => sessions.prefixCache(promptIds) ?? engine.model.newCache();
@@ -110,10 +111,11 @@ export function createApp(options: AppOptions): Hono {
   });
 
   app.post("/v1/completions", async (c) => {
-    const req = await parseBody(c, completionSchema);
+    const req = await kit.parse(c, completionSchema);
     kit.checkModel(req.model);
-    const promptIds = typeof req.prompt === "string" ? engine.encodePrompt(req.prompt) : req.prompt;
     const abort = clientAbort(c);
+    engine.checkAdmission();
+    const promptIds = typeof req.prompt === "string" ? await engine.encodePrompt(req.prompt, abort.signal) : req.prompt;
     const job = kit.jobOf(req, promptIds, kit.maxTokensOf(req.max_tokens) ?? 16 /* OpenAI's default here */, abort.signal);
     if (sessions) job.prepare = () => sessions.prefixCache(promptIds) ?? engine.model.newCache();
     const id = newId("cmpl");
@@ -139,20 +141,20 @@ export function createApp(options: AppOptions): Hono {
   if (sessions) registerSessionRoutes(app, kit, sessions, options.maxSnapshotBytes ?? 8 * 2 ** 30);
 
   app.post("/tokenize", async (c) => {
-    const req = await parseBody(c, tokenizeSchema);
-    const ids = engine.tokenizer.encode(req.content, req.add_special ?? false);
-    if (!req.with_pieces) return c.json({ tokens: ids });
-    return c.json({ tokens: ids.map((id) => ({ id, piece: engine.tokenizer.decode([id]) })) });
+    const req = await kit.parse(c, tokenizeSchema);
+    const ids = await engine.encodeText(req.content, req.add_special ?? false, "content", clientAbort(c).signal);
+    if (!req.with_pieces) return jsonListResponse("tokens", ids);
+    return jsonListResponse("tokens", ids, (slice) => slice.map((id) => ({ id, piece: engine.tokenizer.decode([id]) })));
   });
 
   app.post("/detokenize", async (c) => {
-    const req = await parseBody(c, detokenizeSchema);
+    const req = await kit.parse(c, detokenizeSchema);
     engine.checkTokenIds(req.tokens, "tokens");
-    return c.json({ content: engine.tokenizer.decode(req.tokens) });
+    return c.json({ content: await engine.decodeIds(req.tokens) });
   });
 
   app.post("/apply-template", async (c) => {
-    const req = await parseBody(c, applyTemplateSchema);
+    const req = await kit.parse(c, applyTemplateSchema);
     const prompt = engine.renderChat(req.messages.map(toChatMessage), {
       tools: req.tools ?? null,
       addGenerationPrompt: req.add_generation_prompt ?? true,

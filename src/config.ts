@@ -3,7 +3,7 @@
  * One schema is the single source of names, defaults, bounds and the --help text.
  */
 import { z } from "zod";
-import { MODEL_VARIANT_NAMES } from "../runtime/index.ts";
+import { DEFAULT_PREFILL_TARGET_MS, DEFAULT_TEXT_LIMITS, MODEL_VARIANT_NAMES } from "../runtime/index.ts";
 
 const intIn = (min: number, max: number) => z.coerce.number().int().min(min).max(max);
 
@@ -25,6 +25,10 @@ export const configSchema = z.object({
   sessionBusy: z.enum(["wait", "reject"]).default("wait").describe("a second request on a busy session waits, or gets 409"),
   maxSnapshotBytes: intIn(1024, Number.MAX_SAFE_INTEGER).default(8 * 2 ** 30).describe("largest snapshot upload, in bytes (413 above)"),
   snapshotChunkTokens: intIn(1, 65536).default(4096).describe("tokens per snapshot chunk (each chunk has its own checksum)"),
+  maxFieldChars: intIn(1, 1 << 30).default(DEFAULT_TEXT_LIMITS.maxFieldChars).describe("characters one text field of a request may hold (message content, prompt, document); 400 above"),
+  maxPromptChars: intIn(1, 1 << 30).default(DEFAULT_TEXT_LIMITS.maxPromptChars).describe("characters tokenized for one request (the rendered chat, a session's whole conversation); 400 above"),
+  maxRunChars: intIn(16, 1 << 30).default(DEFAULT_TEXT_LIMITS.maxRunChars).describe("longest word, number or run of spaces or symbols accepted (its tokenization cannot pause); 400 above"),
+  prefillTargetMs: intIn(0, 60000).default(DEFAULT_PREFILL_TARGET_MS).describe("milliseconds one prefill forward pass aims at (smaller chunks keep the server responsive); 0 = always --prefill-chunk"),
 });
 
 export type ServerConfig = z.infer<typeof configSchema>;
@@ -48,6 +52,10 @@ const NAMES: Record<keyof ServerConfig, { env: string; flag: string }> = {
   sessionBusy: { env: "SESSION_BUSY", flag: "--session-busy" },
   maxSnapshotBytes: { env: "MAX_SNAPSHOT_BYTES", flag: "--max-snapshot-bytes" },
   snapshotChunkTokens: { env: "SNAPSHOT_CHUNK_TOKENS", flag: "--snapshot-chunk-tokens" },
+  maxFieldChars: { env: "MAX_FIELD_CHARS", flag: "--max-field-chars" },
+  maxPromptChars: { env: "MAX_PROMPT_CHARS", flag: "--max-prompt-chars" },
+  maxRunChars: { env: "MAX_RUN_CHARS", flag: "--max-run-chars" },
+  prefillTargetMs: { env: "PREFILL_TARGET_MS", flag: "--prefill-target-ms" },
 };
 
 export class ConfigError extends Error {}

@@ -30,6 +30,8 @@ export async function createServer(env: Record<string, string | undefined>, argv
     queueLimit: config.queueLimit,
     contextLength: config.ctxSize,
     prefillChunk: config.prefillChunk,
+    prefillTargetMs: config.prefillTargetMs,
+    textLimits: { maxFieldChars: config.maxFieldChars, maxPromptChars: config.maxPromptChars, maxRunChars: config.maxRunChars },
   });
   const sessions = new SessionManager(engine, new SnapshotStore(config.sessionDir), {
     memoryBudgetBytes: config.sessionMemoryBytes,
