@@ -104,6 +104,57 @@ function kvArray(tensor: Tensor): KvArray {
   return new Uint16Array(data.buffer, data.byteOffset, data.length);
 }
 
+/**
+ * Sizes prefill chunks so that one forward pass takes about targetMs: onnxruntime's session.run holds the
+ * thread (WASM and onnxruntime-node alike), so a 512-token chunk at 30K tokens of context kept every other
+ * request, /health included, waiting for a second. A run costs about a + b * tokens (a: feeding the KV
+ * cache in and out, b: attention and MLP per token; both grow with the context), fitted by least squares
+ * over the last runs, whose sizes are varied a little so that the fit stays possible. The chunk never
+ * passes `max`, changes more than 2x per run, or shrinks so far that the fixed cost a is more than half a
+ * run: at long contexts a alone passes any target, and prefill then still runs at half speed or better.
+ */
+export class PrefillChunker {
+  size: number;
+  private readonly runs: { tokens: number; ms: number }[] = [];
+  private flip = 1;
+
+  constructor(
+    private readonly max: number,
+    private readonly targetMs: number,
+  ) {
+    this.size = targetMs > 0 ? Math.min(max, 32) : max;
+  }
+
+  observe(tokens: number, ms: number): void {
+    if (this.targetMs <= 0) return;
+    this.runs.push({ tokens, ms });
+    if (this.runs.length > 6) this.runs.shift();
+    const { a, b } = this.fit(tokens, ms);
+    const fit = Math.max((this.targetMs - a) / b, a / b);
+    this.flip = -this.flip;
+    const dithered = fit * (1 + 0.2 * this.flip);
+    this.size = Math.max(1, Math.min(this.max, Math.floor(Math.min(Math.max(dithered, tokens / 2), tokens * 2))));
+  }
+
+  /** a and b from the recent runs; without a usable fit, all of the last run's cost counts per token. */
+  private fit(tokens: number, ms: number): { a: number; b: number } {
+    const n = this.runs.length;
+    let sc = 0;
+    let st = 0;
+    for (const r of this.runs) [sc, st] = [sc + r.tokens, st + r.ms];
+    const [mc, mt] = [sc / n, st / n];
+    let cov = 0;
+    let varc = 0;
+    for (const r of this.runs) [cov, varc] = [cov + (r.tokens - mc) * (r.ms - mt), varc + (r.tokens - mc) ** 2];
+    if (n >= 3 && varc > n * (0.05 * mc) ** 2) {
+      const b = cov / varc;
+      const a = mt - b * mc;
+      if (b > 0 && a >= 0) return { a, b };
+    }
+    return { a: 0, b: ms / tokens };
+  }
+}
+
 export interface ForwardOptions {
   /** Logits for the last position only (default) or for every new position. */
   allLogits?: boolean;
@@ -112,6 +163,8 @@ export interface ForwardOptions {
 export class LlamaModel {
   /** Calls to InferenceSession.run and the milliseconds spent inside them (for benchmarks and /metrics). */
   readonly runStats = { runs: 0, runMs: 0 };
+  /** Milliseconds one prefill run should take (see PrefillChunker); 0: chunks of the full chunkSize. */
+  prefillTargetMs = 0;
 
   private constructor(
     readonly folder: ModelFolder,
@@ -218,7 +271,8 @@ export class LlamaModel {
 
   /**
    * Reads `ids` into the cache in chunks of at most `chunkSize` tokens, so activations and logits stay
-   * bounded whatever the prompt length; returns the last position's logits.
+   * bounded whatever the prompt length; with prefillTargetMs, chunks are smaller where that keeps one run
+   * near the target. Returns the last position's logits.
    */
   async prefill(
     cache: KvCache,
@@ -229,11 +283,15 @@ export class LlamaModel {
   ): Promise<Float32Array> {
     if (ids.length === 0) throw new Error("prefill needs at least one token");
     let logits: Float32Array | null = null;
-    for (let start = 0; start < ids.length; start += chunkSize) {
+    const chunks = new PrefillChunker(chunkSize, this.prefillTargetMs);
+    for (let start = 0; start < ids.length; ) {
       if (start > 0) await yieldToEventLoop();
       if (signal?.aborted) throw new RuntimeError("cancelled", "the request was cancelled");
-      const end = Math.min(ids.length, start + chunkSize);
+      const end = Math.min(ids.length, start + chunks.size);
+      const t0 = performance.now();
       logits = await this.forward(cache, Array.prototype.slice.call(ids, start, end) as number[]);
+      chunks.observe(end - start, performance.now() - t0);
+      start = end;
       await onProgress?.(end, ids.length);
     }
     return logits!;
