@@ -83,8 +83,10 @@ export function cutsAreExact(tokenizerJson: Record<string, unknown>): boolean {
 export interface ChunkedEncoderOptions {
   /** Longest run of characters without a cut point that is accepted (its BPE cannot pause). */
   maxRunChars: number;
-  /** Milliseconds one piece should take to encode; the piece size follows measured speed. */
+  /** Milliseconds one piece should take to encode; the piece size follows measured speed (0: always the smallest). */
   targetMs?: number;
+  /** Smallest piece in characters (tests use 1: a cut at every cut point). */
+  minPieceChars?: number;
 }
 
 export class ChunkedEncoder {
@@ -92,6 +94,7 @@ export class ChunkedEncoder {
   readonly exact: boolean;
   readonly maxRunChars: number;
   private readonly targetMs: number;
+  private readonly minPieceChars: number;
   /** Adjacent code-point pairs inside added tokens: no cut between them. */
   private readonly pairs = new Set<number>();
   private specialsAround: { before: number[]; after: number[] } | null = null;
@@ -105,6 +108,7 @@ export class ChunkedEncoder {
     this.exact = cutsAreExact(tokenizerJson);
     this.maxRunChars = options.maxRunChars;
     this.targetMs = options.targetMs ?? 10;
+    this.minPieceChars = options.minPieceChars ?? 256;
     for (const token of (tokenizerJson.added_tokens ?? []) as AddedToken[]) {
       if (typeof token.content !== "string") continue;
       const cps = Array.from(token.content, (ch) => ch.codePointAt(0)!);
@@ -169,7 +173,7 @@ export class ChunkedEncoder {
       return this.encodeWhole(text, addSpecial);
     }
     // Start small (a character can cost 0.2 to 7 us) and let measured speed size the next pieces.
-    let pieceChars = 4096;
+    let pieceChars = this.targetMs > 0 ? Math.max(4096, this.minPieceChars) : this.minPieceChars;
     let end = this.nextCut(text, 0, pieceChars, param);
     if (end === text.length) return this.encodeWhole(text, addSpecial);
     const { before, after } = this.specials();
@@ -191,8 +195,9 @@ export class ChunkedEncoder {
 
   /** Next piece size: what the last piece's speed says fits targetMs, changing at most 2x per piece. */
   private nextSize(size: number, chars: number, ms: number): number {
+    if (this.targetMs <= 0) return this.minPieceChars;
     const fit = ms > 0 ? (chars * this.targetMs) / ms : size * 2;
-    return Math.round(Math.min(Math.max(fit, size / 2, 256), size * 2, 1 << 20));
+    return Math.round(Math.min(Math.max(fit, size / 2, this.minPieceChars), size * 2, 1 << 20));
   }
 
   /** What the post-processor puts around a text when asked to add special tokens (Llama-3: BOS before). */

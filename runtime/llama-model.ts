@@ -106,16 +106,17 @@ function kvArray(tensor: Tensor): KvArray {
 
 /**
  * Sizes prefill chunks so that one forward pass takes about targetMs: onnxruntime's session.run holds the
- * thread (WASM and onnxruntime-node alike), so a 512-token chunk at 30K tokens of context kept every other
- * request, /health included, waiting for a second. A run costs about a + b * tokens (a: feeding the KV
- * cache in and out, b: attention and MLP per token; both grow with the context), fitted by least squares
- * over the last runs, whose sizes are varied a little so that the fit stays possible. The chunk never
- * passes `max`, changes more than 2x per run, or shrinks so far that the fixed cost a is more than half a
- * run: at long contexts a alone passes any target, and prefill then still runs at half speed or better.
+ * thread (WASM and onnxruntime-node alike), so a 512-token chunk at 20K tokens of context kept every other
+ * request, /health included, waiting for half a second. Each chunk is the last one scaled by target /
+ * measured time (at most 2x either way). A run costs about a + b * tokens, where a (feeding the KV cache
+ * in and out) grows with the context until it alone passes any target; the target is therefore raised to
+ * 2a, so that prefill keeps at least half its speed instead of shrinking to a token per run. a is
+ * estimated from consecutive runs, whose sizes alternate 25% above and below the aim to make that possible.
  */
 export class PrefillChunker {
   size: number;
-  private readonly runs: { tokens: number; ms: number }[] = [];
+  private fixedMs = 0;
+  private last: { tokens: number; ms: number } | null = null;
   private flip = 1;
 
   constructor(
@@ -126,32 +127,18 @@ export class PrefillChunker {
   }
 
   observe(tokens: number, ms: number): void {
-    if (this.targetMs <= 0) return;
-    this.runs.push({ tokens, ms });
-    if (this.runs.length > 6) this.runs.shift();
-    const { a, b } = this.fit(tokens, ms);
-    const fit = Math.max((this.targetMs - a) / b, a / b);
-    this.flip = -this.flip;
-    const dithered = fit * (1 + 0.2 * this.flip);
-    this.size = Math.max(1, Math.min(this.max, Math.floor(Math.min(Math.max(dithered, tokens / 2), tokens * 2))));
-  }
-
-  /** a and b from the recent runs; without a usable fit, all of the last run's cost counts per token. */
-  private fit(tokens: number, ms: number): { a: number; b: number } {
-    const n = this.runs.length;
-    let sc = 0;
-    let st = 0;
-    for (const r of this.runs) [sc, st] = [sc + r.tokens, st + r.ms];
-    const [mc, mt] = [sc / n, st / n];
-    let cov = 0;
-    let varc = 0;
-    for (const r of this.runs) [cov, varc] = [cov + (r.tokens - mc) * (r.ms - mt), varc + (r.tokens - mc) ** 2];
-    if (n >= 3 && varc > n * (0.05 * mc) ** 2) {
-      const b = cov / varc;
-      const a = mt - b * mc;
-      if (b > 0 && a >= 0) return { a, b };
+    if (this.targetMs <= 0 || ms <= 0) return;
+    const last = this.last;
+    if (last && Math.abs(last.tokens - tokens) * 5 >= Math.max(last.tokens, tokens)) {
+      const perToken = (ms - last.ms) / (tokens - last.tokens);
+      const fixed = perToken > 0 ? Math.min(Math.max(ms - perToken * tokens, 0), 0.9 * Math.min(ms, last.ms)) : 0;
+      this.fixedMs = this.fixedMs === 0 ? fixed : 0.7 * this.fixedMs + 0.3 * fixed;
     }
-    return { a: 0, b: ms / tokens };
+    this.last = { tokens, ms };
+    const aim = (tokens * Math.max(this.targetMs, 2 * this.fixedMs)) / ms;
+    this.flip = -this.flip;
+    const next = Math.min(Math.max(aim, tokens / 2), tokens * 2) * (1 + 0.25 * this.flip);
+    this.size = Math.max(1, Math.min(this.max, Math.round(next)));
   }
 }
 
