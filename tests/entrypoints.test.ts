@@ -57,6 +57,8 @@ async function hangUpsCancel(url: string) {
 }
 
 const common = ["--host", "127.0.0.1", "--port", "0", "--backend", "wasm", "--model", "models/random"];
+/** Each test starts a process (and waits up to 60 s for it to listen): bun test's 5 s default is far too short on a busy machine. */
+const PROCESS_TEST_MS = 180_000;
 
 describe("entry points", () => {
   const texts: string[] = [];
@@ -68,7 +70,7 @@ describe("entry points", () => {
     expect(r.backend).toBe("wasm");
     texts.push(r.text);
     await hangUpsCancel(url);
-  });
+  }, PROCESS_TEST_MS);
 
   test("deno run src/entry/deno.ts", async () => {
     const { url } = await start(bin("deno"), ["run", "-A", "src/entry/deno.ts", ...common]);
@@ -76,7 +78,7 @@ describe("entry points", () => {
     expect(r.backend).toBe("wasm");
     texts.push(r.text);
     await hangUpsCancel(url);
-  });
+  }, PROCESS_TEST_MS);
 
   test("node --import tsx src/entry/node.ts", async () => {
     const { url } = await start("node", ["--import", "tsx", "src/entry/node.ts", ...common]);
@@ -84,7 +86,7 @@ describe("entry points", () => {
     expect(r.backend).toBe("wasm");
     texts.push(r.text);
     await hangUpsCancel(url);
-  });
+  }, PROCESS_TEST_MS);
 
   test("deno serve src/entry/deploy.ts (export default { fetch })", async () => {
     const { url } = await start(bin("deno"), ["serve", "-A", "--host", "127.0.0.1", "--port", "0", "src/entry/deploy.ts"], { BACKEND: "wasm", MODEL_DIR: "models/random" });
@@ -92,7 +94,7 @@ describe("entry points", () => {
     expect(r.backend).toBe("wasm");
     texts.push(r.text);
     await hangUpsCancel(url);
-  });
+  }, PROCESS_TEST_MS);
 
   test("all four runtimes give the same greedy completion", () => {
     expect(texts).toHaveLength(4);
@@ -104,5 +106,5 @@ describe("entry points", () => {
     await expect(start(bin("bun"), ["src/entry/bun.ts", "--model", "/nonexistent/folder", "--port", "0"])).rejects.toThrow(
       /model folder \/nonexistent\/folder does not exist/,
     );
-  });
+  }, PROCESS_TEST_MS);
 });
