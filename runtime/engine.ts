@@ -5,6 +5,7 @@
  */
 import { selectBackend, type BackendName, type BackendRequest } from "./backend.ts";
 import { ChatTemplate, type ChatMessage, type RenderOptions } from "./chat-template.ts";
+import { ChunkedEncoder } from "./chunked-encode.ts";
 import { RuntimeError, invalidRequest } from "./errors.ts";
 import { generate, type GenerateResult } from "./generate.ts";
 import { LlamaModel } from "./llama-model.ts";
@@ -17,6 +18,7 @@ import { loadModelFolder, variantUsesFloat16, type ModelFolder, type ModelVarian
 import { RequestQueue } from "./request-queue.ts";
 import { DEFAULT_SAMPLING, type SamplingParams } from "./sampling.ts";
 import { TextTokenizer } from "./tokenizer.ts";
+import { yieldToEventLoop } from "./yield.ts";
 
 /**
  * A digest of what decides the meaning of a KV cache: config.json, tokenizer.json, the variant and KV
@@ -62,7 +64,28 @@ export interface EngineOptions {
   prefillChunk: number;
   /** KV bytes the process may hold in all (sessions, running requests, uploads being read); default 8 GiB. */
   kvMemoryBytes?: number;
+  /** Bounds on text before and while it is tokenized (defaults: DEFAULT_TEXT_LIMITS). */
+  textLimits?: Partial<TextLimits>;
+  /**
+   * Milliseconds one prefill forward pass should take: the chunk shrinks below prefillChunk to fit, so the
+   * event loop (which a synchronous session.run holds) gets turns often. 0 (the default here; the server's
+   * is DEFAULT_PREFILL_TARGET_MS): always prefillChunk tokens.
+   */
+  prefillTargetMs?: number;
 }
+
+export interface TextLimits {
+  /** Characters of one text field of a request (a message's content, a prompt, a document). */
+  maxFieldChars: number;
+  /** Characters tokenized for one request: the rendered chat (a session's whole conversation) or the prompt. */
+  maxPromptChars: number;
+  /** Longest run without a break (a word, a number, a run of spaces or symbols): its tokenization cannot pause. */
+  maxRunChars: number;
+}
+
+/** A million-token context is about 4 MB of text: documents that size pass; one "word" of 2 MB does not. */
+export const DEFAULT_TEXT_LIMITS: TextLimits = { maxFieldChars: 8 * 2 ** 20, maxPromptChars: 16 * 2 ** 20, maxRunChars: 8192 };
+export const DEFAULT_PREFILL_TARGET_MS = 50;
 
 export interface EngineInfo {
   modelId: string;
@@ -123,6 +146,9 @@ export class Engine {
     private readonly prefillChunk: number,
     /** Every KV cache holds a reservation here while it exists. */
     readonly kvMemory: KvMemory,
+    readonly textLimits: TextLimits,
+    /** Plain text (special-token strings are text), and text whose special-token strings are specials (parse_special). */
+    private readonly encoders: { plain: ChunkedEncoder; parseSpecial: ChunkedEncoder },
   ) {}
 
   static async load(options: EngineOptions): Promise<Engine> {
@@ -130,7 +156,13 @@ export class Engine {
     const folder = await loadModelFolder(options.modelDir, options.variant);
     const backend = await selectBackend(options.backend, options.threads, { float16Io: variantUsesFloat16(folder.variant) });
     const model = await LlamaModel.load(folder, backend);
+    model.prefillTargetMs = options.prefillTargetMs ?? 0;
     const tokenizer = new TextTokenizer(folder.tokenizerJson, folder.tokenizerConfig);
+    const textLimits = { ...DEFAULT_TEXT_LIMITS, ...options.textLimits };
+    const encoders = {
+      plain: new ChunkedEncoder(folder.tokenizerJson, (text, addSpecial) => tokenizer.encode(text, addSpecial, false), textLimits),
+      parseSpecial: new ChunkedEncoder(folder.tokenizerJson, (text, addSpecial) => tokenizer.encode(text, addSpecial, true), textLimits),
+    };
     const template = new ChatTemplate(folder.tokenizerConfig, tokenizer.specialTokens);
     const c = folder.config;
     const kvBytesPerToken = c.numLayers * 2 * c.numKeyValueHeads * c.headDim * (model.io.kvDtype === "float16" ? 2 : 4);
@@ -149,7 +181,7 @@ export class Engine {
       createdAt: Math.floor(Date.now() / 1000),
     };
     const kvMemory = new KvMemory(options.kvMemoryBytes ?? DEFAULT_KV_MEMORY_BYTES);
-    return new Engine(info, model, tokenizer, template, new RequestQueue(options.queueLimit), options.prefillChunk, kvMemory);
+    return new Engine(info, model, tokenizer, template, new RequestQueue(options.queueLimit), options.prefillChunk, kvMemory, textLimits, encoders);
   }
 
   get queueState(): { busy: boolean; waiting: number; limit: number } {
@@ -173,21 +205,71 @@ export class Engine {
   }
 
   /**
-   * Token ids of a chat: special tokens only where the template wrote them (request text is plain text).
-   * The template's text already holds the BOS token, so none is added.
+   * Token ids of a chat: special tokens only where the template wrote them (request text is plain text),
+   * the text between them tokenized in pieces that give the event loop turns. The template's text already
+   * holds the BOS token, so none is added.
    */
-  encodeChat(messages: ChatMessage[], options: RenderOptions = {}): number[] {
-    return this.tokenizer.encodePieces(this.template.renderPieces(messages, options));
+  async encodeChat(messages: ChatMessage[], options: RenderOptions = {}, signal?: AbortSignal): Promise<number[]> {
+    const pieces = this.template.renderPieces(messages, options);
+    this.assertPromptChars(pieces.reduce((n, p) => n + p.length, 0), "messages");
+    const { texts, specialIds } = this.tokenizer.splitPieces(pieces);
+    const ids: number[] = [];
+    for (let i = 0; i < texts.length; i++) {
+      if (texts[i]!.length > 0) for (const id of await this.encoders.plain.encode(texts[i]!, false, "messages", signal)) ids.push(id);
+      if (i < specialIds.length) ids.push(specialIds[i]!);
+    }
+    return ids;
   }
 
   /**
    * Token ids of a raw prompt, BOS first. Special-token strings in it are plain text unless parseSpecial
    * (llama.cpp's parse_special); then a prompt that starts with the BOS string gets no second BOS.
    */
-  encodePrompt(text: string, parseSpecial = false): number[] {
-    if (!parseSpecial) return this.tokenizer.encode(text, true);
+  encodePrompt(text: string, parseSpecial = false, signal?: AbortSignal): Promise<number[]> {
+    if (!parseSpecial) return this.encodeText(text, true, false, "prompt", signal);
     const bos = this.tokenizer.specials.bosToken;
-    return this.tokenizer.encode(text, !(bos && text.startsWith(bos)), true);
+    return this.encodeText(text, !(bos && text.startsWith(bos)), true, "prompt", signal);
+  }
+
+  private assertPromptChars(chars: number, param: string): void {
+    const max = this.textLimits.maxPromptChars;
+    if (chars > max) {
+      throw invalidRequest(`${param}: the text to tokenize has ${chars} characters; at most ${max} are read per request (--max-prompt-chars)`, param);
+    }
+  }
+
+  /**
+   * Token ids of text, the tokenizer's own, computed in pieces that give the event loop turns (see
+   * chunked-encode.ts); special-token strings are specials only with parseSpecial. Text over
+   * maxPromptChars, or with a run over maxRunChars, is refused naming `param`.
+   */
+  async encodeText(text: string, addSpecial: boolean, parseSpecial: boolean, param: string, signal?: AbortSignal): Promise<number[]> {
+    this.assertPromptChars(text.length, param);
+    return (parseSpecial ? this.encoders.parseSpecial : this.encoders.plain).encode(text, addSpecial, param, signal);
+  }
+
+  /**
+   * Throws invalid_request naming `param` if one request field's text passes maxFieldChars or has a run
+   * over maxRunChars: checked before any tokenizing, so the error names the field the client sent.
+   */
+  async checkField(text: string, param: string, signal?: AbortSignal): Promise<void> {
+    const max = this.textLimits.maxFieldChars;
+    if (text.length > max) throw invalidRequest(`${param}: ${text.length} characters; a field may hold at most ${max} (--max-field-chars)`, param);
+    await this.encoders.plain.checkRuns(text, param, signal);
+  }
+
+  /** The tokenizer's decode, a slice of ids at a time with turns for the event loop between slices. */
+  async decodeIds(ids: readonly number[], skipSpecial = false): Promise<string> {
+    const stream = this.tokenizer.streamDecoder(skipSpecial);
+    const parts: string[] = [];
+    for (let start = 0; start < ids.length; start += 1 << 16) {
+      if (start > 0) await yieldToEventLoop();
+      let text = "";
+      for (let i = start; i < Math.min(ids.length, start + (1 << 16)); i++) text += stream.push(ids[i]!);
+      parts.push(text);
+    }
+    parts.push(stream.flush());
+    return parts.join("");
   }
 
   /** Request values win; then the model's generation_config.json; then neutral defaults. */

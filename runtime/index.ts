@@ -1,4 +1,4 @@
-export { Engine, type EngineOptions, type EngineInfo, type CompletionJob } from "./engine.ts";
+export { Engine, DEFAULT_TEXT_LIMITS, DEFAULT_PREFILL_TARGET_MS, type EngineOptions, type EngineInfo, type CompletionJob, type TextLimits } from "./engine.ts";
 export { RuntimeError, ModelFolderError, invalidRequest, type RuntimeErrorKind } from "./errors.ts";
 export { RESERVED_TEMPLATE_VARIABLES, type ChatMessage, type ToolDefinition, type ToolCall, type RenderOptions } from "./chat-template.ts";
 export type { GenerateResult, FinishReason } from "./generate.ts";
@@ -11,3 +11,4 @@ export { SnapshotStore, DEFAULT_TENANT } from "./snapshot-store.ts";
 export { SnapshotError, SNAPSHOT_VERSION, encodeSnapshot, decodeSnapshot, type SnapshotData, type KvOrigin } from "./snapshot.ts";
 export { MAX_JSON_DEPTH, jsonDepth } from "./message-schema.ts";
 export type { KvCache } from "./kv-cache.ts";
+export { yieldToEventLoop } from "./yield.ts";

@@ -104,6 +104,44 @@ function kvArray(tensor: Tensor): KvArray {
   return new Uint16Array(data.buffer, data.byteOffset, data.length);
 }
 
+/**
+ * Sizes prefill chunks so that one forward pass takes about targetMs: onnxruntime's session.run holds the
+ * thread (WASM and onnxruntime-node alike), so a 512-token chunk at 20K tokens of context kept every other
+ * request, /health included, waiting for half a second. Each chunk is the last one scaled by target /
+ * measured time (at most 2x either way). A run costs about a + b * tokens, where a (feeding the KV cache
+ * in and out) grows with the context until it alone passes any target; the target is therefore raised to
+ * 2a, so that prefill keeps at least half its speed instead of shrinking to a token per run. a is
+ * estimated from consecutive runs, whose sizes alternate 25% above and below the aim to make that possible.
+ */
+export class PrefillChunker {
+  size: number;
+  private fixedMs = 0;
+  private last: { tokens: number; ms: number } | null = null;
+  private flip = 1;
+
+  constructor(
+    private readonly max: number,
+    private readonly targetMs: number,
+  ) {
+    this.size = targetMs > 0 ? Math.min(max, 32) : max;
+  }
+
+  observe(tokens: number, ms: number): void {
+    if (this.targetMs <= 0 || ms <= 0) return;
+    const last = this.last;
+    if (last && Math.abs(last.tokens - tokens) * 5 >= Math.max(last.tokens, tokens)) {
+      const perToken = (ms - last.ms) / (tokens - last.tokens);
+      const fixed = perToken > 0 ? Math.min(Math.max(ms - perToken * tokens, 0), 0.9 * Math.min(ms, last.ms)) : 0;
+      this.fixedMs = this.fixedMs === 0 ? fixed : 0.7 * this.fixedMs + 0.3 * fixed;
+    }
+    this.last = { tokens, ms };
+    const aim = (tokens * Math.max(this.targetMs, 2 * this.fixedMs)) / ms;
+    this.flip = -this.flip;
+    const next = Math.min(Math.max(aim, tokens / 2), tokens * 2) * (1 + 0.25 * this.flip);
+    this.size = Math.max(1, Math.min(this.max, Math.round(next)));
+  }
+}
+
 export interface ForwardOptions {
   /** Logits for the last position only (default) or for every new position. */
   allLogits?: boolean;
@@ -112,6 +150,8 @@ export interface ForwardOptions {
 export class LlamaModel {
   /** Calls to InferenceSession.run and the milliseconds spent inside them (for benchmarks and /metrics). */
   readonly runStats = { runs: 0, runMs: 0 };
+  /** Milliseconds one prefill run should take (see PrefillChunker); 0: chunks of the full chunkSize. */
+  prefillTargetMs = 0;
 
   private constructor(
     readonly folder: ModelFolder,
@@ -218,7 +258,8 @@ export class LlamaModel {
 
   /**
    * Reads `ids` into the cache in chunks of at most `chunkSize` tokens, so activations and logits stay
-   * bounded whatever the prompt length; returns the last position's logits.
+   * bounded whatever the prompt length; with prefillTargetMs, chunks are smaller where that keeps one run
+   * near the target. Returns the last position's logits.
    */
   async prefill(
     cache: KvCache,
@@ -229,11 +270,15 @@ export class LlamaModel {
   ): Promise<Float32Array> {
     if (ids.length === 0) throw new Error("prefill needs at least one token");
     let logits: Float32Array | null = null;
-    for (let start = 0; start < ids.length; start += chunkSize) {
+    const chunks = new PrefillChunker(chunkSize, this.prefillTargetMs);
+    for (let start = 0; start < ids.length; ) {
       if (start > 0) await yieldToEventLoop();
       if (signal?.aborted) throw new RuntimeError("cancelled", "the request was cancelled");
-      const end = Math.min(ids.length, start + chunkSize);
+      const end = Math.min(ids.length, start + chunks.size);
+      const t0 = performance.now();
       logits = await this.forward(cache, Array.prototype.slice.call(ids, start, end) as number[]);
+      chunks.observe(end - start, performance.now() - t0);
+      start = end;
       await onProgress?.(end, ids.length);
     }
     return logits!;

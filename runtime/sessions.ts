@@ -235,19 +235,19 @@ export class SessionManager {
     }
   }
 
-  private renderIds(session: Session, messages: ChatMessage[], addGenerationPrompt: boolean, tools?: ToolDefinition[] | null): number[] {
-    return this.engine.encodeChat(messages, { addGenerationPrompt, tools, extra: session.templateKwargs });
+  private renderIds(session: Session, messages: ChatMessage[], addGenerationPrompt: boolean, tools: ToolDefinition[] | null, signal?: AbortSignal): Promise<number[]> {
+    return this.engine.encodeChat(messages, { addGenerationPrompt, tools, extra: session.templateKwargs }, signal);
   }
 
   /** Reads `messages` (the whole conversation) into the session without generating. */
-  private ingestMessages(
+  private async ingestMessages(
     session: Session,
     messages: ChatMessage[],
     onProgress?: (done: number, total: number) => void | Promise<void>,
     signal?: AbortSignal,
   ): Promise<IngestResult> {
     assertStorableMessages(messages);
-    const promptIds = this.renderIds(session, messages, false);
+    const promptIds = await this.renderIds(session, messages, false, null, signal);
     return this.change(session, promptIds, async (prepare) => {
       // A cancellation during prefill throws out of ingest: nothing is committed.
       const result = await this.engine.ingest(promptIds, prepare, onProgress, signal);
@@ -315,7 +315,7 @@ export class SessionManager {
       const session = await this.load(tenant, id);
       const messages = request.messages(session.state.messages);
       assertStorableMessages(messages);
-      const promptIds = this.renderIds(session, messages, true, request.tools);
+      const promptIds = await this.renderIds(session, messages, true, request.tools ?? null, request.signal);
       const { messages: _, tools: __, ...generation } = request;
       return this.change(session, promptIds, async (prepare) => {
         const result = await this.engine.complete({ ...generation, promptIds, prepare }, onDelta);

@@ -109,6 +109,20 @@ export class TextTokenizer {
    * specials recognized only at the cuts: the tokenizer splits at added tokens before anything else.
    */
   encodePieces(pieces: readonly string[]): number[] {
+    const { texts, specialIds } = this.splitPieces(pieces);
+    const ids: number[] = [];
+    texts.forEach((text, i) => {
+      if (text.length > 0) for (const id of this.encode(text)) ids.push(id);
+      if (i < specialIds.length) ids.push(specialIds[i]!);
+    });
+    return ids;
+  }
+
+  /**
+   * The texts between a template's special tokens, and those tokens' ids (texts[i] comes before
+   * specialIds[i]); callers encode the texts as plain text, in one go or in pieces (engine.encodeChat).
+   */
+  splitPieces(pieces: readonly string[]): { texts: string[]; specialIds: number[] } {
     const texts = pieces.filter((_, i) => i % 2 === 0);
     const specials = pieces.filter((_, i) => i % 2 === 1).map((p) => {
       const token = this.specialByText.get(p);
@@ -120,12 +134,7 @@ export class TextTokenizer {
       if (t.lstrip) texts[i] = texts[i]!.trimEnd();
       if (t.rstrip) texts[i + 1] = texts[i + 1]!.trimStart();
     });
-    const ids: number[] = [];
-    texts.forEach((text, i) => {
-      if (text.length > 0) for (const id of this.encode(text)) ids.push(id);
-      if (i < specials.length) ids.push(specials[i]!.id);
-    });
-    return ids;
+    return { texts, specialIds: specials.map((t) => t.id) };
   }
 
   private plain(): Tokenizer {

@@ -201,12 +201,12 @@ function chatWithLines(lines: number): ChatMessage[] {
 }
 
 /** A realistic chat rendered with the model's template, grown line by line to the largest size within `target` tokens. */
-function buildPrompt(engine: Engine, target: number): number[] {
+async function buildPrompt(engine: Engine, target: number): Promise<number[]> {
   const encode = (lines: number) => engine.encodeChat(chatWithLines(lines), { extra: { date_string: "26 Jul 2024" } });
-  let best = encode(0);
+  let best = await encode(0);
   if (best.length > target) return best;
   for (let lines = 1; lines < 10_000; lines++) {
-    const ids = encode(lines);
+    const ids = await encode(lines);
     if (ids.length > target) break;
     best = ids;
   }
@@ -277,7 +277,7 @@ async function parentMain(): Promise<void> {
   }
   const target = positiveInt("prompt-tokens", values["prompt-tokens"]);
   const encoder = await Engine.load({ modelDir, variant: "fp32", backend: "wasm", threads: 1, queueLimit: 1, contextLength: 0, prefillChunk: 512 });
-  const promptIds = buildPrompt(encoder, target);
+  const promptIds = await buildPrompt(encoder, target);
   await encoder.close();
 
   console.log(`model ${modelDir}, fp32; prompt ${promptIds.length} tokens (chat template), ${newTokens} new tokens, greedy, eos ignored`);

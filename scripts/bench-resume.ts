@@ -40,7 +40,7 @@ const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.len
 const mb = (bytes: number) => bytes / 2 ** 20;
 
 /** A varied log-like document of about `tokens` tokens (seeded, so every run reads the same text). */
-function documentOf(engine: Engine, tokens: number): string {
+async function documentOf(engine: Engine, tokens: number): Promise<string> {
   const random = createRng(7);
   const pick = <T>(xs: T[]) => xs[Math.floor(random() * xs.length)]!;
   const ships = ["Aurora", "Petrel", "Kittiwake", "Marram", "Solway", "Brae", "Tern", "Skerry"];
@@ -55,7 +55,7 @@ function documentOf(engine: Engine, tokens: number): string {
   let n = tokens;
   for (let attempt = 0; attempt < 8; attempt++) {
     const text = engine.tokenizer.decode(ids.slice(0, n));
-    const total = engine.encodeChat([{ role: "user", content: text }], { addGenerationPrompt: false, extra: DATE }).length;
+    const total = (await engine.encodeChat([{ role: "user", content: text }], { addGenerationPrompt: false, extra: DATE })).length;
     if (total === tokens) return text;
     n += tokens - total;
   }
@@ -72,14 +72,14 @@ for (const size of sizes) {
   const dir = mkdtempSync(join(tmpdir(), "bench-resume-"));
   const store = new SnapshotStore(dir);
   const options = { memoryBudgetBytes: 2 ** 40, busy: "wait" as const, chunkTokens };
-  const document: ChatMessage = { role: "user", content: documentOf(engine, size) };
+  const document: ChatMessage = { role: "user", content: await documentOf(engine, size) };
 
   const writer = new SessionManager(engine, store, options);
   const created = await writer.create({ tenant: DEFAULT_TENANT, id: "doc", messages: [document], templateKwargs: DATE });
   const snapshotBytes = (await stat(store.path("doc"))).size;
 
   // Cold: the whole conversation from nothing.
-  const promptIds = engine.encodeChat([document, QUESTION], { extra: DATE });
+  const promptIds = await engine.encodeChat([document, QUESTION], { extra: DATE });
   const cold: number[] = [];
   let coldToken = -1;
   for (let i = 0; i < runs; i++) {

@@ -9,7 +9,7 @@ import { bodyLimit } from "hono/body-limit";
 import type { Engine, SessionManager } from "../runtime/index.ts";
 import { authMiddleware, isAuthenticated, tenantOf, type ApiKey } from "./auth.ts";
 import { badRequest, toErrorResponse } from "./http-errors.ts";
-import { RouteKit, clientAbort, newId, nowSeconds, parseBody, respondChat, toChatMessage, usage, timings } from "./http-kit.ts";
+import { RouteKit, clientAbort, jsonListResponse, newId, nowSeconds, respondChat, toChatMessage, usage, timings } from "./http-kit.ts";
 import { applyTemplateSchema, chatCompletionSchema, completionSchema, detokenizeSchema, tokenizeSchema } from "./schemas.ts";
 import { isSnapshotUpload, registerSessionRoutes } from "./session-routes.ts";
 
@@ -109,7 +109,7 @@ export function createApp(options: AppOptions): Hono {
   });
 
   app.post("/v1/chat/completions", async (c) => {
-    const req = await parseBody(c, chatCompletionSchema);
+    const req = await kit.parse(c, chatCompletionSchema);
     kit.checkModel(req.model);
     const tools = req.tool_choice === "none" ? null : (req.tools ?? null);
     const messages = req.messages.map(toChatMessage);
@@ -131,7 +131,8 @@ export function createApp(options: AppOptions): Hono {
       return respondChat(kit, c, { ...common, run: (onDelta) => sessions.turn(tenantOf(c), sessionId, turn, onDelta), extra: { session_id: sessionId } });
     }
 
-    const promptIds = engine.encodeChat(messages, { tools, addGenerationPrompt: true, extra: req.chat_template_kwargs });
+    engine.checkAdmission(); // a full queue answers 429 before the prompt is tokenized, not after
+    const promptIds = await engine.encodeChat(messages, { tools, addGenerationPrompt: true, extra: req.chat_template_kwargs }, abort.signal);
     const job = kit.jobOf(req, promptIds, maxTokens, abort.signal);
     // Reuse the KV of an in-memory session of the same tenant that shares this prompt's beginning (a copy: the session is not touched).
     const tenant = tenantOf(c);
@@ -140,10 +141,11 @@ export function createApp(options: AppOptions): Hono {
   });
 
   app.post("/v1/completions", async (c) => {
-    const req = await parseBody(c, completionSchema);
+    const req = await kit.parse(c, completionSchema);
     kit.checkModel(req.model);
-    const promptIds = typeof req.prompt === "string" ? engine.encodePrompt(req.prompt, req.parse_special ?? false) : req.prompt;
     const abort = clientAbort(c);
+    engine.checkAdmission();
+    const promptIds = typeof req.prompt === "string" ? await engine.encodePrompt(req.prompt, req.parse_special ?? false, abort.signal) : req.prompt;
     const job = kit.jobOf(req, promptIds, kit.maxTokensOf(req.max_tokens) ?? 16 /* OpenAI's default here */, abort.signal);
     const tenant = tenantOf(c);
     if (sessions) job.prepare = () => sessions.prefixCache(tenant, promptIds) ?? engine.model.newCache();
@@ -170,20 +172,20 @@ export function createApp(options: AppOptions): Hono {
   if (sessions) registerSessionRoutes(app, kit, sessions, options.maxSnapshotBytes ?? 8 * 2 ** 30);
 
   app.post("/tokenize", async (c) => {
-    const req = await parseBody(c, tokenizeSchema);
-    const ids = engine.tokenizer.encode(req.content, req.add_special ?? false, req.parse_special ?? false);
-    if (!req.with_pieces) return c.json({ tokens: ids });
-    return c.json({ tokens: ids.map((id) => ({ id, piece: engine.tokenizer.decode([id]) })) });
+    const req = await kit.parse(c, tokenizeSchema);
+    const ids = await engine.encodeText(req.content, req.add_special ?? false, req.parse_special ?? false, "content", clientAbort(c).signal);
+    if (!req.with_pieces) return jsonListResponse("tokens", ids);
+    return jsonListResponse("tokens", ids, (slice) => slice.map((id) => ({ id, piece: engine.tokenizer.decode([id]) })));
   });
 
   app.post("/detokenize", async (c) => {
-    const req = await parseBody(c, detokenizeSchema);
+    const req = await kit.parse(c, detokenizeSchema);
     engine.checkTokenIds(req.tokens, "tokens");
-    return c.json({ content: engine.tokenizer.decode(req.tokens) });
+    return c.json({ content: await engine.decodeIds(req.tokens) });
   });
 
   app.post("/apply-template", async (c) => {
-    const req = await parseBody(c, applyTemplateSchema);
+    const req = await kit.parse(c, applyTemplateSchema);
     const prompt = engine.renderChat(req.messages.map(toChatMessage), {
       tools: req.tools ?? null,
       addGenerationPrompt: req.add_generation_prompt ?? true,

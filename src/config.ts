@@ -3,7 +3,7 @@
  * One schema is the single source of names, defaults, bounds and the --help text.
  */
 import { z } from "zod";
-import { MODEL_VARIANT_NAMES } from "../runtime/index.ts";
+import { DEFAULT_PREFILL_TARGET_MS, DEFAULT_TEXT_LIMITS, MODEL_VARIANT_NAMES } from "../runtime/index.ts";
 
 const intIn = (min: number, max: number) => z.coerce.number().int().min(min).max(max);
 
@@ -29,6 +29,10 @@ export const configSchema = z.object({
   apiKeysFile: z.string().min(1).optional().describe('JSON file of tenant name to API key(s): {"tenant-a": "sk-...", "tenant-b": ["sk-1", "sk-2"]}'),
   idleTimeoutS: intIn(0, 255).default(60).describe("seconds a connection may stay silent both ways before it is closed (0 = never; generations are exempt once their body is in)"),
   shutdownGraceMs: intIn(0, 24 * 3600 * 1000).default(30000).describe("on SIGTERM / SIGINT, how long running requests may take to finish before the server exits anyway (status 1)"),
+  maxFieldChars: intIn(1, 1 << 30).default(DEFAULT_TEXT_LIMITS.maxFieldChars).describe("characters one text field of a request may hold (message content, prompt, document); 400 above"),
+  maxPromptChars: intIn(1, 1 << 30).default(DEFAULT_TEXT_LIMITS.maxPromptChars).describe("characters tokenized for one request (the rendered chat, a session's whole conversation); 400 above"),
+  maxRunChars: intIn(16, 1 << 30).default(DEFAULT_TEXT_LIMITS.maxRunChars).describe("longest word, number or run of spaces or symbols accepted (its tokenization cannot pause); 400 above"),
+  prefillTargetMs: intIn(0, 60000).default(DEFAULT_PREFILL_TARGET_MS).describe("milliseconds one prefill forward pass aims at (smaller chunks keep the server responsive); 0 = always --prefill-chunk"),
 });
 
 export type ServerConfig = z.infer<typeof configSchema>;
@@ -56,6 +60,10 @@ const NAMES: Record<keyof ServerConfig, { env: string; flag: string }> = {
   apiKeysFile: { env: "API_KEYS_FILE", flag: "--api-keys-file" },
   idleTimeoutS: { env: "IDLE_TIMEOUT_S", flag: "--idle-timeout-s" },
   shutdownGraceMs: { env: "SHUTDOWN_GRACE_MS", flag: "--shutdown-grace-ms" },
+  maxFieldChars: { env: "MAX_FIELD_CHARS", flag: "--max-field-chars" },
+  maxPromptChars: { env: "MAX_PROMPT_CHARS", flag: "--max-prompt-chars" },
+  maxRunChars: { env: "MAX_RUN_CHARS", flag: "--max-run-chars" },
+  prefillTargetMs: { env: "PREFILL_TARGET_MS", flag: "--prefill-target-ms" },
 };
 
 export class ConfigError extends Error {}

@@ -4,7 +4,7 @@
  */
 import type { Context } from "hono";
 import type { z } from "zod";
-import { parseToolCall, type ChatMessage, type CompletionJob, type Engine, type GenerateResult, type SamplingParams } from "../runtime/index.ts";
+import { parseToolCall, yieldToEventLoop, type ChatMessage, type CompletionJob, type Engine, type GenerateResult, type SamplingParams } from "../runtime/index.ts";
 import { HttpError, badRequest, fromZod, toErrorResponse, zodIssueMessage } from "./http-errors.ts";
 import type { ChatCompletionRequest, CompletionRequest, chatMessageSchema } from "./schemas.ts";
 import { sseResponse } from "./sse.ts";
@@ -80,6 +80,42 @@ export async function parseBody<S extends z.ZodType>(c: Context, schema: S): Pro
   return parsed.data;
 }
 
+/** Calls `check` on every string in a parsed body with its path (e.g. messages.0.content), in order. */
+export async function eachString(value: unknown, check: (text: string, path: string) => Promise<void>): Promise<void> {
+  // An explicit stack: a body may nest deeper than the call stack allows (free-form tool parameters).
+  const stack: [unknown, string][] = [[value, ""]];
+  const keyName = (k: string) => (k.length > 40 ? `${k.slice(0, 40)}...` : k);
+  const nested = (v: unknown) => typeof v === "string" || (typeof v === "object" && v !== null);
+  while (stack.length) {
+    const [v, path] = stack.pop()!;
+    if (typeof v === "string") {
+      await check(v, path || "body");
+    } else if (Array.isArray(v)) {
+      for (let i = v.length - 1; i >= 0; i--) if (nested(v[i])) stack.push([v[i], path ? `${path}.${i}` : String(i)]);
+    } else if (typeof v === "object" && v !== null) {
+      const entries = Object.entries(v);
+      for (let i = entries.length - 1; i >= 0; i--) {
+        const [k, x] = entries[i]!;
+        if (nested(x)) stack.push([x, path ? `${path}.${keyName(k)}` : keyName(k)]);
+      }
+    }
+  }
+}
+
+/**
+ * A JSON object `{ [key]: list }` as a response, stringified a slice of the list at a time with turns for
+ * the event loop between slices: one JSON.stringify of millions of items holds the thread for a while.
+ */
+export async function jsonListResponse<T>(key: string, list: readonly T[], map: (slice: T[]) => unknown[] = (s) => s): Promise<Response> {
+  const SLICE = 1 << 16;
+  const parts: string[] = [];
+  for (let start = 0; start < list.length; start += SLICE) {
+    if (start > 0) await yieldToEventLoop();
+    parts.push(JSON.stringify(map(list.slice(start, start + SLICE))).slice(1, -1));
+  }
+  return new Response(`{${JSON.stringify(key)}:[${parts.join(",")}]}`, { headers: { "content-type": "application/json" } });
+}
+
 /** Aborts when the client disconnects, so a queued or running generation stops. */
 export function clientAbort(c: Context): AbortController {
   const abort = new AbortController();
@@ -97,6 +133,16 @@ export class RouteKit {
   ) {}
 
   errorEvent = (error: unknown) => toErrorResponse(error, this.log).body;
+
+  /**
+   * parseBody, then every string of the request held to the engine's per-field text limits before any
+   * tokenizing (a 400 names the field and the limit).
+   */
+  async parse<S extends z.ZodType>(c: Context, schema: S): Promise<z.infer<S>> {
+    const body = await parseBody(c, schema);
+    await eachString(body, (text, path) => this.engine.checkField(text, path));
+    return body;
+  }
 
   checkModel(model: string | undefined): void {
     if (model !== undefined && model !== this.engine.info.modelId) {

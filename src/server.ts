@@ -50,6 +50,8 @@ export async function createServer(env: Record<string, string | undefined>, argv
     contextLength: config.ctxSize,
     prefillChunk: config.prefillChunk,
     kvMemoryBytes: config.kvMemoryBytes,
+    prefillTargetMs: config.prefillTargetMs,
+    textLimits: { maxFieldChars: config.maxFieldChars, maxPromptChars: config.maxPromptChars, maxRunChars: config.maxRunChars },
   });
   const sessions = new SessionManager(engine, new SnapshotStore(config.sessionDir), {
     memoryBudgetBytes: config.sessionMemoryBytes,

@@ -14,7 +14,7 @@ import type { Context, Hono } from "hono";
 import { SnapshotError, type ChatMessage, type SessionManager } from "../runtime/index.ts";
 import { badRequest } from "./http-errors.ts";
 import { tenantOf } from "./auth.ts";
-import { RouteKit, clientAbort, parseBody, respondChat, toChatMessage } from "./http-kit.ts";
+import { RouteKit, clientAbort, respondChat, toChatMessage } from "./http-kit.ts";
 import { appendSchema, createSessionSchema, sessionMessageSchema } from "./schemas.ts";
 import { sseResponse } from "./sse.ts";
 
@@ -51,7 +51,7 @@ export function registerSessionRoutes(app: Hono, kit: RouteKit, sessions: Sessio
     ingest && { cached_tokens: ingest.cachedTokens, prefilled_tokens: ingest.prefilledTokens, ms: ingest.ms };
 
   app.post("/v1/sessions", async (c) => {
-    const req = await parseBody(c, createSessionSchema);
+    const req = await kit.parse(c, createSessionSchema);
     const messages: ChatMessage[] = [
       ...(req.system !== undefined ? [{ role: "system", content: req.system }] : []),
       ...(req.messages ?? []).map(toChatMessage),
@@ -81,7 +81,7 @@ export function registerSessionRoutes(app: Hono, kit: RouteKit, sessions: Sessio
 
   app.post("/v1/sessions/:id/messages", async (c) => {
     const id = c.req.param("id");
-    const req = await parseBody(c, sessionMessageSchema);
+    const req = await kit.parse(c, sessionMessageSchema);
     kit.checkModel(req.model);
     const message = toChatMessage({ role: req.role, content: req.content });
     const abort = clientAbort(c);
@@ -100,10 +100,10 @@ export function registerSessionRoutes(app: Hono, kit: RouteKit, sessions: Sessio
 
   app.post("/v1/sessions/:id/append", async (c) => {
     const id = c.req.param("id");
-    const req = await parseBody(c, appendSchema);
+    const req = await kit.parse(c, appendSchema);
     if (req.tokens) engine.checkTokenIds(req.tokens, "tokens");
     // Token ids join the conversation as their text: the session's history is always its rendered messages.
-    const text = req.tokens ? engine.tokenizer.decode(req.tokens) : req.text!;
+    const text = req.tokens ? await engine.decodeIds(req.tokens) : req.text!;
     const message = toChatMessage({ role: req.role, content: text });
     await sessions.assertReady(tenantOf(c), id);
     return ingestResponse(

@@ -8,7 +8,7 @@ import { argmax } from "../runtime/sampling.ts";
 import { sharedEngine } from "./helpers/model.ts";
 
 const engine = await sharedEngine();
-const prompt = engine.encodeChat([{ role: "user", content: "Write a short poem about the sea and the wind." }], {
+const prompt = await engine.encodeChat([{ role: "user", content: "Write a short poem about the sea and the wind." }], {
   extra: { date_string: "26 Jul 2024" },
 });
 

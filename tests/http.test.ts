@@ -54,7 +54,7 @@ describe("OpenAI routes", () => {
     expect(body.choices[0].message.role).toBe("assistant");
     expect(typeof body.choices[0].message.content).toBe("string");
     expect(["stop", "length"]).toContain(body.choices[0].finish_reason);
-    const promptTokens = engine.encodeChat([{ role: "user", content: "Tell me about the ocean." }]).length;
+    const promptTokens = (await engine.encodeChat([{ role: "user", content: "Tell me about the ocean." }])).length;
     expect(body.usage.prompt_tokens).toBe(promptTokens);
     expect(body.usage.completion_tokens).toBeLessThanOrEqual(8);
     expect(body.usage.total_tokens).toBe(body.usage.prompt_tokens + body.usage.completion_tokens);
@@ -84,9 +84,9 @@ describe("OpenAI routes", () => {
     expect(res.status).toBe(200);
     const body = (await res.json()) as any;
     expect(body.object).toBe("text_completion");
-    expect(body.usage.prompt_tokens).toBe(engine.encodePrompt("The sea is").length);
+    expect(body.usage.prompt_tokens).toBe((await engine.encodePrompt("The sea is")).length);
     expect(body.usage.prompt_tokens).toBe(4); // BOS + 3 tokens
-    const ids = await post("/v1/completions", { prompt: engine.encodePrompt("The sea is"), max_tokens: 6, temperature: 0 });
+    const ids = await post("/v1/completions", { prompt: await engine.encodePrompt("The sea is"), max_tokens: 6, temperature: 0 });
     expect(((await ids.json()) as any).choices[0].text).toBe(body.choices[0].text);
     const stream = await post("/v1/completions", { prompt: "The sea is", max_tokens: 6, temperature: 0, stream: true });
     const events = await readSse(stream);

@@ -54,7 +54,7 @@ describe("model folder", () => {
     expect(fp16.info.kvDtype).toBe("float16");
     expect(fp16.info.kvBytesPerToken).toBe(2 * 2 * 2 * TINY_LLAMA_CONFIG.head_dim * 2); // layers x (K, V) x KV heads x head_dim x fp16
     const fp32 = await sharedEngine();
-    const job = { promptIds: prompt(fp32), maxTokens: 8, sampling: { temperature: 0 }, stop: [] };
+    const job = { promptIds: await prompt(fp32), maxTokens: 8, sampling: { temperature: 0 }, stop: [] };
     const a = await fp32.complete(job);
     const b = await fp16.complete(job);
     expect(b.tokenIds).toEqual(a.tokenIds);
@@ -64,7 +64,7 @@ describe("model folder", () => {
     const native = await Engine.load(engineOptions({ backend: "native" }));
     expect(native.info.backend).toBe("native");
     const wasm = await sharedEngine();
-    const job = { promptIds: prompt(wasm), maxTokens: 24, sampling: { temperature: 0 }, stop: [] };
+    const job = { promptIds: await prompt(wasm), maxTokens: 24, sampling: { temperature: 0 }, stop: [] };
     expect((await native.complete(job)).tokenIds).toEqual((await wasm.complete(job)).tokenIds);
     await native.close();
   });

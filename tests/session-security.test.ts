@@ -60,7 +60,7 @@ describe("uploaded KV is never lent", () => {
     const header = unpackr.unpack(snapshot.subarray(SNAPSHOT_MAGIC.length + 8, SNAPSHOT_MAGIC.length + 8 + new DataView(snapshot.buffer).getUint32(SNAPSHOT_MAGIC.length, true))) as Record<string, any>;
     // The victim's prompt, which the attacker guesses: its first tokens replace the snapshot's.
     const victim = [{ role: "user", content: `Victim. ${words(4, 300)}` }];
-    const victimIds = engine.encodeChat(victim, { addGenerationPrompt: true, extra: DATE });
+    const victimIds = await engine.encodeChat(victim, { addGenerationPrompt: true, extra: DATE });
     expect(victimIds.length).toBeGreaterThan(header.tokenCount);
     const planted = withTokens(snapshot, victimIds.slice(0, header.tokenCount));
     const uploaded = await app.request("/v1/sessions/planted/snapshot", { method: "PUT", body: planted as BodyInit });
@@ -84,7 +84,7 @@ describe("tenants", () => {
   const dir = tempDir("tenants");
   const manager = new SessionManager(engine, new SnapshotStore(dir), { memoryBudgetBytes: 2 ** 30, busy: "wait", chunkTokens: 64 });
   const document = { role: "user", content: `Alice's notes. ${words(5, 80)}` };
-  const prompt = engine.encodeChat([document, { role: "user", content: "Summarize." }], { addGenerationPrompt: true, extra: DATE });
+  const prompt = () => engine.encodeChat([document, { role: "user", content: "Summarize." }], { addGenerationPrompt: true, extra: DATE });
   const turn = { messages: (m: { role: string; content: string | null }[]) => [...m, { role: "user", content: "Summarize." }], maxTokens: 4, sampling: { temperature: 0 }, stop: [] };
   const notFound = async (p: Promise<unknown>) => {
     const error = await p.then(
@@ -106,8 +106,8 @@ describe("tenants", () => {
     await notFound(manager.delete("bob", "notes"));
     await notFound(manager.assertReady("bob", "notes"));
     // Alice's plain requests borrow her KV; Bob's never do.
-    expect(manager.prefixCache("alice", prompt)).not.toBeNull();
-    expect(manager.prefixCache("bob", prompt)).toBeNull();
+    expect(manager.prefixCache("alice", await prompt())).not.toBeNull();
+    expect(manager.prefixCache("bob", await prompt())).toBeNull();
     // Ids are per tenant: Bob may have a "notes" of his own, and each sees only theirs.
     await manager.create({ tenant: "bob", id: "notes", messages: [{ role: "user", content: "Bob's." }], templateKwargs: DATE });
     expect((await manager.info("alice", "notes")).tokens_read).toBeGreaterThan((await manager.info("bob", "notes")).tokens_read);

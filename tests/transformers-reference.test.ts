@@ -45,7 +45,7 @@ async function compareOn(engine: Engine, peer: TransformersPeer): Promise<void> 
   const outputs: number[][] = [];
   const lengths = new Set<number>();
   for (const chat of CHATS) {
-    const promptIds = engine.encodeChat(chat.messages, RENDER);
+    const promptIds = await engine.encodeChat(chat.messages, RENDER);
     lengths.add(promptIds.length);
     const ours = await engine.complete({ promptIds, maxTokens: NEW_TOKENS, sampling: { temperature: 0 }, stop: [], ignoreEos: true });
     const theirs = await peer.generate(promptIds, NEW_TOKENS);
@@ -95,7 +95,7 @@ describe("transformers.js reference (onnxruntime-web WASM, same model folder)", 
     const engine = await sharedEngine();
     const peer = await peerFor("fp32");
     try {
-      const promptIds = engine.encodeChat(CHATS[1]!.messages, RENDER);
+      const promptIds = await engine.encodeChat(CHATS[1]!.messages, RENDER);
       const ours = await engine.complete({ promptIds, maxTokens: NEW_TOKENS, sampling: { temperature: 0 }, stop: [], ignoreEos: true });
       const altered = [...promptIds];
       altered[altered.length - 6] = 9906; // "Hello" in place of a token near the end of the user turn
