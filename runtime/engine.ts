@@ -158,6 +158,8 @@ export class Engine {
     const model = await LlamaModel.load(folder, backend);
     model.prefillTargetMs = options.prefillTargetMs ?? 0;
     const tokenizer = new TextTokenizer(folder.tokenizerJson, folder.tokenizerConfig);
+    // Build the plain-text tokenizer now (~0.3 s), not inside the first request, where it would hold the event loop.
+    tokenizer.encode("warm up", false, false);
     const textLimits = { ...DEFAULT_TEXT_LIMITS, ...options.textLimits };
     const encoders = {
       plain: new ChunkedEncoder(folder.tokenizerJson, (text, addSpecial) => tokenizer.encode(text, addSpecial, false), textLimits),
