@@ -11,14 +11,15 @@ export type RuntimeErrorKind =
   | "backend_unavailable" // a requested backend cannot be provisioned
   | "not_found" // no session with that id
   | "session_busy" // the session is in use and the server is configured to refuse rather than wait
-  | "invalid_snapshot"; // a snapshot was refused (see SnapshotError.reason)
+  | "invalid_snapshot" // a snapshot was refused (see SnapshotError.reason)
+  | "store_failed"; // the snapshot store could not be written (full or read-only disk): nothing changed
 
 export class RuntimeError extends Error {
   readonly kind: RuntimeErrorKind;
   /** Name of the offending parameter, when one request field caused the error. */
   readonly param: string | null;
-  constructor(kind: RuntimeErrorKind, message: string, param: string | null = null) {
-    super(message);
+  constructor(kind: RuntimeErrorKind, message: string, param: string | null = null, cause?: unknown) {
+    super(message, cause === undefined ? undefined : { cause });
     this.name = "RuntimeError";
     this.kind = kind;
     this.param = param;

@@ -179,7 +179,13 @@ export class SessionManager {
 
   /** Writes `state` as the session's snapshot; the session in memory is not touched. */
   private async persist(session: Session, state: SessionState): Promise<void> {
-    await this.storeOf(session.tenant).save(session.id, encodeSnapshot(session.toSnapshot(this.engine, state), this.options.chunkTokens));
+    try {
+      await this.storeOf(session.tenant).save(session.id, encodeSnapshot(session.toSnapshot(this.engine, state), this.options.chunkTokens));
+    } catch (e) {
+      if (e instanceof RuntimeError) throw e;
+      // The disk said no (full, read-only, gone): the client learns that the change did not happen; the log gets the cause.
+      throw new RuntimeError("store_failed", `session ${session.id} could not be saved, so the change did not take effect; it is as it was before this request`, null, e);
+    }
   }
 
   /**
@@ -366,7 +372,11 @@ export class SessionManager {
   async delete(tenant: string, id: string): Promise<void> {
     await this.locked(tenant, id, async () => {
       await this.assertExists(tenant, id);
-      await this.storeOf(tenant).remove(id);
+      try {
+        await this.storeOf(tenant).remove(id);
+      } catch (e) {
+        throw new RuntimeError("store_failed", `session ${id} could not be deleted from the store; it is still there`, null, e);
+      }
       const session = this.resident.get(sessionKey(tenant, id));
       if (session) this.evict(session);
     });

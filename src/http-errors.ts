@@ -134,6 +134,9 @@ export function toErrorResponse(error: unknown, log: (message: string) => void):
         return { status: 404, body: body(new HttpError(404, error.message, "invalid_request_error", "session_not_found")) };
       case "session_busy":
         return { status: 409, body: body(new HttpError(409, error.message, "invalid_request_error", "session_busy")) };
+      case "store_failed":
+        log(`session store: ${error.message}: ${error.cause instanceof Error ? error.cause.message : String(error.cause)}`);
+        return { status: 503, body: body(new HttpError(503, error.message, "server_error", "store_failed")) };
       case "invalid_snapshot": {
         const reason = error instanceof SnapshotError ? error.reason : "invalid_snapshot";
         const status = reason === "too_large" ? 413 : 400;

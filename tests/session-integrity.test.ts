@@ -95,7 +95,8 @@ describe("a turn is all or nothing", () => {
     writeFileSync(join(target, "blocker"), "x");
 
     const failed = await app.request("/v1/chat/completions", { method: "POST", body: chatBody([SYSTEM, DOC_B, QUESTION], { session_id: "p" }) });
-    expect(failed.status).toBe(500);
+    expect(failed.status).toBe(503);
+    expect(((await failed.json()) as any).error.code).toBe("store_failed");
     const after = (await (await app.request("/v1/sessions/p")).json()) as any;
     expect(after.tokens_read).toBe(before.tokens_read);
     expect(after.messages).toBe(before.messages);

@@ -228,7 +228,8 @@ describe("nothing is lost", () => {
     mkdirSync(target);
     writeFileSync(join(target, "blocker"), "x");
     const res = await app.request("/v1/sessions/keep", { method: "DELETE" });
-    expect(res.status).toBe(500);
+    expect(res.status).toBe(503);
+    expect(((await res.json()) as any).error.code).toBe("store_failed");
     const list = (await (await app.request("/v1/sessions")).json()) as any;
     expect(list.data.map((s: { id: string }) => s.id)).toContain("keep");
     rmSync(target, { recursive: true });
