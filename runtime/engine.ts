@@ -299,18 +299,22 @@ export class Engine {
     this.checkTokenIds(job.promptIds, "prompt");
     const room = context - promptTokens;
     const bytesPerToken = this.info.kvBytesPerToken;
-    // Without max_tokens a reply may run to the end of the context, or of the KV budget if that comes first.
-    const maxTokens =
-      job.maxTokens !== undefined ? Math.min(job.maxTokens, room) : Math.min(room, Math.floor(this.kvMemory.limitBytes / bytesPerToken) - promptTokens);
-    if (maxTokens < 1) this.kvMemory.assertCanEverFit((promptTokens + 1) * bytesPerToken, `a prompt of ${promptTokens} tokens`, "messages");
-    this.kvMemory.assertCanEverFit((promptTokens + maxTokens) * bytesPerToken, `${promptTokens} prompt tokens plus max_tokens ${maxTokens}`, "max_tokens");
+    const explicit = job.maxTokens !== undefined;
+    const wanted = Math.min(job.maxTokens ?? room, room);
+    if (explicit) this.kvMemory.assertCanEverFit((promptTokens + wanted) * bytesPerToken, `${promptTokens} prompt tokens plus max_tokens ${wanted}`, "max_tokens");
+    else this.kvMemory.assertCanEverFit((promptTokens + 1) * bytesPerToken, `a prompt of ${promptTokens} tokens`, "messages");
     const sampling = this.resolveSampling(job.sampling);
     const eosIds = new Set(job.ignoreEos ? [] : this.model.folder.generation.eosTokenIds);
 
     const result = await this.runQueued(async () => {
-      // The cache this job builds (from nothing, a session's working copy or a borrowed prefix) is held here while it runs.
-      const hold = this.kvMemory.reserve((promptTokens + maxTokens) * bytesPerToken, "this request", "max_tokens");
+      // The cache this job builds (from nothing, a session's working copy or a borrowed prefix) is held here
+      // while it runs. Without max_tokens the reply may run to the end of the context or of the KV memory
+      // free now (idle sessions leave memory for it), whichever comes first.
+      const hold = explicit
+        ? this.kvMemory.reserve((promptTokens + wanted) * bytesPerToken, "this request", "max_tokens")
+        : this.kvMemory.reserveUpTo((promptTokens + 1) * bytesPerToken, (promptTokens + wanted) * bytesPerToken, "this request");
       try {
+        const maxTokens = Math.min(wanted, Math.floor(hold.bytes / bytesPerToken) - promptTokens);
         const cache = job.prepare ? job.prepare() : this.model.newCache();
         return await generate(
           { model: this.model, tokenizer: this.tokenizer, prefillChunk: this.prefillChunk },

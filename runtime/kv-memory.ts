@@ -68,6 +68,19 @@ export class KvMemory {
     return new KvHold(this, bytes);
   }
 
+  /**
+   * Reserves as much as it can between `minBytes` and `maxBytes`, after asking the reclaimer for what is
+   * missing of `maxBytes`; throws like reserve() if not even `minBytes` fit.
+   */
+  reserveUpTo(minBytes: number, maxBytes: number, what: string): KvHold {
+    this.assertCanEverFit(minBytes, what);
+    const wanted = Math.min(maxBytes, this.limitBytes);
+    if (this.used + wanted > this.limitBytes) this.reclaimer?.(this.used + wanted - this.limitBytes);
+    const bytes = Math.max(minBytes, Math.min(wanted, this.limitBytes - this.used));
+    this.take(bytes, what, false);
+    return new KvHold(this, bytes);
+  }
+
   /** Makes room for `bytes` (asking the reclaimer), then counts them; beyond the limit only with force. */
   take(bytes: number, what: string, force: boolean): void {
     if (this.used + bytes > this.limitBytes) this.reclaimer?.(this.used + bytes - this.limitBytes);

@@ -77,6 +77,20 @@ describe("KV memory admission", () => {
     expect(engine.kvMemory.usedBytes).toBe(0);
   }, 60_000);
 
+  test("a session turn without max_tokens gets what is free beside its session's own KV, not a 429", async () => {
+    const { post, app } = sessionApp(engine);
+    expect((await post("/v1/sessions", { id: "t", messages: [{ role: "user", content: words(3, 25) }], chat_template_kwargs: DATE })).status).toBe(201);
+    const held = ((await (await app.request("/v1/sessions/t")).json()) as any).kv_bytes as number;
+    const res = await post("/v1/sessions/t/messages", { content: "Go on.", temperature: 0, ignore_eos: true });
+    expect(res.status).toBe(200);
+    const turn = (await res.json()) as any;
+    expect(turn.choices[0].finish_reason).toBe("length");
+    // The turn's working copy had the budget less what the session itself holds while the turn runs.
+    expect(turn.usage.prompt_tokens + turn.usage.completion_tokens).toBe(budgetTokens - held / bytesPerToken);
+    await app.request("/v1/sessions/t", { method: "DELETE" });
+    expect(engine.kvMemory.usedBytes).toBe(0);
+  }, 60_000);
+
   test("an upload larger than the budget is refused as too large; concurrent upload reads are capped", async () => {
     const roomy = await sharedEngine({ kvMemoryBytes: 1024 * KIB });
     const source = sessionApp(roomy);
