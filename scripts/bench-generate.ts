@@ -19,6 +19,7 @@ import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
 import { Engine, type ChatMessage } from "../runtime/index.ts";
 import { loadTransformersPeer, type PeerBackend } from "./lib/transformers-peer.ts";
+import { positiveInt } from "./lib/cli.ts";
 
 type Impl = "ours" | "transformers.js";
 const IMPL_FLAG: Record<string, Impl> = { ours: "ours", tjs: "transformers.js", "transformers.js": "transformers.js" };
@@ -48,15 +49,6 @@ if (values.help) {
 const modelDir = resolve(REPO, values.model);
 const newTokens = positiveInt("new-tokens", values["new-tokens"]);
 const runs = positiveInt("runs", values.runs);
-
-function positiveInt(name: string, v: string | undefined): number {
-  const n = Number(v);
-  if (!Number.isSafeInteger(n) || n < 1) {
-    console.error(`--${name} must be a positive integer, got ${v}`);
-    process.exit(2);
-  }
-  return n;
-}
 
 /** One measured generation, in the definitions printed under the table. */
 interface Sample {

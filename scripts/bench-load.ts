@@ -21,6 +21,7 @@ import { spawn, type ChildProcess } from "node:child_process";
 import { readFileSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
+import { positiveInt } from "./lib/cli.ts";
 
 const REPO = fileURLToPath(new URL("../", import.meta.url));
 
@@ -45,14 +46,6 @@ if (values.help) {
   process.exit(0);
 }
 
-function positiveInt(name: string, v: string | undefined): number {
-  const n = Number(v);
-  if (!Number.isSafeInteger(n) || n < 1) {
-    console.error(`--${name} must be a positive integer, got ${v}`);
-    process.exit(2);
-  }
-  return n;
-}
 const levels = values.clients.split(",").map((v) => positiveInt("clients", v));
 const requestsPerClient = positiveInt("requests", values.requests);
 const maxTokens = positiveInt("max-tokens", values["max-tokens"]);
