@@ -1,21 +1,56 @@
 /**
- * The KV cache of one sequence: per layer, the keys and values the graph returned as present.N.*, kept
- * as plain typed arrays laid out [kvHeads, length, headDim] and fed back as past_key_values.N.*.
- * Every resident slot keeps the original position id of its token, so a later compaction can drop slots
- * without renumbering what remains.
+ * The KV cache of one sequence. Every resident slot keeps the original position id of its token, so a
+ * later compaction can drop slots without renumbering what remains. Two storage modes, one per graph
+ * contract (runtime/llama-model.ts picks):
  *
- * A layer's arrays are never written in place: forward() and truncate() put new arrays in their place. So
- * clone() can share them, and a working copy taken for a turn that may fail leaves the original intact.
+ * - "present" (graphs in the Optimum layout, present = Concat(past, new)): per layer the arrays the graph
+ *   returned, [kvHeads, length, headDim], fed back whole every step. They are never written in place:
+ *   forward() and truncate() put new arrays in their place, so clone() can share them.
+ *
+ * - "inplace" (graphs that return only the new tokens' KV): the runtime owns per-layer storage
+ *   [kvHeads, capacity, headDim] with spare capacity; a step writes only the new slots, and the graph
+ *   reads the whole storage with a per-cache slot mask (1 = live slot). Storage is shared between a cache
+ *   and its clones; slots below a cache's length are never written again, and a cache may append in place
+ *   only at the storage's frontier (no other cache has written at or past it); otherwise it first copies
+ *   its slots into storage of its own. So a working copy taken for a turn that may fail still leaves the
+ *   original intact.
  */
-import { sliceSlots, type KvArray } from "../kernels/kv-slots.ts";
+import { sliceSlots, writeSlots, type KvArray } from "../kernels/kv-slots.ts";
 
 export type KvDtype = "float32" | "float16";
+export type KvMode = "present" | "inplace";
 export type { KvArray };
 
+/** Runtime-owned KV storage of the in-place mode, possibly shared by a cache and its clones. */
+class KvStore {
+  /** Slots at and past the frontier hold no cache's data; the cache whose length equals it may append in place. */
+  frontier = 0;
+  constructor(
+    /** keys[i] / values[i]: layer i, [kvHeads, capacity, headDim]. */
+    readonly keys: KvArray[],
+    readonly values: KvArray[],
+    readonly capacity: number,
+  ) {}
+}
+
+/**
+ * Capacity for `needed` slots: an eighth more, rounded up to 256 slots. Growing copies the cache once per
+ * eighth of its length (about 8 slots copied per slot appended), and the graph computes over at most an
+ * eighth more slots than are live.
+ */
+export function capacityFor(needed: number): number {
+  return Math.ceil((needed + Math.floor(needed / 8)) / 256) * 256 || 256;
+}
+
 export class KvCache {
-  /** keys[i] / values[i]: layer i, [kvHeads, length, headDim]. */
-  keys: KvArray[];
-  values: KvArray[];
+  /** "present" mode: layer i, [kvHeads, length, headDim]. */
+  private presentKeys: KvArray[];
+  private presentValues: KvArray[];
+  /** "inplace" mode: the storage, and which of its slots are live for this cache (capacity bytes). */
+  private store: KvStore | null = null;
+  private mask: Uint8Array = new Uint8Array(0);
+  /** Live slots masked out by maskSlot (still resident and counted in length). */
+  private masked = 0;
   /** Number of resident slots. */
   length = 0;
   /** Original position id of each resident slot (first `length` entries are valid). */
@@ -28,11 +63,21 @@ export class KvCache {
     readonly layers: number,
     readonly kvHeads: number,
     readonly headDim: number,
+    readonly mode: KvMode = "present",
   ) {
-    const empty = () => (dtype === "float16" ? new Uint16Array(0) : new Float32Array(0));
-    this.keys = Array.from({ length: layers }, empty);
-    this.values = Array.from({ length: layers }, empty);
+    const empty = () => this.newArray(0);
+    this.presentKeys = Array.from({ length: layers }, empty);
+    this.presentValues = Array.from({ length: layers }, empty);
     this.positions = new Int32Array(256);
+  }
+
+  private newArray(slots: number): KvArray {
+    const n = this.kvHeads * slots * this.headDim;
+    return this.dtype === "float16" ? new Uint16Array(n) : new Float32Array(n);
+  }
+
+  private get layout() {
+    return { heads: this.kvHeads, headDim: this.headDim };
   }
 
   get bytesPerElement(): number {
@@ -49,6 +94,11 @@ export class KvCache {
     return this.length * this.bytesPerSlot;
   }
 
+  /** Slots the in-place storage holds (live or not); 0 in "present" mode. */
+  get capacity(): number {
+    return this.store?.capacity ?? 0;
+  }
+
   private ensurePositionCapacity(needed: number): void {
     if (needed <= this.positions.length) return;
     let capacity = this.positions.length;
@@ -58,22 +108,118 @@ export class KvCache {
     this.positions = grown;
   }
 
-  /** Records `count` new slots at consecutive positions starting at nextPosition. */
+  /** Records `count` new slots at consecutive positions starting at nextPosition (and marks them live). */
   appendPositions(count: number): void {
     this.ensurePositionCapacity(this.length + count);
     for (let i = 0; i < count; i++) this.positions[this.length + i] = this.nextPosition + i;
+    if (this.mode === "inplace") this.mask.fill(1, this.length, this.length + count);
     this.length += count;
     this.nextPosition += count;
   }
 
-  /** Replaces the whole content (a restored snapshot, a clone); the arrays are taken as they are, the positions copied. */
+  /**
+   * Every layer's keys and values as [kvHeads, length, headDim] arrays (the snapshot layout): the arrays
+   * themselves in "present" mode, copies in "inplace" mode.
+   */
+  layerArrays(): { keys: KvArray[]; values: KvArray[] } {
+    // Snapshots do not record the slot mask yet (the compaction issue will): refuse rather than revive slots.
+    if (this.masked > 0) throw new Error(`layerArrays: ${this.masked} slots are masked; snapshots cannot hold masked slots yet`);
+    const store = this.store;
+    if (this.mode === "present") return { keys: this.presentKeys, values: this.presentValues };
+    if (!store) return { keys: this.presentKeys, values: this.presentValues }; // empty arrays
+    const slice = (a: KvArray) => sliceSlots(a, store.capacity, 0, this.length, this.layout);
+    return { keys: store.keys.map(slice), values: store.values.map(slice) };
+  }
+
+  /** Replaces the whole content (a restored snapshot); arrays are [kvHeads, length, headDim], taken as they are ("present") or copied. */
   assign(keys: KvArray[], values: KvArray[], positions: Int32Array, length: number, nextPosition: number): void {
-    this.keys = [...keys];
-    this.values = [...values];
+    if (this.mode === "present") {
+      this.presentKeys = [...keys];
+      this.presentValues = [...values];
+    } else {
+      this.store = null;
+      this.length = 0;
+      this.moveToOwnStore(length);
+      const store = this.store!;
+      for (let i = 0; i < this.layers; i++) {
+        writeSlots(store.keys[i]!, store.capacity, 0, keys[i]!, length, this.layout);
+        writeSlots(store.values[i]!, store.capacity, 0, values[i]!, length, this.layout);
+      }
+      store.frontier = length;
+      this.mask.fill(1, 0, length);
+      this.masked = 0;
+    }
     this.ensurePositionCapacity(length);
     this.positions.set(positions.subarray(0, length));
     this.length = length;
     this.nextPosition = nextPosition;
+  }
+
+  // ---- "present" mode ----
+
+  /** Layer i's past keys and values to feed ("present" mode). */
+  presentLayer(i: number): { keys: KvArray; values: KvArray } {
+    return { keys: this.presentKeys[i]!, values: this.presentValues[i]! };
+  }
+
+  /** Puts the graph's present arrays in place of layer i's ("present" mode; call appendPositions after all layers). */
+  setPresentLayer(i: number, keys: KvArray, values: KvArray): void {
+    this.presentKeys[i] = keys;
+    this.presentValues[i] = values;
+  }
+
+  // ---- "inplace" mode ----
+
+  /** Copies this cache's live slots into new storage of its own with room for `needed` slots. */
+  private moveToOwnStore(needed: number): void {
+    const capacity = capacityFor(needed);
+    const keys = Array.from({ length: this.layers }, () => this.newArray(capacity));
+    const values = Array.from({ length: this.layers }, () => this.newArray(capacity));
+    const old = this.store;
+    if (old && this.length > 0) {
+      for (let i = 0; i < this.layers; i++) {
+        writeSlots(keys[i]!, capacity, 0, sliceSlots(old.keys[i]!, old.capacity, 0, this.length, this.layout), this.length, this.layout);
+        writeSlots(values[i]!, capacity, 0, sliceSlots(old.values[i]!, old.capacity, 0, this.length, this.layout), this.length, this.layout);
+      }
+    }
+    const mask = new Uint8Array(capacity);
+    mask.set(this.mask.subarray(0, this.length));
+    this.store = new KvStore(keys, values, capacity);
+    this.store.frontier = this.length;
+    this.mask = mask;
+  }
+
+  /**
+   * Makes slots [length, length + count) this cache's to write ("inplace" mode): copies into storage of
+   * its own first if the storage is too small or another cache has written at or past this cache's end.
+   * Returns the storage to feed: per layer [kvHeads, capacity, headDim] and the slot mask.
+   */
+  reserveSlots(count: number): { keys: KvArray[]; values: KvArray[]; mask: Uint8Array; capacity: number } {
+    if (this.mode !== "inplace") throw new Error("reserveSlots: not an in-place cache");
+    const needed = this.length + count;
+    const store = this.store;
+    if (!store || store.frontier !== this.length || store.capacity < needed) this.moveToOwnStore(needed);
+    const own = this.store!;
+    own.frontier = needed; // claimed now, so no clone writes here even if this step fails
+    return { keys: own.keys, values: own.values, mask: this.mask, capacity: own.capacity };
+  }
+
+  /** Writes the new tokens' KV ([kvHeads, count, headDim]) of layer i after the live slots; call appendPositions(count) after all layers. */
+  writeNewSlots(i: number, keys: KvArray, values: KvArray, count: number): void {
+    const store = this.store;
+    if (!store || store.frontier < this.length + count) throw new Error("writeNewSlots: slots not reserved");
+    writeSlots(store.keys[i]!, store.capacity, this.length, keys, count, this.layout);
+    writeSlots(store.values[i]!, store.capacity, this.length, values, count, this.layout);
+  }
+
+  /**
+   * Hides slot `slot` from every later step ("inplace" mode): the graph's slot_mask excludes it, the
+   * storage and the other slots' positions stay as they are. The hook the compaction issue builds on.
+   */
+  maskSlot(slot: number): void {
+    if (this.mode !== "inplace" || slot < 0 || slot >= this.length) throw new RangeError(`maskSlot: slot ${slot} is not a live slot of an in-place cache`);
+    if (this.mask[slot]) this.masked++;
+    this.mask[slot] = 0;
   }
 
   /** Position the next token gets when only the first `n` slots are kept. */
@@ -84,10 +230,17 @@ export class KvCache {
   /** Keeps the first `n` slots. The next token follows the last kept one. */
   truncate(n: number): void {
     if (n >= this.length) return;
-    const layout = { heads: this.kvHeads, headDim: this.headDim };
-    for (let i = 0; i < this.layers; i++) {
-      this.keys[i] = sliceSlots(this.keys[i]!, this.length, 0, n, layout);
-      this.values[i] = sliceSlots(this.values[i]!, this.length, 0, n, layout);
+    if (this.mode === "present") {
+      for (let i = 0; i < this.layers; i++) {
+        this.presentKeys[i] = sliceSlots(this.presentKeys[i]!, this.length, 0, n, this.layout);
+        this.presentValues[i] = sliceSlots(this.presentValues[i]!, this.length, 0, n, this.layout);
+      }
+    } else {
+      // The slots stay in the storage (a clone may read them); this cache no longer sees them, and its
+      // next append copies, since its end is now below the frontier.
+      this.mask.fill(0, n, this.length);
+      this.masked = 0;
+      for (let i = 0; i < n; i++) if (!this.mask[i]) this.masked++;
     }
     this.nextPosition = this.positionAfter(n);
     this.length = n;
@@ -95,14 +248,25 @@ export class KvCache {
 
   /**
    * An independent cache holding the first `n` slots (all by default): nothing done to the copy changes
-   * this cache. Arrays are shared when every slot is kept (they are never written in place), copied otherwise.
+   * this cache. "present": arrays shared when every slot is kept, copied otherwise. "inplace": the storage
+   * is shared; whichever of the two appends second copies (see reserveSlots).
    */
   clone(n = this.length): KvCache {
-    const copy = new KvCache(this.dtype, this.layers, this.kvHeads, this.headDim);
-    const layout = { heads: this.kvHeads, headDim: this.headDim };
+    const copy = new KvCache(this.dtype, this.layers, this.kvHeads, this.headDim, this.mode);
     const count = Math.min(n, this.length);
-    const keep = (a: KvArray) => (count === this.length ? a : sliceSlots(a, this.length, 0, count, layout));
-    copy.assign(this.keys.map(keep), this.values.map(keep), this.positions, count, this.positionAfter(count));
+    if (this.mode === "present") {
+      const keep = (a: KvArray) => (count === this.length ? a : sliceSlots(a, this.length, 0, count, this.layout));
+      copy.assign(this.presentKeys.map(keep), this.presentValues.map(keep), this.positions, count, this.positionAfter(count));
+      return copy;
+    }
+    copy.store = this.store;
+    copy.mask = new Uint8Array(this.mask.length);
+    copy.mask.set(this.mask.subarray(0, count));
+    for (let i = 0; i < count; i++) if (!copy.mask[i]) copy.masked++;
+    copy.ensurePositionCapacity(count);
+    copy.positions.set(this.positions.subarray(0, count));
+    copy.length = count;
+    copy.nextPosition = this.positionAfter(count);
     return copy;
   }
 }

@@ -8,7 +8,7 @@ import { readFile } from "node:fs/promises";
 import type { InferenceSession, Tensor } from "onnxruntime-web";
 import type { Backend } from "./backend.ts";
 import { ModelFolderError, RuntimeError } from "./errors.ts";
-import { KvCache, type KvArray, type KvDtype } from "./kv-cache.ts";
+import { KvCache, type KvArray, type KvDtype, type KvMode } from "./kv-cache.ts";
 import { variantUsesFloat16, type ModelFolder } from "./model-folder.ts";
 import { yieldToEventLoop } from "./yield.ts";
 
@@ -19,11 +19,16 @@ export interface GraphIo {
   kvDtype: KvDtype;
   logitsDtype: KvDtype;
   layers: number;
+  /** "inplace": the graph reads runtime-owned KV storage and returns only the new tokens' KV (see kv-cache.ts). */
+  kvMode: KvMode;
 }
 
 const KNOWN_INPUTS = new Set(["input_ids", "attention_mask", "position_ids", "num_logits_to_keep", "use_cache_branch"]);
 const PAST = /^past_key_values\.(\d+)\.(key|value)$/;
 const PRESENT = /^present\.(\d+)\.(key|value)$/;
+const INPLACE_INPUTS = new Set(["input_ids", "slot_mask", "position_ids", "num_logits_to_keep"]);
+const CACHE = /^cache\.(\d+)\.(key|value)$/;
+const NEW = /^new\.(\d+)\.(key|value)$/;
 
 type Metadata = InferenceSession["inputMetadata"][number];
 function tensorType(meta: readonly Metadata[], name: string): string | null {
@@ -31,9 +36,45 @@ function tensorType(meta: readonly Metadata[], name: string): string | null {
   return m && m.isTensor ? m.type : null;
 }
 
+/** Checks an in-place KV graph (folder.kvOnnxFile) against what the runtime feeds; throws ModelFolderError naming any mismatch. */
+function inspectInplaceGraph(session: InferenceSession, folder: ModelFolder, file: string): GraphIo {
+  const inputs = session.inputNames;
+  const outputs = session.outputNames;
+  const layers = folder.config.numLayers;
+  const expectedInputs = [...INPLACE_INPUTS];
+  const expectedOutputs = ["logits"];
+  for (let i = 0; i < layers; i++) {
+    for (const kind of ["key", "value"]) {
+      expectedInputs.push(`cache.${i}.${kind}`);
+      expectedOutputs.push(`new.${i}.${kind}`);
+    }
+  }
+  const missing = [...expectedInputs.filter((n) => !inputs.includes(n)), ...expectedOutputs.filter((n) => !outputs.includes(n))];
+  const extra = [...inputs.filter((n) => !expectedInputs.includes(n)), ...outputs.filter((n) => !expectedOutputs.includes(n))];
+  if (missing.length || extra.length || !inputs.every((n) => INPLACE_INPUTS.has(n) || CACHE.test(n)) || !outputs.every((n) => n === "logits" || NEW.test(n))) {
+    throw new ModelFolderError(
+      `${file}: not an in-place KV graph for ${layers} layers` + (missing.length ? `; missing: ${missing.join(", ")}` : "") + (extra.length ? `; unexpected: ${extra.join(", ")}` : ""),
+    );
+  }
+  const type = (meta: readonly Metadata[], name: string): KvDtype => {
+    const t = tensorType(meta, name);
+    if (t === "float32" || t === "float16") return t;
+    throw new ModelFolderError(`${file}: ${name} has type ${t}; only float32 and float16 are supported`);
+  };
+  return {
+    hasPositionIds: true,
+    hasNumLogitsToKeep: true,
+    hasUseCacheBranch: false,
+    kvDtype: type(session.inputMetadata ?? [], "cache.0.key"),
+    logitsDtype: type(session.outputMetadata ?? [], "logits"),
+    layers,
+    kvMode: "inplace",
+  };
+}
+
 /** Checks the graph's names and types against what the runtime feeds; throws ModelFolderError naming any mismatch. */
-export function inspectGraph(session: InferenceSession, folder: ModelFolder): GraphIo {
-  const file = folder.onnxFile;
+export function inspectGraph(session: InferenceSession, folder: ModelFolder, file = folder.onnxFile): GraphIo {
+  if (file === folder.kvOnnxFile) return inspectInplaceGraph(session, folder, file);
   const inputs = session.inputNames;
   const outputs = session.outputNames;
   for (const required of ["input_ids", "attention_mask"]) {
@@ -78,6 +119,7 @@ export function inspectGraph(session: InferenceSession, folder: ModelFolder): Gr
     kvDtype: asKvDtype(tensorType(session.inputMetadata ?? [], "past_key_values.0.key"), "past_key_values.0.key", guess),
     logitsDtype: asKvDtype(tensorType(session.outputMetadata ?? [], "logits"), "logits", guess),
     layers,
+    kvMode: "present",
   };
 }
 
@@ -160,8 +202,10 @@ export class LlamaModel {
     readonly io: GraphIo,
   ) {}
 
+  /** Opens the folder's in-place KV graph when it has one (folder.kvOnnxFile), else its Optimum graph. */
   static async load(folder: ModelFolder, backend: Backend): Promise<LlamaModel> {
     const { ort } = backend;
+    const file = folder.kvOnnxFile ?? folder.onnxFile;
     const options: InferenceSession.SessionOptions = {
       executionProviders: backend.executionProviders,
       graphOptimizationLevel: "all",
@@ -173,9 +217,9 @@ export class LlamaModel {
         // onnxruntime-node reads the file and its external data next to it by itself.
         options.intraOpNumThreads = backend.threads;
         options.interOpNumThreads = 1;
-        session = await ort.InferenceSession.create(folder.onnxFile, options);
+        session = await ort.InferenceSession.create(file, options);
       } else {
-        const bytes = new Uint8Array(await readFile(folder.onnxFile));
+        const bytes = new Uint8Array(await readFile(file));
         if (folder.externalData.length) {
           options.externalData = await Promise.all(
             folder.externalData.map(async (f) => ({ path: f.path, data: new Uint8Array(await readFile(f.file)) })),
@@ -184,14 +228,14 @@ export class LlamaModel {
         session = await ort.InferenceSession.create(bytes, options);
       }
     } catch (e) {
-      throw new ModelFolderError(`${folder.onnxFile}: onnxruntime could not open the graph on ${backend.name}: ${(e as Error).message}`);
+      throw new ModelFolderError(`${file}: onnxruntime could not open the graph on ${backend.name}: ${(e as Error).message}`);
     }
-    return new LlamaModel(folder, backend, session, inspectGraph(session, folder));
+    return new LlamaModel(folder, backend, session, inspectGraph(session, folder, file));
   }
 
   newCache(): KvCache {
     const { numKeyValueHeads: heads, headDim } = this.folder.config;
-    return new KvCache(this.io.kvDtype, this.io.layers, heads, headDim);
+    return new KvCache(this.io.kvDtype, this.io.layers, heads, headDim, this.io.kvMode);
   }
 
   get vocabSize(): number {
@@ -209,11 +253,7 @@ export class LlamaModel {
     const total = past + seq;
     const inputIds = new BigInt64Array(seq);
     for (let i = 0; i < seq; i++) inputIds[i] = BigInt(ids[i]!);
-    const mask = new BigInt64Array(total).fill(1n);
-    const feeds: Record<string, Tensor> = {
-      input_ids: new ort.Tensor("int64", inputIds, [1, seq]),
-      attention_mask: new ort.Tensor("int64", mask, [1, total]),
-    };
+    const feeds: Record<string, Tensor> = { input_ids: new ort.Tensor("int64", inputIds, [1, seq]) };
     if (this.io.hasPositionIds) {
       const positions = new BigInt64Array(seq);
       for (let i = 0; i < seq; i++) positions[i] = BigInt(cache.nextPosition + i);
@@ -222,22 +262,42 @@ export class LlamaModel {
     if (this.io.hasNumLogitsToKeep) {
       feeds.num_logits_to_keep = new ort.Tensor("int64", BigInt64Array.of(options.allLogits ? 0n : 1n), []);
     }
+    if (this.io.kvMode === "inplace") {
+      // Tensors over the storage itself: onnxruntime-node reads them where they are, onnxruntime-web copies
+      // them into its heap once per run. Only the new tokens' KV comes back, and is written after the live slots.
+      const store = cache.reserveSlots(seq);
+      const dims = [1, cache.kvHeads, store.capacity, cache.headDim];
+      feeds.slot_mask = new ort.Tensor("bool", store.mask, [1, store.capacity]);
+      for (let i = 0; i < this.io.layers; i++) {
+        feeds[`cache.${i}.key`] = new ort.Tensor(cache.dtype, store.keys[i]!, dims);
+        feeds[`cache.${i}.value`] = new ort.Tensor(cache.dtype, store.values[i]!, dims);
+      }
+      const out = await this.run(feeds);
+      for (let i = 0; i < this.io.layers; i++) cache.writeNewSlots(i, kvArray(out[`new.${i}.key`]!), kvArray(out[`new.${i}.value`]!), seq);
+      cache.appendPositions(seq);
+      return this.readLogits(out.logits!, options.allLogits === true);
+    }
+    const mask = new BigInt64Array(total).fill(1n);
+    feeds.attention_mask = new ort.Tensor("int64", mask, [1, total]);
     if (this.io.hasUseCacheBranch) feeds.use_cache_branch = new ort.Tensor("bool", Uint8Array.of(past > 0 ? 1 : 0), [1]);
     const pastDims = [1, cache.kvHeads, past, cache.headDim];
     for (let i = 0; i < this.io.layers; i++) {
-      feeds[`past_key_values.${i}.key`] = new ort.Tensor(cache.dtype, cache.keys[i]!, pastDims);
-      feeds[`past_key_values.${i}.value`] = new ort.Tensor(cache.dtype, cache.values[i]!, pastDims);
+      const layer = cache.presentLayer(i);
+      feeds[`past_key_values.${i}.key`] = new ort.Tensor(cache.dtype, layer.keys, pastDims);
+      feeds[`past_key_values.${i}.value`] = new ort.Tensor(cache.dtype, layer.values, pastDims);
     }
+    const out = await this.run(feeds);
+    for (let i = 0; i < this.io.layers; i++) cache.setPresentLayer(i, kvArray(out[`present.${i}.key`]!), kvArray(out[`present.${i}.value`]!));
+    cache.appendPositions(seq);
+    return this.readLogits(out.logits!, options.allLogits === true);
+  }
+
+  private async run(feeds: Record<string, Tensor>): Promise<InferenceSession.OnnxValueMapType> {
     const started = performance.now();
     const out = await this.session.run(feeds);
     this.runStats.runs++;
     this.runStats.runMs += performance.now() - started;
-    for (let i = 0; i < this.io.layers; i++) {
-      cache.keys[i] = kvArray(out[`present.${i}.key`]!);
-      cache.values[i] = kvArray(out[`present.${i}.value`]!);
-    }
-    cache.appendPositions(seq);
-    return this.readLogits(out.logits!, options.allLogits === true);
+    return out;
   }
 
   private readLogits(logits: Tensor, all: boolean): Float32Array {

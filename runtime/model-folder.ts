@@ -71,6 +71,12 @@ export interface ModelFolder {
   variant: ModelVariant;
   onnxFile: string;
   externalData: ExternalDataFile[];
+  /**
+   * The same model as a graph for the in-place KV path (onnx/<variant>.kv.onnx, written by this repo's
+   * builder: inputs cache.N.key/value + slot_mask, outputs new.N.key/value), or null: the Optimum graph
+   * (present = past + new) is then used as it is. Reads the variant's external data files.
+   */
+  kvOnnxFile: string | null;
 }
 
 async function readJson(dir: string, name: string, required: true): Promise<Record<string, unknown>>;
@@ -164,6 +170,9 @@ async function chooseVariant(onnxDir: string, requested: ModelVariant | "auto"):
   return first;
 }
 
+/** The in-place KV graph's file name beside a variant's: model.onnx -> model.kv.onnx. */
+export const kvGraphName = (onnxName: string): string => onnxName.replace(/\.onnx$/, ".kv.onnx");
+
 /** External data files, named as Optimum / transformers.js name them: X.onnx_data, X.onnx_data_1, ... */
 async function findExternalData(onnxDir: string, onnxName: string): Promise<ExternalDataFile[]> {
   const out: ExternalDataFile[] = [];
@@ -221,5 +230,6 @@ export async function loadModelFolder(dir: string, variant: ModelVariant | "auto
     variant: chosen,
     onnxFile: join(onnxDir, onnxName),
     externalData: await findExternalData(onnxDir, onnxName),
+    kvOnnxFile: (await exists(join(onnxDir, kvGraphName(onnxName)))) ? join(onnxDir, kvGraphName(onnxName)) : null,
   };
 }

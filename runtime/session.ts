@@ -88,6 +88,7 @@ export class Session {
 
   toSnapshot(engine: Engine, state: SessionState): SnapshotData {
     const { cache } = state;
+    const kv = cache.layerArrays();
     return {
       fingerprint: engine.info.fingerprint,
       modelId: engine.info.modelId,
@@ -99,8 +100,8 @@ export class Session {
       length: cache.length,
       nextPosition: cache.nextPosition,
       positions: cache.positions.subarray(0, cache.length),
-      keys: cache.keys,
-      values: cache.values,
+      keys: kv.keys,
+      values: kv.values,
       meta: {
         id: this.id,
         createdAt: this.createdAt,

