@@ -184,6 +184,9 @@ export class PrefillChunker {
   }
 }
 
+/** Bound on one attention score tensor during prefill on the in-place path (see maxChunkFor). */
+const SCORE_TENSOR_BYTES = 32 * 2 ** 20;
+
 export interface ForwardOptions {
   /** Logits for the last position only (default) or for every new position. */
   allLogits?: boolean;
@@ -334,7 +337,7 @@ export class LlamaModel {
     for (let start = 0; start < ids.length; ) {
       if (start > 0) await yieldToEventLoop();
       if (signal?.aborted) throw new RuntimeError("cancelled", "the request was cancelled");
-      const end = Math.min(ids.length, start + chunks.size);
+      const end = Math.min(ids.length, start + chunks.size, start + this.maxChunkFor(cache.length));
       const t0 = performance.now();
       logits = await this.forward(cache, Array.prototype.slice.call(ids, start, end) as number[]);
       chunks.observe(end - start, performance.now() - t0);
@@ -342,6 +345,18 @@ export class LlamaModel {
       await onProgress?.(end, ids.length);
     }
     return logits!;
+  }
+
+  /**
+   * On the in-place path, the most tokens one run may read on top of `past` slots so that one
+   * [heads, tokens, slots] float32 score tensor stays within SCORE_TENSOR_BYTES: at long contexts the
+   * scores, not the KV, set the peak memory (a 512-token chunk at 32K slots: ~270 MB per tensor, several
+   * alive at once). A run's fixed cost there no longer grows with the context, so smaller chunks cost little.
+   */
+  private maxChunkFor(past: number): number {
+    if (this.io.kvMode !== "inplace") return Number.MAX_SAFE_INTEGER;
+    const perToken = this.folder.config.numAttentionHeads * 4 * (past + 256);
+    return Math.max(16, Math.floor(SCORE_TENSOR_BYTES / perToken));
   }
 
   async release(): Promise<void> {

@@ -456,11 +456,18 @@ export function buildLlamaOnnx(config: LlamaConfig, weights: LlamaWeights, optio
       const transposeLast = (t: string) => g.op("Transpose", [t], { perm: [0, 1, 3, 2] });
       const cacheScores = g.op("Add", [g.op("MatMul", [qg, transposeLast(cacheKeys)]), pastBias]); // [B, KV, G*S, C]
       const newScores = g.op("Add", [g.op("MatMul", [qg, transposeLast(k)]), newBias]); // [B, KV, G*S, S]
-      const probs = g.op("Softmax", [g.op("Concat", [cacheScores, newScores], { axis: -1 })], { axis: -1 });
-      const capacity = g.op("Shape", [pastKey], { start: 2, end: 3 }); // [C]
-      const cacheProbs = g.op("Slice", [probs, axis0, capacity, lastAxis]);
-      const newProbs = g.op("Slice", [probs, capacity, g.int64([INT64_MAX]), lastAxis]);
-      const grouped = g.op("Add", [g.op("MatMul", [cacheProbs, cacheValues]), g.op("MatMul", [newProbs, v])]); // [B, KV, G*S, D]
+      // Softmax over [cache slots, new tokens] in two parts, so the rows x slots scores are never copied
+      // into one tensor and back out (at 32K slots a 512-token chunk's scores are ~270 MB).
+      const rowMax = g.op("Max", [
+        g.op("ReduceMax", [cacheScores], { axes: [-1], keepdims: 1 }),
+        g.op("ReduceMax", [newScores], { axes: [-1], keepdims: 1 }),
+      ]); // [B, KV, G*S, 1]
+      const cacheExp = g.op("Exp", [g.op("Sub", [cacheScores, rowMax])]);
+      const newExp = g.op("Exp", [g.op("Sub", [newScores, rowMax])]);
+      const lastAxes = g.int64([-1]);
+      const rowSum = g.op("Add", [g.op("ReduceSum", [cacheExp, lastAxes], { keepdims: 1 }), g.op("ReduceSum", [newExp, lastAxes], { keepdims: 1 })]);
+      const weighted = g.op("Add", [g.op("MatMul", [cacheExp, cacheValues]), g.op("MatMul", [newExp, v])]);
+      const grouped = g.op("Div", [weighted, rowSum]); // [B, KV, G*S, D]
       context = g.op("Reshape", [g.op("Transpose", [g.op("Reshape", [grouped, kvFlatShape])], { perm: toHeads }), mergedShape]);
     } else {
       if (fp16) {
