@@ -18,8 +18,9 @@
  * size run).
  */
 import { spawn } from "node:child_process";
-import { existsSync, readFileSync } from "node:fs";
-import { basename, dirname, resolve } from "node:path";
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { basename, dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
 import { Engine, type ChatMessage } from "../runtime/index.ts";
@@ -51,7 +52,7 @@ const { values } = parseArgs({
     peers: { type: "string", default: "tjs,llama" },
     gguf: { type: "string", default: DEFAULT_GGUF_PATH },
     case: { type: "string" },
-    "prompt-ids": { type: "string" },
+    "prompt-file": { type: "string" },
     help: { type: "boolean", short: "h", default: false },
   },
   strict: true,
@@ -206,8 +207,9 @@ async function childMain(spec: string): Promise<void> {
   if (!impl || (impl === "llama.cpp" ? backendFlag !== "cpu" : backendFlag !== "wasm" && backendFlag !== "native")) {
     throw new Error(`--case must be ours|tjs : wasm|native, or llama:cpu, got ${spec}`);
   }
-  const promptIds = (values["prompt-ids"] ?? "").split(",").filter(Boolean).map(Number);
-  if (!promptIds.length) throw new Error("--case needs --prompt-ids");
+  // A file, not an argument: 32K ids are over Linux's 128 KiB limit for one argument (E2BIG).
+  const promptIds = values["prompt-file"] ? (JSON.parse(readFileSync(values["prompt-file"], "utf8")) as number[]) : [];
+  if (!promptIds.length) throw new Error("--case needs --prompt-file");
   const timer = setInterval(sampleRss, 5);
   const result =
     impl === "ours" ? await runOurs(backendFlag as PeerBackend, promptIds) : impl === "transformers.js" ? await runTransformers(backendFlag as PeerBackend, promptIds) : await runLlamaCpp(promptIds);
@@ -255,17 +257,17 @@ async function buildPrompt(engine: Engine, target: number): Promise<number[]> {
   return best;
 }
 
-function runCase(spec: string, promptIds: number[], caseRuns: number): Promise<CaseResult> {
-  const args = [fileURLToPath(import.meta.url), "--case", spec, "--model", values.model!, "--gguf", values.gguf!, "--new-tokens", String(newTokens), "--runs", String(caseRuns), "--prompt-ids", promptIds.join(",")];
+function runCase(spec: string, promptFile: string, caseRuns: number): Promise<CaseResult> {
+  const args = [fileURLToPath(import.meta.url), "--case", spec, "--model", values.model!, "--gguf", values.gguf!, "--new-tokens", String(newTokens), "--runs", String(caseRuns), "--prompt-file", promptFile];
   return new Promise((resolvePromise, reject) => {
     const child = spawn(process.execPath, args, { cwd: REPO, stdio: ["ignore", "pipe", "inherit"], env: process.env });
     let out = "";
     child.stdout.on("data", (chunk: Buffer) => (out += chunk.toString()));
     child.on("error", reject);
-    child.on("close", (code) => {
+    child.on("close", (code, signal) => {
       const line = out.split("\n").find((l) => l.startsWith(RESULT_MARK));
       if (code !== 0 || !line) {
-        reject(new Error(`case ${spec} failed (exit ${code})${out.trim() ? `:\n${out.trim()}` : ""}`));
+        reject(new Error(`case ${spec} failed (${signal ? `signal ${signal}` : `exit ${code}`})${out.trim() ? `:\n${out.trim()}` : ""}`));
         return;
       }
       resolvePromise(JSON.parse(line.slice(RESULT_MARK.length)) as CaseResult);
@@ -347,6 +349,7 @@ async function parentMain(): Promise<void> {
   const prompts: number[][] = [];
   for (const target of targets) prompts.push(await buildPrompt(encoder, target));
   await encoder.close();
+  const promptDir = mkdtempSync(join(tmpdir(), "bench-generate-"));
 
   console.log(`model ${modelDir}, fp32; prompts of ${prompts.map((p) => p.length).join(", ")} tokens (chat template), ${newTokens} new tokens, greedy, eos ignored`);
   console.log(`${THREADS} thread per case; 1 warm-up (first ${WARMUP_MAX_TOKENS} prompt tokens at most) + median of ${runs} runs (${longRuns} above ${LONG_PROMPT} tokens); each case in its own process (${process.execPath})`);
@@ -360,6 +363,8 @@ async function parentMain(): Promise<void> {
   for (let s = 0; s < prompts.length; s++) {
     const promptIds = prompts[s]!;
     const caseRuns = targets[s]! > LONG_PROMPT ? longRuns : runs;
+    const promptFile = join(promptDir, `prompt-${s}.json`);
+    writeFileSync(promptFile, JSON.stringify(promptIds));
     const results: CaseResult[] = [];
     const failures: string[] = [];
     const specs = backends.flatMap((b) => ["ours", ...(peers.includes("tjs") ? ["tjs"] : [])].map((impl) => `${impl}:${b}`));
@@ -367,7 +372,7 @@ async function parentMain(): Promise<void> {
     for (const spec of specs) {
       process.stderr.write(`running ${spec} at ${promptIds.length} tokens ...\n`);
       try {
-        results.push(await runCase(spec, promptIds, caseRuns));
+        results.push(await runCase(spec, promptFile, caseRuns));
       } catch (err) {
         // One failing case (e.g. a peer out of memory at 32K) is reported, not the end of the whole run.
         failures.push(`${spec}: ${(err as Error).message.split("\n")[0]}`);
@@ -426,6 +431,7 @@ async function parentMain(): Promise<void> {
     }
   }
 
+  rmSync(promptDir, { recursive: true, force: true });
   console.log("");
   console.log(table(rows));
   console.log("");
