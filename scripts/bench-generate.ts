@@ -12,7 +12,8 @@
  * Each case runs in its own child process (`--case ours:wasm` etc.) so that its peak RSS (VmHWM) is its own.
  * Each case does one warm-up generation (on the first 8,192 prompt tokens at most) and then `--runs`
  * measured ones (`--long-runs` above 8,192 prompt tokens, to keep the default run near 15 minutes on two
- * cores); figures are medians. Greedy, eos ignored, exactly --new-tokens tokens. The last two lines are
+ * cores); figures are medians. transformers.js runs only up to --tjs-max-tokens (8192): it prefills in one
+ * run whose attention scores need ~17 GB at 32K. Greedy, eos ignored, exactly --new-tokens tokens. The last two lines are
  * `decode ratio ours/transformers.js: X.XX` (the lowest per-backend ratio over all sizes, target >= 1.00) and
  * `decode ratio ours/llama.cpp at 32K: X.XX` (the lower of ours' backends at the 32K prompt, or at the largest
  * size run).
@@ -50,6 +51,7 @@ const { values } = parseArgs({
     "long-runs": { type: "string", default: "1" },
     backends: { type: "string", default: "wasm,native" },
     peers: { type: "string", default: "tjs,llama" },
+    "tjs-max-tokens": { type: "string", default: "8192" },
     gguf: { type: "string", default: DEFAULT_GGUF_PATH },
     case: { type: "string" },
     "prompt-file": { type: "string" },
@@ -59,7 +61,7 @@ const { values } = parseArgs({
 });
 
 if (values.help) {
-  console.log("usage: bench-generate.ts [--model models/builtin] [--prompt-tokens 512,8192,32768] [--new-tokens 128] [--runs 3] [--long-runs 1] [--backends wasm,native] [--peers tjs,llama] [--gguf bench-out/gguf/builtin-f32.gguf]");
+  console.log("usage: bench-generate.ts [--model models/builtin] [--prompt-tokens 512,8192,32768] [--new-tokens 128] [--runs 3] [--long-runs 1] [--backends wasm,native] [--peers tjs,llama] [--tjs-max-tokens 8192] [--gguf bench-out/gguf/builtin-f32.gguf]");
   process.exit(0);
 }
 
@@ -67,6 +69,10 @@ const modelDir = resolve(REPO, values.model);
 const newTokens = positiveInt("new-tokens", values["new-tokens"]);
 const runs = positiveInt("runs", values.runs);
 const longRuns = positiveInt("long-runs", values["long-runs"]);
+// transformers.js prefills a prompt in one session.run, whose attention scores are prompt^2 * heads floats:
+// at 32K that is ~17 GB (onnxruntime-web stops with an integer overflow; onnxruntime-node grew past 9 GB
+// before it was stopped on the 24 GB machine), so by default it runs only up to 8K.
+const tjsMaxTokens = positiveInt("tjs-max-tokens", values["tjs-max-tokens"]);
 
 /** One measured generation, in the definitions printed under the table. */
 interface Sample {
@@ -367,7 +373,8 @@ async function parentMain(): Promise<void> {
     writeFileSync(promptFile, JSON.stringify(promptIds));
     const results: CaseResult[] = [];
     const failures: string[] = [];
-    const specs = backends.flatMap((b) => ["ours", ...(peers.includes("tjs") ? ["tjs"] : [])].map((impl) => `${impl}:${b}`));
+    const withTjs = peers.includes("tjs") && promptIds.length <= tjsMaxTokens;
+    const specs = backends.flatMap((b) => ["ours", ...(withTjs ? ["tjs"] : [])].map((impl) => `${impl}:${b}`));
     if (withLlama) specs.push("llama:cpu");
     for (const spec of specs) {
       process.stderr.write(`running ${spec} at ${promptIds.length} tokens ...\n`);
