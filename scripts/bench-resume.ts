@@ -8,8 +8,14 @@
  *   resume  a new SessionManager on the same store (as after a restart): the question is asked in the
  *           session, which reads the snapshot, keeps its KV, prefills the question, first token
  * Both must give the same first token. Also printed: snapshot bytes per token against raw KV bytes per
- * token, and encode / decode throughput of the snapshot format. The last line is
- * `resume speedup at 32K: NNNx` (cold / resume, medians; target >= 100x).
+ * token, and encode / decode throughput of the snapshot format.
+ *
+ * Beside ours, llama.cpp (node-llama-cpp, on the GGUF that scripts/lib/gguf-llama.ts writes from the same
+ * weights; 1 thread, f16 KV, flash attention off) does the same with its own state file: it reads the same
+ * session tokens, saves its sequence state (saveStateToFile), then loads it into a cleared sequence
+ * (loadStateFromFile), evaluates the same question tokens and gives its first token, which must equal ours.
+ * `--no-llama` leaves it out. The last line is `resume speedup at 32K: NNNx` (cold / resume, medians;
+ * target >= 100x).
  */
 import { copyFile, rm, stat } from "node:fs/promises";
 import { mkdtempSync } from "node:fs";
@@ -19,6 +25,8 @@ import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
 import { Engine, SessionManager, SnapshotStore, DEFAULT_TENANT, decodeSnapshot, encodeSnapshot, type ChatMessage } from "../runtime/index.ts";
 import { createRng } from "../runtime/sampling.ts";
+import { buildBuiltinGguf, DEFAULT_GGUF_PATH } from "./lib/gguf-llama.ts";
+import { loadLlamaCppPeer } from "./lib/llama-cpp-peer.ts";
 
 const { values } = parseArgs({
   options: {
@@ -27,8 +35,11 @@ const { values } = parseArgs({
     runs: { type: "string", default: "3" },
     "chunk-tokens": { type: "string", default: "4096" },
     model: { type: "string", default: fileURLToPath(new URL("../models/builtin/", import.meta.url)) },
+    "no-llama": { type: "boolean", default: false },
+    gguf: { type: "string", default: DEFAULT_GGUF_PATH },
   },
 });
+const withLlama = !values["no-llama"];
 const sizes = values.sizes!.split(",").map(Number);
 const runs = Number(values.runs);
 const chunkTokens = Number(values["chunk-tokens"]);
@@ -66,8 +77,15 @@ const engine = await Engine.load({ modelDir: values.model!, variant: "fp32", bac
 console.log(`model ${engine.info.modelId} (${engine.info.variant}, kv ${engine.info.kvDtype}, ${engine.info.kvBytesPerToken} KV bytes/token); backend ${engine.info.backendDetail}`);
 console.log(`snapshot chunks of ${chunkTokens} tokens; ${runs} runs per figure, medians\n`);
 
+if (withLlama) {
+  const gguf = await buildBuiltinGguf(values.gguf!, { ifMissing: true });
+  console.log(`llama.cpp peer on ${gguf.path} (${(gguf.bytes / 2 ** 20).toFixed(1)} MiB, f32 weights, ${gguf.built ? "written now" : "up to date"})`);
+}
 const rows: string[][] = [];
+const llamaRows: string[][] = [];
 let speedup32k: number | null = null;
+let resumeRatio32k: number | null = null;
+let llamaDetail = "";
 for (const size of sizes) {
   const dir = mkdtempSync(join(tmpdir(), "bench-resume-"));
   const store = new SnapshotStore(dir);
@@ -126,6 +144,50 @@ for (const size of sizes) {
     await store.save("copy", encodeSnapshot(data, chunkTokens));
     encodeMs.push(performance.now() - t0);
   }
+
+  if (withLlama) {
+    // The same session tokens and question tokens as ours: the session holds the document rendered without
+    // a generation prompt, which is a prefix of the question's prompt.
+    const sessionIds = await engine.encodeChat([document], { addGenerationPrompt: false, extra: DATE });
+    if (sessionIds.some((id, i) => id !== promptIds[i])) throw new Error("the session's tokens are not a prefix of the question's prompt");
+    const questionIds = promptIds.slice(sessionIds.length);
+    const peer = await loadLlamaCppPeer({ ggufPath: values.gguf!, contextTokens: promptIds.length + 8, threads: 1 });
+    llamaDetail = peer.detail;
+    try {
+      // One cold run (a full prefill at 32K takes tens of seconds): its first token is the one to match.
+      const cold = await peer.generate(promptIds, 1);
+      await peer.ingest(sessionIds);
+      const stateFile = join(dir, "llama.state");
+      let t0 = performance.now();
+      const stateBytes = await peer.saveState(stateFile);
+      const saveMs = performance.now() - t0;
+      const loads: number[] = [];
+      const firsts: number[] = [];
+      let token = -1;
+      for (let i = 0; i < runs; i++) {
+        const r = await peer.resume(stateFile, questionIds);
+        loads.push(r.loadMs);
+        firsts.push(r.firstTokenMs);
+        token = r.token;
+      }
+      t0 = performance.now();
+      const sameFirst = token === coldToken && cold.tokenIds[0] === coldToken;
+      llamaRows.push([
+        String(sessionIds.length),
+        (snapshotBytes / sessionIds.length).toFixed(1),
+        (stateBytes / sessionIds.length).toFixed(1),
+        median(resume).toFixed(1),
+        median(firsts).toFixed(1),
+        median(loads).toFixed(1),
+        saveMs.toFixed(1),
+        cold.firstTokenMs.toFixed(0),
+        sameFirst ? "yes" : `no (ours ${coldToken}, llama.cpp cold ${cold.tokenIds[0]}, resumed ${token})`,
+      ]);
+      if (size === 32768) resumeRatio32k = median(resume) / median(firsts);
+    } finally {
+      await peer.dispose();
+    }
+  }
   await rm(dir, { recursive: true, force: true });
 
   const tokens = created.tokens_read;
@@ -159,4 +221,20 @@ definitions:
   snap B/tok      snapshot file bytes / tokens, against the raw KV bytes per token of this model
   encode / decode snapshot MB per second, file to tensors and tensors to file (store on ${tmpdir()})
 first tokens of cold and resumed runs: identical`);
+if (llamaRows.length) {
+  const lh = ["tokens", "ours snap B/tok", "llama.cpp state B/tok", "ours resume ms", "llama.cpp resume ms", "llama.cpp load ms", "llama.cpp save ms", "llama.cpp cold ms", "same first token"];
+  const lw = lh.map((h, i) => Math.max(h.length, ...llamaRows.map((r) => r[i]!.length)));
+  const lline = (cells: string[]) => cells.map((c, i) => c.padStart(lw[i]!)).join("  ");
+  console.log(`\nllama.cpp beside ours: ${llamaDetail}`);
+  console.log(lline(lh));
+  console.log(lw.map((w) => "-".repeat(w)).join("  "));
+  for (const r of llamaRows) console.log(lline(r));
+  console.log(`
+  llama.cpp state B/tok  saveStateToFile's file bytes / session tokens (its KV is f16; ours is ${engine.info.kvDtype})
+  llama.cpp resume ms    loadStateFromFile into a cleared sequence + evaluate the question + first token (medians)
+  llama.cpp load ms      loadStateFromFile alone; save ms: saveStateToFile once
+  llama.cpp cold ms      one fresh run: prefill of every token + first token
+  same first token       llama.cpp's cold and resumed first tokens equal ours`);
+  if (resumeRatio32k !== null) console.log(`resume ms ours/llama.cpp at 32K: ${resumeRatio32k.toFixed(2)} (lower is better)`);
+}
 if (speedup32k !== null) console.log(`resume speedup at 32K: ${speedup32k.toFixed(0)}x`);
