@@ -145,7 +145,6 @@ async function runOurs(backend: PeerBackend, promptIds: number[]): Promise<Omit<
   for (let i = 0; i <= runs; i++) {
     runLog.length = 0;
     const ids = i === 0 ? warmupIds(promptIds) : promptIds;
-    const prefillCalls = Math.ceil(ids.length / 512);
     const start = performance.now();
     const r = await engine.complete({ promptIds: ids, maxTokens: newTokens, sampling: { temperature: 0 }, stop: [], ignoreEos: true });
     const totalMs = performance.now() - start;
@@ -153,7 +152,9 @@ async function runOurs(backend: PeerBackend, promptIds: number[]): Promise<Omit<
     if (r.tokenIds.length !== newTokens) throw new Error(`ours generated ${r.tokenIds.length} tokens, wanted ${newTokens}`);
     tokenIds = r.tokenIds;
     text = r.text;
-    const decode = runLog.slice(prefillCalls);
+    // The decode steps are the last forward() calls (one per generated token but the last); prefill's
+    // chunk count is the runtime's business (it sizes chunks by time and by memory).
+    const decode = runLog.slice(runLog.length - (newTokens - 1));
     const sample: Sample = {
       // r.prefillMs and r.firstTokenMs run from generate()'s start; the queue in front of it is empty here.
       prefillMs: r.prefillMs,
