@@ -1,7 +1,7 @@
 /**
  * Resuming a session from its snapshot against reading its context again, on the built-in model:
  *
- *   npx bun scripts/bench-resume.ts [--sizes 8192,32768] [--backend wasm|native] [--runs 3] [--chunk-tokens 4096]
+ *   npx bun scripts/bench-resume.ts [--sizes 8192,32768] [--backend wasm|native] [--runs 3] [--chunk-tokens 4096] [--variant fp32|fp16]
  *
  * For each size, a session reads a document of that many tokens and is written to a snapshot store. Then:
  *   cold    a fresh request carrying the document and a question: prefill everything, first token
@@ -32,6 +32,7 @@ const { values } = parseArgs({
   options: {
     sizes: { type: "string", default: "8192,32768" },
     backend: { type: "string", default: "wasm" },
+    variant: { type: "string", default: "fp32" },
     runs: { type: "string", default: "3" },
     "chunk-tokens": { type: "string", default: "4096" },
     model: { type: "string", default: fileURLToPath(new URL("../models/builtin/", import.meta.url)) },
@@ -73,7 +74,8 @@ async function documentOf(engine: Engine, tokens: number): Promise<string> {
   throw new Error(`could not size a document to ${tokens} tokens`);
 }
 
-const engine = await Engine.load({ modelDir: values.model!, variant: "fp32", backend, threads: 1, queueLimit: 4, contextLength: 0, prefillChunk: 512 });
+if (!["fp32", "fp16"].includes(values.variant!)) throw new Error(`--variant must be fp32 or fp16 (fp16: float16 KV), got ${values.variant}`);
+const engine = await Engine.load({ modelDir: values.model!, variant: values.variant as "fp32" | "fp16", backend, threads: 1, queueLimit: 4, contextLength: 0, prefillChunk: 512 });
 console.log(`model ${engine.info.modelId} (${engine.info.variant}, kv ${engine.info.kvDtype}, ${engine.info.kvBytesPerToken} KV bytes/token); backend ${engine.info.backendDetail}`);
 console.log(`snapshot chunks of ${chunkTokens} tokens; ${runs} runs per figure, medians\n`);
 
