@@ -131,6 +131,18 @@ export class KvCache {
     return { keys: store.keys.map(slice), values: store.values.map(slice) };
   }
 
+  /**
+   * The arrays that hold every layer's KV, without copying: [kvHeads, slots, headDim] where `slots` is
+   * the length ("present") or the storage's capacity ("inplace"; the first `length` slots are this
+   * cache's and are never written again, so a snapshot can be encoded from them while others append).
+   */
+  layerViews(): { keys: KvArray[]; values: KvArray[]; slots: number } {
+    if (this.masked > 0) throw new Error(`layerViews: ${this.masked} slots are masked; snapshots cannot hold masked slots yet`);
+    const store = this.store;
+    if (this.mode === "present" || !store) return { keys: this.presentKeys, values: this.presentValues, slots: this.length };
+    return { keys: store.keys, values: store.values, slots: store.capacity };
+  }
+
   /** Replaces the whole content (a restored snapshot); arrays are [kvHeads, length, headDim], taken as they are ("present") or copied. */
   assign(keys: KvArray[], values: KvArray[], positions: Int32Array, length: number, nextPosition: number): void {
     if (this.mode === "present") {

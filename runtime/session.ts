@@ -88,7 +88,8 @@ export class Session {
 
   toSnapshot(engine: Engine, state: SessionState): SnapshotData {
     const { cache } = state;
-    const kv = cache.layerArrays();
+    // Views of the storage, not copies: persisting a million-token session must not hold its KV twice.
+    const kv = cache.layerViews();
     return {
       fingerprint: engine.info.fingerprint,
       modelId: engine.info.modelId,
@@ -102,6 +103,7 @@ export class Session {
       positions: cache.positions.subarray(0, cache.length),
       keys: kv.keys,
       values: kv.values,
+      arraySlots: kv.slots,
       meta: {
         id: this.id,
         createdAt: this.createdAt,

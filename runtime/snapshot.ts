@@ -85,8 +85,11 @@ export interface SnapshotData extends SnapshotModel {
   length: number;
   nextPosition: number;
   positions: Int32Array;
+  /** Per layer [kvHeads, arraySlots, headDim]; the first `length` slots are the KV. */
   keys: KvArray[];
   values: KvArray[];
+  /** Slot dimension of the arrays when they hold spare capacity (runtime-owned storage); default `length`. */
+  arraySlots?: number;
   meta: SnapshotMeta;
 }
 
@@ -193,7 +196,7 @@ export function* encodeSnapshot(data: SnapshotData, chunkTokens = 4096): Generat
     else if (p.t === "positions") payload = bytesOf(data.positions.subarray(p.start, p.start + p.count));
     else {
       const source = (p.kind === "key" ? data.keys : data.values)[p.layer!]!;
-      payload = bytesOf(sliceSlots(source, data.length, p.start, p.count, layout));
+      payload = bytesOf(sliceSlots(source, data.arraySlots ?? data.length, p.start, p.count, layout));
     }
     yield frame({ ...p, data: payload });
     frames++;

@@ -11,6 +11,7 @@ import { LlamaModel } from "../runtime/llama-model.ts";
 import { loadModelFolder } from "../runtime/model-folder.ts";
 import { argmax } from "../runtime/sampling.ts";
 import { sliceSlots } from "../kernels/kv-slots.ts";
+import { encodeSnapshot, type SnapshotData } from "../runtime/snapshot.ts";
 import { MODEL_DIR } from "./helpers/model.ts";
 
 const backend = await selectBackend("wasm", 1);
@@ -142,4 +143,33 @@ describe("in-place KV path", () => {
     await inplace.prefill(kept, ids, 512);
     expect(maxDiff(await inplace.forward(kept, [77]), expected)).toBeGreaterThan(1e-3);
   }, 120_000);
+
+  test("a snapshot encoded from the storage's views (spare capacity, shared with a clone that appended) equals one from copies", async () => {
+    const cache = inplace.newCache();
+    await inplace.prefill(cache, prompt.slice(0, 100), 512);
+    // A clone at the frontier appends in place into the same storage, past this cache's slots.
+    const clone = cache.clone();
+    await inplace.forward(clone, [42, 43]);
+    const views = cache.layerViews();
+    expect(views.slots).toBeGreaterThan(cache.length);
+    const copies = cache.layerArrays();
+    const data = (keys: (Float32Array | Uint16Array)[], values: (Float32Array | Uint16Array)[], arraySlots?: number): SnapshotData => ({
+      fingerprint: "f",
+      modelId: "m",
+      kvDtype: cache.dtype,
+      layers: cache.layers,
+      kvHeads: cache.kvHeads,
+      headDim: cache.headDim,
+      tokens: Int32Array.from(prompt.slice(0, 100)),
+      length: cache.length,
+      nextPosition: cache.nextPosition,
+      positions: cache.positions.subarray(0, cache.length),
+      keys,
+      values,
+      arraySlots,
+      meta: { id: "x", createdAt: 1, updatedAt: 2, messages: [], templateKwargs: {}, compaction: null, origin: "computed" },
+    });
+    const bytes = (d: SnapshotData) => Buffer.concat([...encodeSnapshot(d, 32)]);
+    expect(bytes(data(views.keys, views.values, views.slots)).equals(bytes(data(copies.keys, copies.values)))).toBe(true);
+  }, 60_000);
 });
