@@ -7,7 +7,7 @@ export { MODEL_VARIANT_NAMES, type ModelVariant } from "./model-folder.ts";
 export type { BackendName, BackendRequest } from "./backend.ts";
 export { parseToolCall, type ParsedToolCall } from "./tool-calls.ts";
 export { SessionManager, templateDate, type SessionInfo, type TurnRequest, type BusyPolicy } from "./sessions.ts";
-export { SnapshotStore, DEFAULT_TENANT } from "./snapshot-store.ts";
+export { SnapshotStore, DEFAULT_TENANT, NAME_PATTERN } from "./snapshot-store.ts";
 export { SnapshotError, SNAPSHOT_VERSION, encodeSnapshot, decodeSnapshot, type SnapshotData, type KvOrigin } from "./snapshot.ts";
 export { MAX_JSON_DEPTH, jsonDepth } from "./message-schema.ts";
 export type { KvCache } from "./kv-cache.ts";

@@ -5,7 +5,7 @@
  *
  * - "present" (graphs in the Optimum layout, present = Concat(past, new)): per layer the arrays the graph
  *   returned, [kvHeads, length, headDim], fed back whole every step. They are never written in place:
- *   forward() and truncate() put new arrays in their place, so clone() can share them.
+ *   forward() puts new arrays in their place, so clone() can share them.
  *
  * - "inplace" (graphs that return only the new tokens' KV): the runtime owns per-layer storage
  *   [kvHeads, capacity, headDim] with spare capacity; a step writes only the new slots, and the graph
@@ -237,25 +237,6 @@ export class KvCache {
   /** Position the next token gets when only the first `n` slots are kept. */
   private positionAfter(n: number): number {
     return n >= this.length ? this.nextPosition : n > 0 ? this.positions[n - 1]! + 1 : 0;
-  }
-
-  /** Keeps the first `n` slots. The next token follows the last kept one. */
-  truncate(n: number): void {
-    if (n >= this.length) return;
-    if (this.mode === "present") {
-      for (let i = 0; i < this.layers; i++) {
-        this.presentKeys[i] = sliceSlots(this.presentKeys[i]!, this.length, 0, n, this.layout);
-        this.presentValues[i] = sliceSlots(this.presentValues[i]!, this.length, 0, n, this.layout);
-      }
-    } else {
-      // The slots stay in the storage (a clone may read them); this cache no longer sees them, and its
-      // next append copies, since its end is now below the frontier.
-      this.mask.fill(0, n, this.length);
-      this.masked = 0;
-      for (let i = 0; i < n; i++) if (!this.mask[i]) this.masked++;
-    }
-    this.nextPosition = this.positionAfter(n);
-    this.length = n;
   }
 
   /**

@@ -12,10 +12,11 @@ import { invalidRequest } from "./errors.ts";
 import { SnapshotError, type ByteSource } from "./snapshot.ts";
 
 const SUFFIX = ".ulsnap";
-const ID = /^[A-Za-z0-9_-]{1,64}$/;
+/** The alphabet of session ids and tenant names: safe as file and folder names, and in logs unescaped. */
+export const NAME_PATTERN = /^[A-Za-z0-9_-]{1,64}$/;
 
 export function assertSessionId(id: string): void {
-  if (!ID.test(id)) throw invalidRequest("a session id is 1-64 letters, digits, '_' or '-'", "id");
+  if (!NAME_PATTERN.test(id)) throw invalidRequest("a session id is 1-64 letters, digits, '_' or '-'", "id");
 }
 
 /** Buffered sequential reads from a file. */
@@ -150,7 +151,7 @@ export class SnapshotStore {
 
   async ids(): Promise<string[]> {
     await this.ensureDir();
-    return (await readdir(this.dir)).filter((f) => f.endsWith(SUFFIX)).map((f) => f.slice(0, -SUFFIX.length)).filter((id) => ID.test(id));
+    return (await readdir(this.dir)).filter((f) => f.endsWith(SUFFIX)).map((f) => f.slice(0, -SUFFIX.length)).filter((id) => NAME_PATTERN.test(id));
   }
 
   /** Temporary files now in the store's directory (for tests and diagnostics). */

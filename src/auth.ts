@@ -10,12 +10,9 @@
 import type { Context, MiddlewareHandler } from "hono";
 import { bearerAuth } from "hono/bearer-auth";
 import { HTTPException } from "hono/http-exception";
-import { DEFAULT_TENANT } from "../runtime/index.ts";
+import { DEFAULT_TENANT, NAME_PATTERN } from "../runtime/index.ts";
 
 export { DEFAULT_TENANT };
-
-/** Tenant names use the session-id alphabet, so they can name folders and appear in logs unescaped. */
-export const TENANT_NAME = /^[A-Za-z0-9_-]{1,64}$/;
 
 /** A bearer token as hono's bearerAuth accepts it (RFC 6750's b64token): a key outside it could never be presented. */
 const KEY_CHARS = /^[A-Za-z0-9._~+/-]+=*$/;
@@ -54,7 +51,8 @@ export function parseApiKeysFile(text: string, source: string): ApiKey[] {
   }
   const keys: ApiKey[] = [];
   for (const [tenant, value] of Object.entries(json)) {
-    if (!TENANT_NAME.test(tenant)) fail(`tenant name ${JSON.stringify(tenant)} is not 1-64 letters, digits, '_' or '-'`);
+    // Tenant names use the session-id alphabet: they name folders of the store and appear in logs unescaped.
+    if (!NAME_PATTERN.test(tenant)) fail(`tenant name ${JSON.stringify(tenant)} is not 1-64 letters, digits, '_' or '-'`);
     const list = typeof value === "string" ? [value] : Array.isArray(value) ? (value as unknown[]) : fail(`tenant ${tenant}: expected a key or an array of keys`);
     if (list.length === 0) fail(`tenant ${tenant} has no keys`);
     for (const [i, key] of list.entries()) {

@@ -3,7 +3,7 @@
  * Unknown fields are ignored (OpenAI clients send many); fields we cannot honour are refused by name.
  */
 import { z } from "zod";
-import { MAX_JSON_DEPTH, RESERVED_TEMPLATE_VARIABLES, jsonDepth } from "../runtime/index.ts";
+import { MAX_JSON_DEPTH, NAME_PATTERN, RESERVED_TEMPLATE_VARIABLES, jsonDepth } from "../runtime/index.ts";
 
 const MAX_TOKENS_LIMIT = 1 << 30;
 
@@ -145,7 +145,7 @@ export const applyTemplateSchema = z.object({
   chat_template_kwargs: chatTemplateKwargs.optional(),
 });
 
-const sessionIdSchema = z.string().regex(/^[A-Za-z0-9_-]{1,64}$/, { message: "a session id is 1-64 letters, digits, '_' or '-'" });
+const sessionIdSchema = z.string().regex(NAME_PATTERN, { message: "a session id is 1-64 letters, digits, '_' or '-'" });
 
 export const createSessionSchema = z.object({
   id: sessionIdSchema.optional(),
