@@ -170,19 +170,36 @@ async function runOurs(backend: PeerBackend, promptIds: number[]): Promise<Omit<
   return { impl: "ours", backend, detail, loadMs, promptTokens: promptIds.length, tokenIds, text, samples };
 }
 
+/** A peer's warm-up generation and then `runs` measured ones: its tokens (all must be newTokens long) and samples. */
+async function measurePeer<R extends { tokenIds: number[] }>(
+  name: string,
+  promptIds: number[],
+  generate: (ids: number[]) => Promise<R>,
+  toSample: (r: R) => Sample,
+): Promise<{ tokenIds: number[]; samples: Sample[] }> {
+  const samples: Sample[] = [];
+  let tokenIds: number[] = [];
+  for (let i = 0; i <= runs; i++) {
+    const r = await generate(i === 0 ? warmupIds(promptIds) : promptIds);
+    sampleRss();
+    if (r.tokenIds.length !== newTokens) throw new Error(`${name} generated ${r.tokenIds.length} tokens, wanted ${newTokens}`);
+    tokenIds = r.tokenIds;
+    if (i > 0) samples.push(toSample(r)); // run 0 is the warm-up
+  }
+  return { tokenIds, samples };
+}
+
 async function runTransformers(backend: PeerBackend, promptIds: number[]): Promise<Omit<CaseResult, "peakRssMb" | "peakRssSource" | "runtime">> {
   const t0 = performance.now();
   const peer = await loadTransformersPeer({ backend, modelsDir: dirname(modelDir), modelId: basename(modelDir), dtype: "fp32", threads: THREADS, loadTokenizer: true });
   const loadMs = performance.now() - t0;
-  const samples: Sample[] = [];
-  let tokenIds: number[] = [];
-  for (let i = 0; i <= runs; i++) {
-    const r = await peer.generate(i === 0 ? warmupIds(promptIds) : promptIds, newTokens);
-    sampleRss();
-    if (r.tokenIds.length !== newTokens) throw new Error(`transformers.js generated ${r.tokenIds.length} tokens, wanted ${newTokens}`);
-    tokenIds = r.tokenIds;
-    if (i > 0) samples.push({ prefillMs: r.prefillMs, firstTokenMs: r.firstTokenMs, totalMs: r.totalMs, decodeRunMs: r.decodeRunMs, decodeRuns: r.decodeRuns });
-  }
+  const { tokenIds, samples } = await measurePeer("transformers.js", promptIds, (ids) => peer.generate(ids, newTokens), (r) => ({
+    prefillMs: r.prefillMs,
+    firstTokenMs: r.firstTokenMs,
+    totalMs: r.totalMs,
+    decodeRunMs: r.decodeRunMs,
+    decodeRuns: r.decodeRuns,
+  }));
   const text = peer.decode(tokenIds) ?? "";
   await peer.dispose();
   return { impl: "transformers.js", backend, detail: peer.detail, loadMs, promptTokens: promptIds.length, tokenIds, text, samples };
@@ -192,16 +209,14 @@ async function runLlamaCpp(promptIds: number[]): Promise<Omit<CaseResult, "peakR
   const t0 = performance.now();
   const peer = await loadLlamaCppPeer({ ggufPath: resolve(REPO, values.gguf!), contextTokens: promptIds.length + newTokens, threads: THREADS });
   const loadMs = performance.now() - t0;
-  const samples: Sample[] = [];
-  let tokenIds: number[] = [];
-  for (let i = 0; i <= runs; i++) {
-    const r = await peer.generate(i === 0 ? warmupIds(promptIds) : promptIds, newTokens);
-    sampleRss();
-    if (r.tokenIds.length !== newTokens) throw new Error(`llama.cpp generated ${r.tokenIds.length} tokens, wanted ${newTokens}`);
-    tokenIds = r.tokenIds;
-    // node-llama-cpp does not say when the prompt's logits are out: prefill runs to the first token id.
-    if (i > 0) samples.push({ prefillMs: r.firstTokenMs, firstTokenMs: r.firstTokenMs, totalMs: r.totalMs, decodeRunMs: 0, decodeRuns: 0 });
-  }
+  // node-llama-cpp does not say when the prompt's logits are out: prefill runs to the first token id.
+  const { tokenIds, samples } = await measurePeer("llama.cpp", promptIds, (ids) => peer.generate(ids, newTokens), (r) => ({
+    prefillMs: r.firstTokenMs,
+    firstTokenMs: r.firstTokenMs,
+    totalMs: r.totalMs,
+    decodeRunMs: 0,
+    decodeRuns: 0,
+  }));
   const detail = peer.detail;
   await peer.dispose();
   // Text by our tokenizer: llama.cpp's own detokenizer is not the point of this comparison.
