@@ -34,12 +34,14 @@ class KvStore {
 }
 
 /**
- * Capacity for `needed` slots: an eighth more, rounded up to 256 slots. Growing copies the cache once per
- * eighth of its length (about 8 slots copied per slot appended), and the graph computes over at most an
- * eighth more slots than are live.
+ * Capacity for `needed` slots: a 64th more (at least 256 slots), rounded up to 256 slots. Every step
+ * computes over (and onnxruntime-web copies) the whole capacity, so spare slots cost each step; growing
+ * copies the cache once per 64th of its length, about 64 slots copied per slot appended, a small fraction
+ * of what the steps in between read. (A prefill does not reserve its whole prompt up front: every
+ * chunk would then compute over the whole prompt's slots.)
  */
 export function capacityFor(needed: number): number {
-  return Math.ceil((needed + Math.floor(needed / 8)) / 256) * 256 || 256;
+  return Math.ceil((needed + Math.max(256, Math.floor(needed / 64))) / 256) * 256;
 }
 
 export class KvCache {
@@ -201,6 +203,13 @@ export class KvCache {
     this.mask = mask;
   }
 
+  /** Makes the storage this cache's own (copying if shared past its end) with room for `count` more slots. */
+  private reserveCapacity(count: number): void {
+    const needed = this.length + count;
+    const store = this.store;
+    if (!store || store.frontier !== this.length || store.capacity < needed) this.moveToOwnStore(needed);
+  }
+
   /**
    * Makes slots [length, length + count) this cache's to write ("inplace" mode): copies into storage of
    * its own first if the storage is too small or another cache has written at or past this cache's end.
@@ -208,10 +217,9 @@ export class KvCache {
    */
   reserveSlots(count: number): { keys: KvArray[]; values: KvArray[]; mask: Uint8Array; capacity: number } {
     if (this.mode !== "inplace") throw new Error("reserveSlots: not an in-place cache");
-    const needed = this.length + count;
-    const store = this.store;
-    if (!store || store.frontier !== this.length || store.capacity < needed) this.moveToOwnStore(needed);
+    this.reserveCapacity(count);
     const own = this.store!;
+    const needed = this.length + count;
     own.frontier = needed; // claimed now, so no clone writes here even if this step fails
     return { keys: own.keys, values: own.values, mask: this.mask, capacity: own.capacity };
   }

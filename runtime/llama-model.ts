@@ -8,7 +8,7 @@ import { readFile } from "node:fs/promises";
 import type { InferenceSession, Tensor } from "onnxruntime-web";
 import type { Backend } from "./backend.ts";
 import { ModelFolderError, RuntimeError } from "./errors.ts";
-import { KvCache, type KvArray, type KvDtype, type KvMode } from "./kv-cache.ts";
+import { KvCache, capacityFor, type KvArray, type KvDtype, type KvMode } from "./kv-cache.ts";
 import { variantUsesFloat16, type ModelFolder } from "./model-folder.ts";
 import { yieldToEventLoop } from "./yield.ts";
 
@@ -26,7 +26,7 @@ export interface GraphIo {
 const KNOWN_INPUTS = new Set(["input_ids", "attention_mask", "position_ids", "num_logits_to_keep", "use_cache_branch"]);
 const PAST = /^past_key_values\.(\d+)\.(key|value)$/;
 const PRESENT = /^present\.(\d+)\.(key|value)$/;
-const INPLACE_INPUTS = new Set(["input_ids", "slot_mask", "position_ids", "num_logits_to_keep"]);
+const INPLACE_INPUTS = new Set(["input_ids", "slot_mask", "position_ids", "num_logits_to_keep", "rows_per_matmul"]);
 const CACHE = /^cache\.(\d+)\.(key|value)$/;
 const NEW = /^new\.(\d+)\.(key|value)$/;
 
@@ -271,6 +271,7 @@ export class LlamaModel {
       const store = cache.reserveSlots(seq);
       const dims = [1, cache.kvHeads, store.capacity, cache.headDim];
       feeds.slot_mask = new ort.Tensor("bool", store.mask, [1, store.capacity]);
+      feeds.rows_per_matmul = new ort.Tensor("int64", BigInt64Array.of(BigInt(this.rowsPerMatmul(seq))), []);
       for (let i = 0; i < this.io.layers; i++) {
         feeds[`cache.${i}.key`] = new ort.Tensor(cache.dtype, store.keys[i]!, dims);
         feeds[`cache.${i}.value`] = new ort.Tensor(cache.dtype, store.values[i]!, dims);
@@ -293,6 +294,18 @@ export class LlamaModel {
     for (let i = 0; i < this.io.layers; i++) cache.setPresentLayer(i, kvArray(out[`present.${i}.key`]!), kvArray(out[`present.${i}.value`]!));
     cache.appendPositions(seq);
     return this.readLogits(out.logits!, options.allLogits === true);
+  }
+
+  /**
+   * How many query rows of a kv head go into one matmul against the cache (the in-place graph's
+   * rows_per_matmul). onnxruntime's native CPU kernels read the cache unpacked only for one-row matmuls,
+   * which makes a one-token step at 32K slots about 3x faster; with more rows (prefill) one matmul per kv
+   * head reads the cache once for all of them. onnxruntime-web packs the cache either way, so one matmul
+   * per kv head is faster there.
+   */
+  private rowsPerMatmul(seq: number): number {
+    const rows = (this.folder.config.numAttentionHeads / this.folder.config.numKeyValueHeads) * seq;
+    return this.backend.name === "native" && seq === 1 ? 1 : rows;
   }
 
   private async run(feeds: Record<string, Tensor>): Promise<InferenceSession.OnnxValueMapType> {
@@ -349,13 +362,13 @@ export class LlamaModel {
 
   /**
    * On the in-place path, the most tokens one run may read on top of `past` slots so that one
-   * [heads, tokens, slots] float32 score tensor stays within SCORE_TENSOR_BYTES: at long contexts the
+   * [heads, tokens, capacity] float32 score tensor stays within SCORE_TENSOR_BYTES: at long contexts the
    * scores, not the KV, set the peak memory (a 512-token chunk at 32K slots: ~270 MB per tensor, several
    * alive at once). A run's fixed cost there no longer grows with the context, so smaller chunks cost little.
    */
   private maxChunkFor(past: number): number {
     if (this.io.kvMode !== "inplace") return Number.MAX_SAFE_INTEGER;
-    const perToken = this.folder.config.numAttentionHeads * 4 * (past + 256);
+    const perToken = this.folder.config.numAttentionHeads * 4 * capacityFor(past + 512);
     return Math.max(16, Math.floor(SCORE_TENSOR_BYTES / perToken));
   }
 

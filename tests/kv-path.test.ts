@@ -65,6 +65,24 @@ describe("in-place KV path", () => {
     }
   }, 120_000);
 
+  test("onnxruntime-node's one-row matmuls (rows_per_matmul 1 in one-token steps) give the Optimum graph's logits", async () => {
+    const native = await LlamaModel.load(folder, await selectBackend("native", 1));
+    const a = native.newCache();
+    const b = present.newCache();
+    let la = await native.prefill(a, prompt, 61);
+    let lb = await present.prefill(b, prompt, 61);
+    let worst = maxDiff(la, lb);
+    for (let step = 0; step < 20; step++) {
+      const next = argmax(lb);
+      expect(argmax(la)).toBe(next);
+      la = await native.forward(a, [next]);
+      lb = await present.forward(b, [next]);
+      worst = Math.max(worst, maxDiff(la, lb));
+    }
+    expect(worst).toBeLessThan(1e-4);
+    await native.release();
+  }, 120_000);
+
   test("a clone shares storage but never sees, or changes, what the original writes after it (and vice versa)", async () => {
     const base = inplace.newCache();
     await inplace.prefill(base, prompt.slice(0, 50), 512);

@@ -193,7 +193,9 @@ export interface LlamaOnnxOptions {
    * other runtimes expect. inplace: the runtime owns the KV storage; the graph reads it as
    * cache.N.key/value [B, kvHeads, capacity, headDim] with slot_mask [B, capacity] (bool: which slots
    * hold a live token) and returns only the new tokens' new.N.key/value [B, kvHeads, S, headDim], so a
-   * step moves O(new tokens) out of the graph and never concatenates, tiles or copies the cache.
+   * step moves O(new tokens) out of the graph and never concatenates, tiles or copies the cache. Its
+   * scalar input rows_per_matmul (a divisor of G * S, G = heads per kv head) says how the query rows
+   * of each kv head are batched against the cache (see the attention below).
    */
   kv?: "present" | "inplace";
 }
@@ -347,6 +349,7 @@ export function buildLlamaOnnx(config: LlamaConfig, weights: LlamaWeights, optio
   let mask = "";
   let pastBias = "";
   let newBias = "";
+  let rowSplit = "";
   if (!inplace) {
     const totalLen = g.op("Shape", ["attention_mask"], { start: 1, end: 2 }); // [T]
     const pastLen = g.op("Sub", [totalLen, seqLen]); // [P] = T - S
@@ -361,10 +364,13 @@ export function buildLlamaOnnx(config: LlamaConfig, weights: LlamaWeights, optio
   } else {
     // Every new token sees every live cached slot (slot_mask) and the new tokens up to itself. Rows are
     // the grouped query rows g * S + s (see below), so the [S, S] causal bias is tiled G times.
-    pastBias = g.op("Unsqueeze", [g.op("Where", ["slot_mask", g.float([0], []), g.float([MASK_VALUE], [])]), g.int64([1, 2])], {}, "/slot_mask_bias"); // [B,1,1,C]
+    // Rows are then split into matmuls of rows_per_matmul rows each (see the attention below): [B, KV, R, M, *].
+    pastBias = g.op("Unsqueeze", [g.op("Where", ["slot_mask", g.float([0], []), g.float([MASK_VALUE], [])]), g.int64([1, 2, 3])], {}, "/slot_mask_bias"); // [B,1,1,1,C]
     const future = g.op("Greater", [g.op("Unsqueeze", [queryIdx, axis0]), g.op("Unsqueeze", [queryIdx, g.int64([1])])]); // [S, S]
     const causalBias = g.op("Where", [future, g.float([MASK_VALUE], []), g.float([0], [])]);
-    newBias = g.op("Tile", [causalBias, g.int64([groups, 1])], {}, "/new_tokens_bias"); // [G*S, S]
+    const tiled = g.op("Tile", [causalBias, g.int64([groups, 1])]); // [G*S, S]
+    rowSplit = g.op("Reshape", ["rows_per_matmul", g.int64([1])]); // [M]
+    newBias = g.op("Reshape", [tiled, g.op("Concat", [g.int64([-1]), rowSplit, seqLen], { axis: 0 })], {}, "/new_tokens_bias"); // [R, M, S]
   }
 
   // ---- rotary embedding: cos/sin of position_ids * inv_freq (rotate_half convention) ----
@@ -409,6 +415,7 @@ export function buildLlamaOnnx(config: LlamaConfig, weights: LlamaWeights, optio
       ? valueInfo("slot_mask", DT.BOOL, ["batch_size", "cache_capacity"])
       : valueInfo("attention_mask", DT.INT64, ["batch_size", "total_sequence_length"]),
     valueInfo("position_ids", DT.INT64, ["batch_size", "sequence_length"]),
+    ...(inplace ? [valueInfo("rows_per_matmul", DT.INT64, [])] : []),
   ];
   const outputs: ValueInfoProto[] = [];
   const kvDims = (len: string) => ["batch_size", KV, len, D];
@@ -441,7 +448,12 @@ export function buildLlamaOnnx(config: LlamaConfig, weights: LlamaWeights, optio
       // Grouped-query attention without repeating the cache: query heads kv * G + g, as [B, KV, G * S, D]
       // rows, read kv head kv's slots directly. Scores against the cache and against the new tokens are
       // computed apart and joined (small: rows x slots), so the cache itself is never concatenated.
-      const qg = g.op("Reshape", [g.op("Mul", [q, scale]), groupedShape]); // [B, KV, G*S, D]
+      // The G * S rows of kv head kv are multiplied in matmuls of rows_per_matmul (M) rows each, R = G * S / M
+      // of them: [B, KV, R, M, D] against the cache as [B, KV, 1, C, D]. M = G * S (one matmul per kv head)
+      // suits prefill and onnxruntime-web; M = 1 lets onnxruntime's native CPU kernels read the cache
+      // without packing it first (a 32K-slot decode step: about 3x faster). The runtime picks M per run.
+      const rowsShape = g.op("Concat", [g.int64([0, KV, -1]), rowSplit, g.int64([D])], { axis: 0 });
+      const qg = g.op("Reshape", [g.op("Mul", [q, scale]), rowsShape]); // [B, KV, R, M, D]
       let cacheKeys = pastKey;
       let cacheValues = pastValue;
       if (fp16) {
@@ -453,21 +465,28 @@ export function buildLlamaOnnx(config: LlamaConfig, weights: LlamaWeights, optio
         k = g.op("Identity", [k], {}, presentKey);
         v = g.op("Identity", [v], {}, presentValue);
       }
-      const transposeLast = (t: string) => g.op("Transpose", [t], { perm: [0, 1, 3, 2] });
-      const cacheScores = g.op("Add", [g.op("MatMul", [qg, transposeLast(cacheKeys)]), pastBias]); // [B, KV, G*S, C]
-      const newScores = g.op("Add", [g.op("MatMul", [qg, transposeLast(k)]), newBias]); // [B, KV, G*S, S]
-      // Softmax over [cache slots, new tokens] in two parts, so the rows x slots scores are never copied
-      // into one tensor and back out (at 32K slots a 512-token chunk's scores are ~270 MB).
-      const rowMax = g.op("Max", [
-        g.op("ReduceMax", [cacheScores], { axes: [-1], keepdims: 1 }),
-        g.op("ReduceMax", [newScores], { axes: [-1], keepdims: 1 }),
-      ]); // [B, KV, G*S, 1]
-      const cacheExp = g.op("Exp", [g.op("Sub", [cacheScores, rowMax])]);
-      const newExp = g.op("Exp", [g.op("Sub", [newScores, rowMax])]);
+      const rowsAxis = g.int64([2]);
+      const asRows = (t: string) => g.op("Unsqueeze", [t, rowsAxis]); // [B, KV, T, D] -> [B, KV, 1, T, D]
+      const transposeLast = (t: string) => g.op("Transpose", [asRows(t)], { perm: [0, 1, 2, 4, 3] });
+      const cacheScores = g.op("Add", [g.op("MatMul", [qg, transposeLast(cacheKeys)]), pastBias]); // [B, KV, R, M, C]
+      const newScores = g.op("Add", [g.op("MatMul", [qg, transposeLast(k)]), newBias]); // [B, KV, R, M, S]
+      // Softmax over [cache slots, new tokens] without joining the scores (at 32K slots a prefill chunk's
+      // are tens of MB): onnxruntime's Softmax (vectorized, where a separate Exp is not) over the cache part,
+      // whose sum of exp(score - max) is 1 / its largest probability, then the few new-token scores joined
+      // in by their max and sum. Slots all masked (an empty cache) get weight exp(-1e9 - max) = 0.
       const lastAxes = g.int64([-1]);
-      const rowSum = g.op("Add", [g.op("ReduceSum", [cacheExp, lastAxes], { keepdims: 1 }), g.op("ReduceSum", [newExp, lastAxes], { keepdims: 1 })]);
-      const weighted = g.op("Add", [g.op("MatMul", [cacheExp, cacheValues]), g.op("MatMul", [newExp, v])]);
-      const grouped = g.op("Div", [weighted, rowSum]); // [B, KV, G*S, D]
+      const cacheMax = g.op("ReduceMax", [cacheScores], { axes: [-1], keepdims: 1 }); // [B, KV, R, M, 1]
+      const cacheProbs = g.op("Softmax", [cacheScores], { axis: -1 });
+      const cacheSum = g.op("Reciprocal", [g.op("ReduceMax", [cacheProbs], { axes: [-1], keepdims: 1 })]);
+      const rowMax = g.op("Max", [cacheMax, g.op("ReduceMax", [newScores], { axes: [-1], keepdims: 1 })]);
+      const cacheWeight = g.op("Mul", [cacheSum, g.op("Exp", [g.op("Sub", [cacheMax, rowMax])])]);
+      const newExp = g.op("Exp", [g.op("Sub", [newScores, rowMax])]); // [B, KV, R, M, S]
+      const rowSum = g.op("Add", [cacheWeight, g.op("ReduceSum", [newExp, lastAxes], { keepdims: 1 })]);
+      const weighted = g.op("Add", [
+        g.op("Mul", [g.op("MatMul", [cacheProbs, asRows(cacheValues)]), cacheWeight]),
+        g.op("MatMul", [newExp, asRows(v)]),
+      ]);
+      const grouped = g.op("Reshape", [g.op("Div", [weighted, rowSum]), groupedShape]); // [B, KV, G*S, D]
       context = g.op("Reshape", [g.op("Transpose", [g.op("Reshape", [grouped, kvFlatShape])], { perm: toHeads }), mergedShape]);
     } else {
       if (fp16) {
