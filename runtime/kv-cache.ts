@@ -13,7 +13,8 @@
  *   and its clones; slots below a cache's length are never written again, and a cache may append in place
  *   only at the storage's frontier (no other cache has written at or past it); otherwise it first copies
  *   its slots into storage of its own. So a working copy taken for a turn that may fail still leaves the
- *   original intact.
+ *   original intact. Storage that only one cache holds grows in place (resizable buffers), so a long
+ *   prefill leaves no trail of outgrown copies for the garbage collector.
  */
 import { sliceSlots, writeSlots, type KvArray } from "../kernels/kv-slots.ts";
 
@@ -25,11 +26,17 @@ export type { KvArray };
 class KvStore {
   /** Slots at and past the frontier hold no cache's data; the cache whose length equals it may append in place. */
   frontier = 0;
+  /**
+   * Caches that hold this storage (clones add one, a cache moving to storage of its own takes one away;
+   * a cache dropped without moving never does, so this may overcount, never undercount). At 1 the one
+   * cache may grow the storage in place (growInPlace).
+   */
+  refs = 1;
   constructor(
     /** keys[i] / values[i]: layer i, [kvHeads, capacity, headDim]. */
     readonly keys: KvArray[],
     readonly values: KvArray[],
-    readonly capacity: number,
+    public capacity: number,
   ) {}
 }
 
@@ -40,6 +47,10 @@ class KvStore {
  * of what the steps in between read. (A prefill does not reserve its whole prompt up front: every
  * chunk would then compute over the whole prompt's slots.)
  */
+/** How far a storage buffer may grow in place (see KvCache.newStorageArray), and at least how many bytes. */
+const GROWTH_RESERVE = 8;
+const MIN_RESERVE_BYTES = 16 * 2 ** 20;
+
 export function capacityFor(needed: number): number {
   return Math.ceil((needed + Math.max(256, Math.floor(needed / 64))) / 256) * 256;
 }
@@ -76,6 +87,18 @@ export class KvCache {
   private newArray(slots: number): KvArray {
     const n = this.kvHeads * slots * this.headDim;
     return this.dtype === "float16" ? new Uint16Array(n) : new Float32Array(n);
+  }
+
+  /**
+   * Storage for `slots` slots over a resizable ArrayBuffer that may grow in place to GROWTH_RESERVE times
+   * its size (address space is reserved, memory is not): growing then leaves no old copy behind for the
+   * garbage collector, which under Bun let a 32K-token prefill's discarded copies reach 600 MB.
+   */
+  private newStorageArray(slots: number): KvArray {
+    const bytes = this.kvHeads * slots * this.headDim * this.bytesPerElement;
+    const buffer = new ArrayBuffer(bytes, { maxByteLength: Math.max(bytes * GROWTH_RESERVE, MIN_RESERVE_BYTES) });
+    const n = bytes / this.bytesPerElement;
+    return this.dtype === "float16" ? new Uint16Array(buffer, 0, n) : new Float32Array(buffer, 0, n); // fixed-length views
   }
 
   private get layout() {
@@ -151,6 +174,7 @@ export class KvCache {
       this.presentKeys = [...keys];
       this.presentValues = [...values];
     } else {
+      if (this.store) this.store.refs--;
       this.store = null;
       this.length = 0;
       this.moveToOwnStore(length);
@@ -184,12 +208,47 @@ export class KvCache {
 
   // ---- "inplace" mode ----
 
-  /** Copies this cache's live slots into new storage of its own with room for `needed` slots. */
+  /**
+   * Grows storage that only this cache holds to `capacity` slots without copying it elsewhere: each
+   * array's buffer is resized and its heads moved apart (highest first, so no head overwrites another
+   * before it has moved). False when a buffer cannot grow that far. Views taken before (layerViews) are
+   * stale afterwards; the only cache that could grow this storage is the one they were taken from.
+   */
+  private growInPlace(store: KvStore, capacity: number): boolean {
+    const arrays = [...store.keys, ...store.values];
+    const bytes = this.kvHeads * capacity * this.headDim * this.bytesPerElement;
+    const buffers = arrays.map((a) => a.buffer as ArrayBuffer);
+    if (buffers.some((b) => !b.resizable || b.maxByteLength < bytes || b.byteLength !== this.kvHeads * store.capacity * this.headDim * this.bytesPerElement)) return false;
+    const grown = buffers.map((buffer) => {
+      buffer.resize(bytes);
+      const n = bytes / this.bytesPerElement;
+      const view = this.dtype === "float16" ? new Uint16Array(buffer, 0, n) : new Float32Array(buffer, 0, n);
+      const { headDim: d } = this;
+      for (let h = this.kvHeads - 1; h > 0; h--) view.copyWithin(h * capacity * d, h * store.capacity * d, (h * store.capacity + this.length) * d);
+      return view;
+    });
+    store.keys.splice(0, this.layers, ...grown.slice(0, this.layers));
+    store.values.splice(0, this.layers, ...grown.slice(this.layers));
+    store.capacity = capacity;
+    const mask = new Uint8Array(capacity);
+    mask.set(this.mask.subarray(0, this.length));
+    this.mask = mask;
+    return true;
+  }
+
+  /**
+   * Gives this cache storage of its own, at the frontier, with room for `needed` slots: grown in place
+   * when no other cache holds the current storage, else a copy of this cache's live slots.
+   */
   private moveToOwnStore(needed: number): void {
-    const capacity = capacityFor(needed);
-    const keys = Array.from({ length: this.layers }, () => this.newArray(capacity));
-    const values = Array.from({ length: this.layers }, () => this.newArray(capacity));
     const old = this.store;
+    if (old && old.refs === 1) {
+      old.frontier = this.length; // slots a failed step claimed past it belong to no one
+      if (old.capacity >= needed || this.growInPlace(old, capacityFor(needed))) return;
+    }
+    const capacity = capacityFor(needed);
+    const keys = Array.from({ length: this.layers }, () => this.newStorageArray(capacity));
+    const values = Array.from({ length: this.layers }, () => this.newStorageArray(capacity));
     if (old && this.length > 0) {
       for (let i = 0; i < this.layers; i++) {
         writeSlots(keys[i]!, capacity, 0, sliceSlots(old.keys[i]!, old.capacity, 0, this.length, this.layout), this.length, this.layout);
@@ -198,6 +257,7 @@ export class KvCache {
     }
     const mask = new Uint8Array(capacity);
     mask.set(this.mask.subarray(0, this.length));
+    if (old) old.refs--;
     this.store = new KvStore(keys, values, capacity);
     this.store.frontier = this.length;
     this.mask = mask;
@@ -261,6 +321,7 @@ export class KvCache {
       return copy;
     }
     copy.store = this.store;
+    if (this.store) this.store.refs++;
     copy.mask = new Uint8Array(this.mask.length);
     copy.mask.set(this.mask.subarray(0, count));
     for (let i = 0; i < count; i++) if (!copy.mask[i]) copy.masked++;

@@ -115,6 +115,29 @@ describe("in-place KV path", () => {
     }
   }, 120_000);
 
+  test("storage no other cache holds grows in place (same buffer); shared storage is copied and stays as it was", async () => {
+    const base = inplace.newCache();
+    await inplace.prefill(base, prompt.slice(0, 200), 512);
+    const buffer = base.layerViews().keys[0]!.buffer;
+    const capacity = base.capacity;
+    const more = Array.from({ length: 400 }, (_, i) => 2000 + ((i * 31) % 5000));
+    await inplace.prefill(base, more, 512); // past the first capacity
+    expect(base.capacity).toBeGreaterThan(capacity);
+    expect(base.layerViews().keys[0]!.buffer).toBe(buffer);
+    const snapshot = base.layerArrays();
+    const copy = base.clone();
+    await inplace.prefill(copy, Array.from({ length: base.capacity - base.length + 5 }, (_, i) => 500 + i), 512);
+    expect(copy.layerViews().keys[0]!.buffer).not.toBe(buffer);
+    const still = base.layerArrays();
+    for (let l = 0; l < base.layers; l++) {
+      expect(Array.from(still.keys[l]!)).toEqual(Array.from(snapshot.keys[l]!));
+      expect(Array.from(still.values[l]!)).toEqual(Array.from(snapshot.values[l]!));
+    }
+    const logits = await inplace.forward(base, [7]);
+    const expected = await present.prefill(present.newCache(), [...prompt.slice(0, 200), ...more, 7], 512);
+    expect(maxDiff(logits, expected)).toBeLessThan(1e-4);
+  }, 120_000);
+
   test("a failed step leaves the cache it ran on unchanged and its clones usable", async () => {
     const base = inplace.newCache();
     await inplace.prefill(base, prompt.slice(0, 30), 512);
