@@ -87,6 +87,16 @@ export interface TextLimits {
 export const DEFAULT_TEXT_LIMITS: TextLimits = { maxFieldChars: 8 * 2 ** 20, maxPromptChars: 16 * 2 ** 20, maxRunChars: 8192 };
 export const DEFAULT_PREFILL_TARGET_MS = 50;
 
+/** Text pieces shorter than this are tokenized again every time (cheaper than hashing and recording them). */
+export const MEMO_MIN_CHARS = 1024;
+
+/** Where a text piece's ids lie in an encoding: its text's SHA-256 (hex), first index, count. */
+export interface TokenizedPiece {
+  hash: string;
+  start: number;
+  count: number;
+}
+
 export interface EngineInfo {
   modelId: string;
   /** Identifies the exact model (config, tokenizer, graph, variant): snapshots from another model are refused. */
@@ -136,6 +146,8 @@ export const DEFAULT_KV_MEMORY_BYTES = 8 * 2 ** 30;
 
 export class Engine {
   readonly metrics: EngineMetrics = { requests: 0, cancelled: 0, cancelledQueued: 0, promptTokens: 0, completionTokens: 0, prefillMs: 0, decodeMs: 0 };
+  /** Characters of chat text tokenized so far (pieces reused from a session's last render are not). */
+  chatCharsTokenized = 0;
 
   private constructor(
     readonly info: EngineInfo,
@@ -212,15 +224,55 @@ export class Engine {
    * holds the BOS token, so none is added.
    */
   async encodeChat(messages: ChatMessage[], options: RenderOptions = {}, signal?: AbortSignal): Promise<number[]> {
-    const pieces = this.template.renderPieces(messages, options);
-    this.assertPromptChars(pieces.reduce((n, p) => n + p.length, 0), "messages");
-    const { texts, specialIds } = this.tokenizer.splitPieces(pieces);
+    return (await this.encodeChatPieces(messages, options, signal)).ids;
+  }
+
+  /**
+   * encodeChat, and where each long text piece (the text between two special tokens, MEMO_MIN_CHARS or
+   * more) went in the ids, by the SHA-256 of its text. `reuse` may return a piece's ids from an earlier
+   * encoding (a session's, from its last render): they are taken instead of tokenizing the text again if
+   * they hold no special token and no id outside the vocabulary. A session's next turn then tokenizes
+   * only what is new; its ids are the same as a fresh encoding's, since the reused ones were one.
+   */
+  async encodeChatPieces(
+    messages: ChatMessage[],
+    options: RenderOptions = {},
+    signal?: AbortSignal,
+    reuse?: (hash: string) => ArrayLike<number> | null,
+  ): Promise<{ ids: number[]; pieces: TokenizedPiece[] }> {
+    const rendered = this.template.renderPieces(messages, options);
+    this.assertPromptChars(rendered.reduce((n, p) => n + p.length, 0), "messages");
+    const { texts, specialIds } = this.tokenizer.splitPieces(rendered);
     const ids: number[] = [];
+    const pieces: TokenizedPiece[] = [];
+    const tokenize = async (text: string) => {
+      this.chatCharsTokenized += text.length;
+      for (const id of await this.encoders.plain.encode(text, false, "messages", signal)) ids.push(id);
+    };
     for (let i = 0; i < texts.length; i++) {
-      if (texts[i]!.length > 0) for (const id of await this.encoders.plain.encode(texts[i]!, false, "messages", signal)) ids.push(id);
+      const text = texts[i]!;
+      if (text.length >= MEMO_MIN_CHARS) {
+        const hash = createHash("sha256").update(text).digest("hex");
+        const start = ids.length;
+        const known = reuse?.(hash);
+        if (known && this.plainIds(known)) for (let j = 0; j < known.length; j++) ids.push(known[j]!);
+        else await tokenize(text);
+        pieces.push({ hash, start, count: ids.length - start });
+      } else if (text.length > 0) {
+        await tokenize(text);
+      }
       if (i < specialIds.length) ids.push(specialIds[i]!);
     }
-    return ids;
+    return { ids, pieces };
+  }
+
+  /** Whether ids could be a plain text's: inside the vocabulary, none of them a special token. */
+  private plainIds(ids: ArrayLike<number>): boolean {
+    for (let i = 0; i < ids.length; i++) {
+      const id = ids[i]!;
+      if (!Number.isInteger(id) || id < 0 || id >= this.info.vocabSize || this.tokenizer.isSpecial(id)) return false;
+    }
+    return ids.length > 0;
   }
 
   /**

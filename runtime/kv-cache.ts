@@ -168,21 +168,46 @@ export class KvCache {
     return { keys: store.keys, values: store.values, slots: store.capacity };
   }
 
-  /** Replaces the whole content (a restored snapshot); arrays are [kvHeads, length, headDim], taken as they are ("present") or copied. */
-  assign(keys: KvArray[], values: KvArray[], positions: Int32Array, length: number, nextPosition: number): void {
+  /**
+   * Arrays a snapshot of `length` slots can be decoded into so that assign() takes them without copying:
+   * new storage of this cache's own ("inplace"; its capacity as slots) or new exact arrays ("present").
+   */
+  restoreTarget(length: number): { keys: KvArray[]; values: KvArray[]; slots: number } {
     if (this.mode === "present") {
-      this.presentKeys = [...keys];
-      this.presentValues = [...values];
+      return { keys: Array.from({ length: this.layers }, () => this.newArray(length)), values: Array.from({ length: this.layers }, () => this.newArray(length)), slots: length };
+    }
+    if (this.store) this.store.refs--;
+    this.store = null;
+    this.length = 0;
+    this.moveToOwnStore(length);
+    const store = this.store!;
+    return { keys: [...store.keys], values: [...store.values], slots: store.capacity };
+  }
+
+  /**
+   * Replaces the whole content (a restored snapshot); arrays are [kvHeads, slots, headDim] (slots defaults to
+   * length) and are taken as they are ("present", when slots = length; the storage restoreTarget gave) or copied.
+   */
+  assign(keys: KvArray[], values: KvArray[], positions: Int32Array, length: number, nextPosition: number, slots = length): void {
+    if (this.mode === "present") {
+      const exact = (a: KvArray) => (slots === length ? a : sliceSlots(a, slots, 0, length, this.layout));
+      this.presentKeys = keys.map(exact);
+      this.presentValues = values.map(exact);
     } else {
-      if (this.store) this.store.refs--;
-      this.store = null;
-      this.length = 0;
-      this.moveToOwnStore(length);
-      const store = this.store!;
-      for (let i = 0; i < this.layers; i++) {
-        writeSlots(store.keys[i]!, store.capacity, 0, keys[i]!, length, this.layout);
-        writeSlots(store.values[i]!, store.capacity, 0, values[i]!, length, this.layout);
+      const adopted = this.store !== null && this.store.keys[0] === keys[0] && this.store.capacity === slots;
+      if (!adopted) {
+        if (this.store) this.store.refs--;
+        this.store = null;
+        this.length = 0;
+        this.moveToOwnStore(length);
+        const store = this.store!;
+        for (let i = 0; i < this.layers; i++) {
+          const own = (a: KvArray) => (slots === length ? a : sliceSlots(a, slots, 0, length, this.layout));
+          writeSlots(store.keys[i]!, store.capacity, 0, own(keys[i]!), length, this.layout);
+          writeSlots(store.values[i]!, store.capacity, 0, own(values[i]!), length, this.layout);
+        }
       }
+      const store = this.store!;
       store.frontier = length;
       this.mask.fill(1, 0, length);
       this.masked = 0;

@@ -5,7 +5,7 @@
  * it in after it is persisted.
  */
 import type { ChatMessage } from "./chat-template.ts";
-import type { Engine } from "./engine.ts";
+import type { Engine, TokenizedPiece } from "./engine.ts";
 import type { KvCache } from "./kv-cache.ts";
 import type { KvHold } from "./kv-memory.ts";
 import type { KvOrigin, SnapshotData } from "./snapshot.ts";
@@ -55,6 +55,8 @@ export interface SessionState {
   cache: KvCache;
   messages: ChatMessage[];
   updatedAt: number;
+  /** Long text pieces of the last render and where their ids lie in `tokens` (reused by the next render). */
+  pieces: TokenizedPiece[];
 }
 
 export class Session {
@@ -76,6 +78,18 @@ export class Session {
 
   get key(): string {
     return sessionKey(this.tenant, this.id);
+  }
+
+  /**
+   * The ids of a text piece the session's last render tokenized (by its text's hash), for the next render
+   * to reuse. Uploaded sessions reuse nothing: their tokens were not tokenized here.
+   */
+  knownPiece(hash: string): ArrayLike<number> | null {
+    if (this.origin !== "computed") return null;
+    const { tokens, pieces } = this.state;
+    const piece = pieces.find((p) => p.hash === hash);
+    if (!piece || piece.start + piece.count > tokens.length) return null;
+    return tokens.slice(piece.start, piece.start + piece.count);
   }
 
   /** A working copy of the cache holding the longest prefix of `promptIds` it already has, leaving at least one token to read. */
@@ -112,6 +126,7 @@ export class Session {
         templateKwargs: this.templateKwargs,
         compaction: this.compaction,
         origin: this.origin,
+        pieces: state.pieces,
       },
     };
   }

@@ -15,7 +15,10 @@
  * budget in kv-memory.ts, the store in snapshot-store.ts; this file is the manager that ties them.
  */
 import { assertTemplateKwargsAllowed, type ChatMessage, type ToolDefinition } from "./chat-template.ts";
-import type { CompletionJob, Engine } from "./engine.ts";
+import type { CompletionJob, Engine, TokenizedPiece } from "./engine.ts";
+
+/** A conversation rendered for a session: its ids, and where its long text pieces lie in them. */
+type Rendered = { ids: number[]; pieces: TokenizedPiece[] };
 import { RuntimeError, invalidRequest } from "./errors.ts";
 import type { GenerateResult } from "./generate.ts";
 import type { KvCache } from "./kv-cache.ts";
@@ -81,11 +84,13 @@ export class SessionManager {
   }
 
   /** Decodes a snapshot for this server, holding its KV in the memory budget (released if decoding fails). */
-  private async decode(source: ByteSource, what: string): Promise<{ data: SnapshotData; hold: KvHold }> {
+  private async decode(source: ByteSource, what: string): Promise<{ data: SnapshotData; hold: KvHold; cache: KvCache }> {
     let hold: KvHold | null = null;
+    const cache = this.engine.model.newCache();
     try {
       const data = await decodeSnapshot(source, {
         ...this.snapshotExpectation(),
+        kvArrays: (length) => cache.restoreTarget(length), // the KV is decoded straight into the cache's storage
         reserveKv: (bytes) => {
           try {
             hold = this.engine.kvMemory.reserve(bytes, what);
@@ -96,7 +101,7 @@ export class SessionManager {
           }
         },
       });
-      return { data, hold: hold ?? this.engine.kvMemory.reserve(0, what) };
+      return { data, hold: hold ?? this.engine.kvMemory.reserve(0, what), cache };
     } catch (e) {
       (hold as KvHold | null)?.release();
       throw e;
@@ -155,11 +160,11 @@ export class SessionManager {
     }
   }
 
-  private sessionFromSnapshot(data: SnapshotData, hold: KvHold, tenant: string, id: string, origin: KvOrigin): Session {
-    const cache = this.engine.model.newCache();
-    cache.assign(data.keys, data.values, data.positions, data.length, data.nextPosition);
+  /** `cache` is the one decode() wrote the KV into (taken without copying). */
+  private sessionFromSnapshot(data: SnapshotData, hold: KvHold, tenant: string, id: string, origin: KvOrigin, cache: KvCache): Session {
+    cache.assign(data.keys, data.values, data.positions, data.length, data.nextPosition, data.arraySlots);
     const m = data.meta;
-    const state: SessionState = { tokens: Array.from(data.tokens), cache, messages: m.messages as ChatMessage[], updatedAt: m.updatedAt };
+    const state: SessionState = { tokens: Array.from(data.tokens), cache, messages: m.messages as ChatMessage[], updatedAt: m.updatedAt, pieces: m.pieces ?? [] };
     return new Session(tenant, id, m.createdAt, state, m.templateKwargs, origin, hold, m.compaction);
   }
 
@@ -169,8 +174,8 @@ export class SessionManager {
     let session = this.resident.get(key);
     if (!session) {
       await this.assertExists(tenant, id);
-      const { data, hold } = await this.storeOf(tenant).read(id, (source) => this.decode(source, `reading session ${id} back`));
-      session = this.sessionFromSnapshot(data, hold, tenant, id, data.meta.origin);
+      const { data, hold, cache } = await this.storeOf(tenant).read(id, (source) => this.decode(source, `reading session ${id} back`));
+      session = this.sessionFromSnapshot(data, hold, tenant, id, data.meta.origin, cache);
       this.resident.set(key, session);
     }
     session.lastUsed = nextUse();
@@ -195,14 +200,15 @@ export class SessionManager {
    */
   private async change<T>(
     session: Session,
-    promptIds: number[],
+    { ids: promptIds, pieces }: Rendered,
     work: (prepare: () => KvCache) => Promise<{ result: T; generated: number[]; cancelled: boolean; messages: ChatMessage[] }>,
   ): Promise<T> {
     let working: KvCache | null = null;
     const { result, generated, cancelled, messages } = await work(() => (working = session.workingCacheFor(promptIds)));
     if (cancelled || !working) return result;
     const cache: KvCache = working;
-    const next: SessionState = { tokens: [...promptIds, ...generated].slice(0, cache.length), cache, messages, updatedAt: Date.now() };
+    const tokens = [...promptIds, ...generated].slice(0, cache.length);
+    const next: SessionState = { tokens, cache, messages, updatedAt: Date.now(), pieces: pieces.filter((p) => p.start + p.count <= tokens.length) };
     await this.persist(session, next);
     session.state = next;
     // The new cache exists already (the request's reservation covered it while it was built): count it.
@@ -241,8 +247,9 @@ export class SessionManager {
     }
   }
 
-  private renderIds(session: Session, messages: ChatMessage[], addGenerationPrompt: boolean, tools: ToolDefinition[] | null, signal?: AbortSignal): Promise<number[]> {
-    return this.engine.encodeChat(messages, { addGenerationPrompt, tools, extra: session.templateKwargs }, signal);
+  /** The conversation's ids; long text pieces the session tokenized last time are not tokenized again. */
+  private renderIds(session: Session, messages: ChatMessage[], addGenerationPrompt: boolean, tools: ToolDefinition[] | null, signal?: AbortSignal): Promise<Rendered> {
+    return this.engine.encodeChatPieces(messages, { addGenerationPrompt, tools, extra: session.templateKwargs }, signal, (hash) => session.knownPiece(hash));
   }
 
   /** Reads `messages` (the whole conversation) into the session without generating. */
@@ -253,8 +260,9 @@ export class SessionManager {
     signal?: AbortSignal,
   ): Promise<IngestResult> {
     assertStorableMessages(messages);
-    const promptIds = await this.renderIds(session, messages, false, null, signal);
-    return this.change(session, promptIds, async (prepare) => {
+    const rendered = await this.renderIds(session, messages, false, null, signal);
+    const promptIds = rendered.ids;
+    return this.change(session, rendered, async (prepare) => {
       // A cancellation during prefill throws out of ingest: nothing is committed.
       const result = await this.engine.ingest(promptIds, prepare, onProgress, signal);
       return { result, generated: [], cancelled: false, messages };
@@ -279,7 +287,7 @@ export class SessionManager {
       const store = this.storeOf(tenant);
       if (this.resident.has(sessionKey(tenant, id)) || (await store.has(id))) throw invalidRequest(`a session with id ${id} already exists`, "id");
       const now = Date.now();
-      const empty: SessionState = { tokens: [], cache: this.engine.model.newCache(), messages: [], updatedAt: now };
+      const empty: SessionState = { tokens: [], cache: this.engine.model.newCache(), messages: [], updatedAt: now, pieces: [] };
       const session = new Session(tenant, id, now, empty, templateKwargs, "computed", this.engine.kvMemory.reserve(0, "a new session"));
       // Nothing is stored or listed until the session's first state is persisted: a failed read leaves no trace.
       try {
@@ -321,9 +329,10 @@ export class SessionManager {
       const session = await this.load(tenant, id);
       const messages = request.messages(session.state.messages);
       assertStorableMessages(messages);
-      const promptIds = await this.renderIds(session, messages, true, request.tools ?? null, request.signal);
+      const rendered = await this.renderIds(session, messages, true, request.tools ?? null, request.signal);
+      const promptIds = rendered.ids;
       const { messages: _, tools: __, ...generation } = request;
-      return this.change(session, promptIds, async (prepare) => {
+      return this.change(session, rendered, async (prepare) => {
         const result = await this.engine.complete({ ...generation, promptIds, prepare }, onDelta);
         const reply: ChatMessage = { role: "assistant", content: result.text };
         return { result, generated: result.tokenIds, cancelled: result.finishReason === "cancelled", messages: [...messages, reply] };
@@ -441,7 +450,7 @@ export class SessionManager {
         return await this.locked(tenant, id, async () => {
           const previous = this.resident.get(sessionKey(tenant, id));
           const replaced = previous !== undefined || (await store.has(id));
-          const session = this.sessionFromSnapshot(data, decoded.hold, tenant, id, "uploaded");
+          const session = this.sessionFromSnapshot(data, decoded.hold, tenant, id, "uploaded", decoded.cache);
           await this.persist(session, session.state);
           if (previous) this.evict(previous);
           this.resident.set(session.key, session);

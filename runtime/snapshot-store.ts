@@ -36,8 +36,14 @@ export class FileByteSource implements ByteSource {
     return new FileByteSource(handle, (await handle.stat()).size);
   }
 
-  async read(n: number): Promise<Uint8Array> {
-    const out = new Uint8Array(n);
+  private scratch = new Uint8Array(0);
+
+  async readTemporary(n: number): Promise<Uint8Array> {
+    if (this.scratch.length < n) this.scratch = new Uint8Array(n);
+    return this.read(n, this.scratch.subarray(0, n));
+  }
+
+  async read(n: number, out = new Uint8Array(n)): Promise<Uint8Array> {
     let filled = 0;
     while (filled < n) {
       if (this.start === this.end) {

@@ -67,6 +67,8 @@ export interface SnapshotMeta {
   templateKwargs: Record<string, unknown>;
   compaction: unknown;
   origin: KvOrigin;
+  /** Where the long text pieces of the session's last render lie in its tokens (see Engine.encodeChatPieces). */
+  pieces: { hash: string; start: number; count: number }[];
 }
 
 export interface SnapshotModel {
@@ -114,6 +116,10 @@ const headerSchema = z.object({
     templateKwargs: templateKwargsSchema,
     compaction: z.unknown(),
     origin: z.enum(["computed", "uploaded"]).default("uploaded"),
+    pieces: z
+      .array(z.object({ hash: z.string().regex(/^[0-9a-f]{64}$/), start: z.number().int().min(0), count: z.number().int().min(1) }))
+      .max(100_000)
+      .default([]),
   }),
 });
 type Header = z.infer<typeof headerSchema>;
@@ -207,6 +213,8 @@ export function* encodeSnapshot(data: SnapshotData, chunkTokens = 4096): Generat
 /** Reads exactly n bytes, or fewer at the end of the data. */
 export interface ByteSource {
   read(n: number): Promise<Uint8Array>;
+  /** Like read, into a buffer the source reuses: the bytes are valid until the next read (saves allocating every frame). */
+  readTemporary?(n: number): Promise<Uint8Array>;
   /** Total bytes, where known: lets the reader refuse a header that promises more than the data holds before allocating for it. */
   readonly size?: number;
 }
@@ -221,6 +229,12 @@ export interface SnapshotExpectation extends SnapshotModel {
    * throws to refuse (the memory budget).
    */
   reserveKv?: (bytes: number) => void;
+  /**
+   * Where to write the KV once the header is read: per layer [kvHeads, slots, headDim] arrays with
+   * slots >= length (a cache's own storage, so a restore copies the KV once). Default: new arrays of
+   * exactly `length` slots.
+   */
+  kvArrays?: (length: number) => { keys: KvArray[]; values: KvArray[]; slots: number };
 }
 
 /** Whether every value is finite: float32 directly, float16 by its exponent bits (all ones is Inf or NaN). */
@@ -229,18 +243,21 @@ function allFinite(a: KvArray): boolean {
     for (let i = 0; i < a.length; i++) if ((a[i]! & 0x7c00) === 0x7c00) return false;
     return true;
   }
-  for (let i = 0; i < a.length; i++) if (!Number.isFinite(a[i]!)) return false;
-  return true;
+  // x * 0 is 0 for every finite x and NaN for Inf and NaN, so one sum tells (a few times faster than a test per value).
+  let sum = 0;
+  for (let i = 0; i < a.length; i++) sum += a[i]! * 0;
+  return sum === 0;
 }
 
-async function readFrame(source: ByteSource, index: number, maxBytes: number): Promise<Record<string, unknown>> {
+/** One frame, CRC-checked and unpacked; with `temporary`, binary fields may be views the next read overwrites. */
+async function readFrame(source: ByteSource, index: number, maxBytes: number, temporary = false): Promise<Record<string, unknown>> {
   const head = await source.read(FRAME_HEAD);
   if (head.length < FRAME_HEAD) throw new SnapshotError("truncated", `the data ends before frame ${index}`);
   const view = new DataView(head.buffer, head.byteOffset, FRAME_HEAD);
   const length = view.getUint32(0, true);
   const expectedCrc = view.getUint32(4, true);
   if (length > maxBytes) throw new SnapshotError("malformed", `frame ${index} declares ${length} bytes, more than the ${maxBytes} it can hold`);
-  const body = await source.read(length);
+  const body = await (temporary && source.readTemporary ? source.readTemporary(length) : source.read(length));
   if (body.length < length) throw new SnapshotError("truncated", `frame ${index} has ${body.length} of its ${length} bytes`);
   if (crc32(body) !== expectedCrc) throw new SnapshotError("checksum_mismatch", `frame ${index} fails its CRC-32 check`);
   try {
@@ -292,13 +309,14 @@ export async function decodeSnapshot(source: ByteSource, expect: SnapshotExpecta
   const tokens = new Int32Array(h.tokenCount);
   const positions = new Int32Array(h.length);
   const alloc = () => (h.kvDtype === "float16" ? new Uint16Array(h.length * slotValues) : new Float32Array(h.length * slotValues));
-  const keys = Array.from({ length: h.layers }, alloc);
-  const values = Array.from({ length: h.layers }, alloc);
+  const target = expect.kvArrays?.(h.length) ?? { keys: Array.from({ length: h.layers }, alloc), values: Array.from({ length: h.layers }, alloc), slots: h.length };
+  const { keys, values, slots } = target;
+  if (slots < h.length || keys.length !== h.layers || values.length !== h.layers) throw new Error("decodeSnapshot: kvArrays gave arrays that cannot hold the snapshot");
   const maxFrame = Math.max(h.chunkTokens * slotValues * bytesPerElement, h.chunkTokens * 4) + 256;
 
   let index = 1;
   for (const expected of plan(h)) {
-    const raw = await readFrame(source, index, maxFrame);
+    const raw = await readFrame(source, index, maxFrame, true); // its data is copied out before the next read
     const f = dataFrameSchema.safeParse(raw);
     const what = `frame ${index} (${expected.t}${expected.layer !== undefined ? ` layer ${expected.layer} ${expected.kind}` : ""} at slot ${expected.start})`;
     if (!f.success || f.data.t !== expected.t || f.data.start !== expected.start || f.data.count !== expected.count || f.data.layer !== expected.layer || f.data.kind !== expected.kind) {
@@ -307,12 +325,15 @@ export async function decodeSnapshot(source: ByteSource, expect: SnapshotExpecta
     const { data, count, start } = f.data;
     const elementBytes = expected.t === "kv" ? slotValues * bytesPerElement : 4;
     if (data.byteLength !== count * elementBytes) throw new SnapshotError("malformed", `${what} holds ${data.byteLength} bytes, expected ${count * elementBytes}`);
-    const aligned = data.slice(); // own, aligned copy of the frame's bytes
-    if (expected.t === "tokens") tokens.set(new Int32Array(aligned.buffer), start);
-    else if (expected.t === "positions") positions.set(new Int32Array(aligned.buffer), start);
+    // The frame's bytes as they lie in the read buffer when aligned for their element type, else a copy.
+    const aligned = data.byteOffset % 4 === 0 ? data : data.slice();
+    const elements = aligned.byteLength / (expected.t === "kv" ? bytesPerElement : 4);
+    if (expected.t === "tokens") tokens.set(new Int32Array(aligned.buffer, aligned.byteOffset, elements), start);
+    else if (expected.t === "positions") positions.set(new Int32Array(aligned.buffer, aligned.byteOffset, elements), start);
     else {
-      const block = bytesPerElement === 2 ? new Uint16Array(aligned.buffer) : new Float32Array(aligned.buffer);
-      writeSlots((expected.kind === "key" ? keys : values)[expected.layer!]!, h.length, start, block, count, layout);
+      const block = bytesPerElement === 2 ? new Uint16Array(aligned.buffer, aligned.byteOffset, elements) : new Float32Array(aligned.buffer, aligned.byteOffset, elements);
+      if (!allFinite(block)) throw new SnapshotError("malformed", `${what} holds KV values that are not finite (NaN or infinity)`);
+      writeSlots((expected.kind === "key" ? keys : values)[expected.layer!]!, slots, start, block, count, layout);
     }
     index++;
   }
@@ -325,9 +346,6 @@ export async function decodeSnapshot(source: ByteSource, expect: SnapshotExpecta
   if (h.length > 0 && positions[0]! < 0) throw new SnapshotError("malformed", `slot 0 has the negative position ${positions[0]}`);
   for (let i = 1; i < h.length; i++) {
     if (positions[i]! <= positions[i - 1]!) throw new SnapshotError("malformed", `slot positions are not increasing at slot ${i}`);
-  }
-  for (let layer = 0; layer < h.layers; layer++) {
-    if (!allFinite(keys[layer]!) || !allFinite(values[layer]!)) throw new SnapshotError("malformed", `layer ${layer} holds KV values that are not finite (NaN or infinity)`);
   }
   if (h.length > 0 && positions[h.length - 1]! >= h.nextPosition) throw new SnapshotError("malformed", "nextPosition is not past the last slot's position");
 
@@ -344,6 +362,7 @@ export async function decodeSnapshot(source: ByteSource, expect: SnapshotExpecta
     positions,
     keys,
     values,
+    arraySlots: slots,
     meta: h.meta as SnapshotMeta,
   };
 }

@@ -208,7 +208,7 @@ describe("in-place KV path", () => {
       keys,
       values,
       arraySlots,
-      meta: { id: "x", createdAt: 1, updatedAt: 2, messages: [], templateKwargs: {}, compaction: null, origin: "computed" },
+      meta: { id: "x", createdAt: 1, updatedAt: 2, messages: [], templateKwargs: {}, compaction: null, origin: "computed", pieces: [] },
     });
     const bytes = (d: SnapshotData) => Buffer.concat([...encodeSnapshot(d, 32)]);
     expect(bytes(data(views.keys, views.values, views.slots)).equals(bytes(data(copies.keys, copies.values)))).toBe(true);

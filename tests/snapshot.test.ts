@@ -98,7 +98,7 @@ describe("snapshot codec", () => {
     positions: cache.positions.subarray(0, cache.length),
     keys: cache.layerArrays().keys,
     values: cache.layerArrays().values,
-    meta: { id: "x", createdAt: 1, updatedAt: 2, messages: [{ role: "user", content: "hi" }], templateKwargs: { date_string: "1 Jan 2025" }, compaction: null, origin: "computed" },
+    meta: { id: "x", createdAt: 1, updatedAt: 2, messages: [{ role: "user", content: "hi" }], templateKwargs: { date_string: "1 Jan 2025" }, compaction: null, origin: "computed", pieces: [] },
   });
   const expectation = { fingerprint: "f", modelId: "m", layers: 3, kvHeads: 2, headDim: 4, maxTokens: 10_000, vocabSize: 128256 };
 
