@@ -84,13 +84,14 @@ export class SessionManager {
   }
 
   /** Decodes a snapshot for this server, holding its KV in the memory budget (released if decoding fails). */
-  private async decode(source: ByteSource, what: string): Promise<{ data: SnapshotData; hold: KvHold; cache: KvCache }> {
+  private async decode(source: ByteSource, what: string, ownStore: boolean): Promise<{ data: SnapshotData; hold: KvHold; cache: KvCache }> {
     let hold: KvHold | null = null;
     const cache = this.engine.model.newCache();
     try {
       const data = await decodeSnapshot(source, {
         ...this.snapshotExpectation(),
         kvArrays: (length) => cache.restoreTarget(length), // the KV is decoded straight into the cache's storage
+        ownStore,
         reserveKv: (bytes) => {
           try {
             hold = this.engine.kvMemory.reserve(bytes, what);
@@ -174,7 +175,7 @@ export class SessionManager {
     let session = this.resident.get(key);
     if (!session) {
       await this.assertExists(tenant, id);
-      const { data, hold, cache } = await this.storeOf(tenant).read(id, (source) => this.decode(source, `reading session ${id} back`));
+      const { data, hold, cache } = await this.storeOf(tenant).read(id, (source) => this.decode(source, `reading session ${id} back`, true));
       session = this.sessionFromSnapshot(data, hold, tenant, id, data.meta.origin, cache);
       this.resident.set(key, session);
     }
@@ -444,7 +445,7 @@ export class SessionManager {
     try {
       const temp = await store.receive(body, maxBytes);
       try {
-        const decoded = await store.readFile(temp, (source) => this.decode(source, "the uploaded snapshot"));
+        const decoded = await store.readFile(temp, (source) => this.decode(source, "the uploaded snapshot", false));
         hold = decoded.hold;
         const { data } = decoded;
         return await this.locked(tenant, id, async () => {

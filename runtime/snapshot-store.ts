@@ -21,24 +21,46 @@ export function assertSessionId(id: string): void {
 
 /** Buffered sequential reads from a file. */
 export class FileByteSource implements ByteSource {
-  private buffer = new Uint8Array(1 << 20);
+  private readonly buffer: Uint8Array;
   private start = 0;
   private end = 0;
   private position = 0;
+  private scratch = new Uint8Array(0);
 
   private constructor(
     private readonly handle: FileHandle,
     readonly size: number,
-  ) {}
-
-  static async open(path: string): Promise<FileByteSource> {
-    const handle = await open(path, "r");
-    return new FileByteSource(handle, (await handle.stat()).size);
+    bufferBytes: number,
+  ) {
+    this.buffer = new Uint8Array(Math.max(16, Math.min(size, bufferBytes)));
   }
 
-  private scratch = new Uint8Array(0);
+  /** The default buffer (8 MB) is large enough that most snapshot frames (a chunk of one layer's keys or values) lie in it whole. */
+  static async open(path: string, bufferBytes = 8 << 20): Promise<FileByteSource> {
+    const handle = await open(path, "r");
+    return new FileByteSource(handle, (await handle.stat()).size, bufferBytes);
+  }
 
+  /** A view of the next n bytes in the read buffer itself where they fit (no copy), valid until the next read. */
   async readTemporary(n: number): Promise<Uint8Array> {
+    if (n <= this.buffer.length) {
+      if (this.end - this.start < n) {
+        // Keep what is left at the front and fill the rest of the buffer from the file.
+        this.buffer.copyWithin(0, this.start, this.end);
+        this.end -= this.start;
+        this.start = 0;
+        while (this.end < n) {
+          const { bytesRead } = await this.handle.read(this.buffer, this.end, this.buffer.length - this.end, this.position);
+          if (bytesRead === 0) break;
+          this.position += bytesRead;
+          this.end += bytesRead;
+        }
+      }
+      const take = Math.min(n, this.end - this.start);
+      const view = this.buffer.subarray(this.start, this.start + take);
+      this.start += take;
+      return view;
+    }
     if (this.scratch.length < n) this.scratch = new Uint8Array(n);
     return this.read(n, this.scratch.subarray(0, n));
   }

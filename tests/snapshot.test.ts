@@ -4,13 +4,14 @@
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { Packr, Unpackr } from "msgpackr";
-import { rm } from "node:fs/promises";
+import { rm, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { crc32 } from "node:zlib";
 import { Engine } from "../runtime/index.ts";
 import { KvCache } from "../runtime/kv-cache.ts";
 import { assertPlainMsgpack, MsgpackShapeError } from "../runtime/msgpack-guard.ts";
 import { decodeSnapshot, encodeSnapshot, SNAPSHOT_MAGIC, type ByteSource, type SnapshotData } from "../runtime/snapshot.ts";
+import { FileByteSource } from "../runtime/snapshot-store.ts";
 import { buildModelFolder } from "../scripts/lib/model-folder.ts";
 import { TINY_LLAMA_CONFIG } from "../scripts/lib/onnx-llama.ts";
 import { engineOptions, sharedEngine } from "./helpers/model.ts";
@@ -119,6 +120,32 @@ describe("snapshot codec", () => {
       expect(back.meta).toEqual(original.meta);
     });
   }
+
+  test("read from a file through buffers smaller than, equal to and larger than its frames: the same data", async () => {
+    const cache = filled("float32", 300);
+    const original = data(cache, 300);
+    const bytes = concat(encodeSnapshot(original, 64)); // kv frames of 64 slots x 8 floats: ~2 KB
+    const dir = tempDir("byte-source");
+    const file = join(dir, "s.msgpack");
+    await writeFile(file, bytes);
+    try {
+      for (const bufferBytes of [16, 1000, 2077, 5000, 1 << 20]) {
+        const source = await FileByteSource.open(file, bufferBytes);
+        try {
+          const back = await decodeSnapshot(source, { ...expectation, kvDtype: "float32" });
+          expect(Array.from(back.tokens)).toEqual(Array.from(original.tokens));
+          for (let l = 0; l < 3; l++) {
+            expect(Array.from(back.keys[l]!)).toEqual(Array.from(original.keys[l]!));
+            expect(Array.from(back.values[l]!)).toEqual(Array.from(original.values[l]!));
+          }
+        } finally {
+          await source.close();
+        }
+      }
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
+  });
 
   test("an empty session round-trips", async () => {
     const cache = new KvCache("float32", 3, 2, 4);
