@@ -70,10 +70,16 @@ async function documentOf(url: string, n: number): Promise<string> {
   const next = () => (seed = (seed * 1103515245 + 12345) % 2 ** 31);
   const lines: string[] = [];
   const line = () => `At ${String(next() % 24).padStart(2, "0")}:${String(next() % 60).padStart(2, "0")} the ${ships[next() % ships.length]} left with ${next() % 400} passengers.\n`;
-  for (let i = 0; i < Math.ceil(n / 18); i++) lines.push(line());
-  let text = lines.join("");
   const count = async (t: string) => ((await post(`${url}/tokenize`, { content: t })).tokens as number[]).length;
-  let have = await count(text);
+  let text = "";
+  let have = 0;
+  while (have < n) {
+    // Lines for the tokens still missing, at the rate measured so far (about 20 tokens a line).
+    const perLine = have > 0 ? have / lines.length : 20;
+    for (let i = Math.ceil((n - have) / perLine) + 8; i > 0; i--) lines.push(line());
+    text = lines.join("");
+    have = await count(text);
+  }
   while (have > n) {
     text = text.slice(0, Math.floor((text.length * n) / have));
     have = await count(text);
