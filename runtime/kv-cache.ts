@@ -160,12 +160,14 @@ export class KvCache {
    * The arrays that hold every layer's KV, without copying: [kvHeads, slots, headDim] where `slots` is
    * the length ("present") or the storage's capacity ("inplace"; the first `length` slots are this
    * cache's and are never written again, so a snapshot can be encoded from them while others append).
+   * This cache itself must not append while the views are in use: storage only it holds may grow in
+   * place, which moves its slots (sessions never append to a cache they persist or lend).
    */
   layerViews(): { keys: KvArray[]; values: KvArray[]; slots: number } {
     if (this.masked > 0) throw new Error(`layerViews: ${this.masked} slots are masked; snapshots cannot hold masked slots yet`);
     const store = this.store;
     if (this.mode === "present" || !store) return { keys: this.presentKeys, values: this.presentValues, slots: this.length };
-    return { keys: store.keys, values: store.values, slots: store.capacity };
+    return { keys: [...store.keys], values: [...store.values], slots: store.capacity };
   }
 
   /**
