@@ -40,6 +40,10 @@ class KvStore {
   ) {}
 }
 
+/** How far a storage buffer may grow in place (see KvCache.newStorageArray), and at least how many bytes. */
+const GROWTH_RESERVE = 8;
+const MIN_RESERVE_BYTES = 16 * 2 ** 20;
+
 /**
  * Capacity for `needed` slots: a 64th more (at least 256 slots), rounded up to 256 slots. Every step
  * computes over (and onnxruntime-web copies) the whole capacity, so spare slots cost each step; growing
@@ -47,10 +51,6 @@ class KvStore {
  * of what the steps in between read. (A prefill does not reserve its whole prompt up front: every
  * chunk would then compute over the whole prompt's slots.)
  */
-/** How far a storage buffer may grow in place (see KvCache.newStorageArray), and at least how many bytes. */
-const GROWTH_RESERVE = 8;
-const MIN_RESERVE_BYTES = 16 * 2 ** 20;
-
 export function capacityFor(needed: number): number {
   return Math.ceil((needed + Math.max(256, Math.floor(needed / 64))) / 256) * 256;
 }

@@ -82,10 +82,9 @@ export class Session {
 
   /**
    * The ids of a text piece the session's last render tokenized (by its text's hash), for the next render
-   * to reuse. Uploaded sessions reuse nothing: their tokens were not tokenized here.
+   * to reuse. An uploaded session starts with none recorded (the upload's are dropped).
    */
   knownPiece(hash: string): ArrayLike<number> | null {
-    if (this.origin !== "computed") return null;
     const { tokens, pieces } = this.state;
     const piece = pieces.find((p) => p.hash === hash);
     if (!piece || piece.start + piece.count > tokens.length) return null;

@@ -448,6 +448,9 @@ export class SessionManager {
         const decoded = await store.readFile(temp, (source) => this.decode(source, "the uploaded snapshot", false));
         hold = decoded.hold;
         const { data } = decoded;
+        // Where the uploader says its text pieces lie in its tokens is not taken on trust: the first turn
+        // tokenizes the conversation afresh and records its own.
+        data.meta.pieces = [];
         return await this.locked(tenant, id, async () => {
           const previous = this.resident.get(sessionKey(tenant, id));
           const replaced = previous !== undefined || (await store.has(id));

@@ -249,7 +249,7 @@ function allFinite(a: KvArray): boolean {
     for (let i = 0; i < a.length; i++) if ((a[i]! & 0x7c00) === 0x7c00) return false;
     return true;
   }
-  // x * 0 is 0 for every finite x and NaN for Inf and NaN, so one sum tells (a few times faster than a test per value).
+  // x * 0 is 0 for every finite x and NaN for Inf and NaN, so one sum tells, without a branch per value.
   let sum = 0;
   for (let i = 0; i < a.length; i++) sum += a[i]! * 0;
   return sum === 0;

@@ -1,8 +1,8 @@
 /**
  * A session's turn tokenizes only what is new: long text pieces (a document) that its last render
  * tokenized are taken from its tokens by their text's hash, also after a restart (the snapshot carries
- * where they lie). The ids are a fresh encoding's. Uploaded snapshots, and recorded pieces whose ids hold
- * a special token, are tokenized again.
+ * where they lie). The ids are a fresh encoding's. An uploaded snapshot's recorded pieces are dropped (its
+ * first turn tokenizes afresh), and recorded pieces whose ids hold a special token are tokenized again.
  */
 import { afterAll, expect, test } from "bun:test";
 import { readFile, rm, writeFile } from "node:fs/promises";
@@ -56,11 +56,15 @@ test("uploaded snapshots and recorded pieces whose ids hold a special token are 
   await writer.create({ tenant: DEFAULT_TENANT, id: "doc", messages: [{ role: "user", content: DOCUMENT }], templateKwargs: DATE });
   const bytes = await readFile(new SnapshotStore(dir).path("doc"));
 
-  // Uploaded: its tokens were not tokenized here, so nothing is reused.
+  // Uploaded: the pieces it records are not taken on trust, so its first turn tokenizes everything; the
+  // turn after reuses what that turn recorded.
   await writer.upload(DEFAULT_TENANT, "up", new Blob([bytes]).stream(), 2 ** 26);
   const uploaded = await ask(writer, dir, "up");
   expect(uploaded.chars).toBeGreaterThan(DOCUMENT.length);
   expect(uploaded.prompt).toEqual(fresh);
+  const again = await ask(writer, dir, "up");
+  expect(again.chars).toBeLessThan(300);
+  expect(again.prompt).toEqual(fresh);
 
   // A snapshot (as if written here) whose recorded piece starts at BOS, a special token.
   const data = await new SnapshotStore(dir).read("doc", (source) => decodeSnapshot(source, { ...writer.snapshotExpectation() }));
