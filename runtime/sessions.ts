@@ -400,14 +400,15 @@ export class SessionManager {
   async download(tenant: string, id: string): Promise<{ stream: ReadableStream<Uint8Array>; bytes: number }> {
     assertSessionId(id);
     await this.assertExists(tenant, id);
+    const CHUNK = 1 << 20;
     let source: FileByteSource;
     try {
-      source = await FileByteSource.open(this.storeOf(tenant).path(id));
+      // A buffer of one chunk: each chunk is read straight into the bytes sent, not through a larger buffer.
+      source = await FileByteSource.open(this.storeOf(tenant).path(id), CHUNK);
     } catch (e) {
       if ((e as NodeJS.ErrnoException).code === "ENOENT") throw new RuntimeError("not_found", `no session with id ${id}`);
       throw e;
     }
-    const CHUNK = 1 << 20;
     let closed = false;
     const close = async () => {
       if (closed) return;

@@ -451,7 +451,8 @@ export function buildLlamaOnnx(config: LlamaConfig, weights: LlamaWeights, optio
       // The G * S rows of kv head kv are multiplied in matmuls of rows_per_matmul (M) rows each, R = G * S / M
       // of them: [B, KV, R, M, D] against the cache as [B, KV, 1, C, D]. M = G * S (one matmul per kv head)
       // suits prefill and onnxruntime-web; M = 1 lets onnxruntime's native CPU kernels read the cache
-      // without packing it first (a 32K-slot decode step: about 3x faster). The runtime picks M per run.
+      // without packing it first (its attention products 2-3x faster in a 32K-slot decode step). The
+      // runtime picks M per run.
       const rowsShape = g.op("Concat", [g.int64([0, KV, -1]), rowSplit, g.int64([D])], { axis: 0 });
       const qg = g.op("Reshape", [g.op("Mul", [q, scale]), rowsShape]); // [B, KV, R, M, D]
       let cacheKeys = pastKey;
