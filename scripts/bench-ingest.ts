@@ -10,13 +10,13 @@
  * (VmHWM). The target: the peak above idle stays under twice the session's KV bytes, plus the model's
  * graph file, plus 300 MB. Ends with `ingest NK: peak above idle X MB, bound Y MB (ok|over)`. Linux only.
  */
-import { spawn, type ChildProcess } from "node:child_process";
 import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
 import { positiveInt } from "./lib/cli.ts";
+import { startProcess } from "./lib/server-process.ts";
 
 const REPO = fileURLToPath(new URL("../", import.meta.url));
 const { values } = parseArgs({
@@ -36,24 +36,9 @@ function status(pid: number, field: "VmRSS" | "VmHWM"): number {
   return Number(m[1]) * 1024;
 }
 
-function startServer(sessionDir: string): Promise<{ url: string; child: ChildProcess }> {
+function startServer(sessionDir: string) {
   const flags = ["--host", "127.0.0.1", "--port", "0", "--backend", values.backend!, "--ctx-size", String(tokens + 4096), "--session-dir", sessionDir];
-  const child = spawn(process.execPath, ["src/entry/bun.ts", ...flags, ...values["server-flags"]!.split(/\s+/).filter(Boolean)], { cwd: REPO, stdio: ["ignore", "pipe", "pipe"] });
-  let output = "";
-  return new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`the server did not listen within 120 s:\n${output}`)), 120_000);
-    const onData = (chunk: Buffer) => {
-      output += chunk.toString();
-      const m = /listening on (http:\/\/[\w.:]+:\d+)/.exec(output);
-      if (m) {
-        clearTimeout(timer);
-        resolve({ url: m[1]!, child });
-      }
-    };
-    child.stdout!.on("data", onData);
-    child.stderr!.on("data", onData);
-    child.on("close", (code) => reject(new Error(`the server exited with ${code}:\n${output}`)));
-  });
+  return startProcess(process.execPath, ["src/entry/bun.ts", ...flags, ...values["server-flags"]!.split(/\s+/).filter(Boolean)], {}, 120_000);
 }
 
 async function post(url: string, body: unknown): Promise<Record<string, any>> {

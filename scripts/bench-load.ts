@@ -17,13 +17,12 @@
  * completion tokens/s over the level, /health worst and p99 latency, server RSS before / after; and ends
  * with `load: N errors, health p99 NN ms` over all levels.
  */
-import { spawn, type ChildProcess } from "node:child_process";
+import type { ChildProcess } from "node:child_process";
 import { readFileSync } from "node:fs";
-import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
 import { positiveInt } from "./lib/cli.ts";
+import { startProcess } from "./lib/server-process.ts";
 
-const REPO = fileURLToPath(new URL("../", import.meta.url));
 
 const { values } = parseArgs({
   options: {
@@ -53,25 +52,11 @@ const requestTimeoutMs = positiveInt("request-timeout-s", values["request-timeou
 const levelTimeoutMs = positiveInt("level-timeout-s", values["level-timeout-s"]) * 1000;
 
 /** Starts the Bun entry point on a free port; resolves once it prints its listening line. */
-function startServer(): Promise<{ url: string; child: ChildProcess }> {
+async function startServer(): Promise<{ url: string; child: ChildProcess }> {
   const flags = ["--host", "127.0.0.1", "--port", "0", "--backend", values.backend, ...values["server-flags"].split(/\s+/).filter(Boolean)];
-  const child = spawn(process.execPath, ["src/entry/bun.ts", ...flags], { cwd: REPO, stdio: ["ignore", "pipe", "pipe"] });
-  let output = "";
-  return new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`the server did not listen within 60 s:\n${output}`)), 60_000);
-    const onData = (chunk: Buffer) => {
-      output += chunk.toString();
-      const m = /listening on (http:\/\/[\w.:]+:\d+)/.exec(output);
-      if (m) {
-        clearTimeout(timer);
-        console.log(output.trim().split("\n").at(-1));
-        resolve({ url: m[1]!, child });
-      }
-    };
-    child.stdout!.on("data", onData);
-    child.stderr!.on("data", onData);
-    child.on("close", (code) => reject(new Error(`the server exited with ${code}:\n${output}`)));
-  });
+  const server = await startProcess(process.execPath, ["src/entry/bun.ts", ...flags]);
+  console.log(server.output().trim().split("\n").at(-1));
+  return server;
 }
 
 /** Resident set of a process in MB (Linux), or null where /proc is not there. */

@@ -1,43 +1,11 @@
 /** Server processes for tests: started on a free port, found by the line where they say they listen. */
-import { spawn, type ChildProcess } from "node:child_process";
 import { join } from "node:path";
+import { startProcess } from "../../scripts/lib/server-process.ts";
 import { REPO } from "./model.ts";
 
+export { startProcess, type ServerProcess } from "../../scripts/lib/server-process.ts";
+
 export const bin = (name: string) => join(REPO, "node_modules", ".bin", name);
-
-export interface ServerProcess {
-  url: string;
-  child: ChildProcess;
-  output: () => string;
-}
-
-/** Starts `cmd args` in the repo and resolves once it prints "listening on http://host:port". */
-export function startProcess(cmd: string, args: string[], env: Record<string, string> = {}): Promise<ServerProcess> {
-  const child = spawn(cmd, args, { cwd: REPO, env: { ...process.env, NO_COLOR: "1", ...env }, stdio: ["ignore", "pipe", "pipe"] });
-  let output = "";
-  return new Promise((resolve, reject) => {
-    const timer = setTimeout(() => {
-      child.kill("SIGKILL");
-      reject(new Error(`no listening line within 60 s:\n${output}`));
-    }, 60_000);
-    const onData = (chunk: Buffer) => {
-      output += chunk.toString();
-      const m = /[Ll]istening on (http:\/\/[\w.:[\]]+?:\d+)/.exec(output);
-      if (m) {
-        clearTimeout(timer);
-        resolve({ url: m[1]!, child, output: () => output });
-      }
-    };
-    child.stdout!.on("data", onData);
-    child.stderr!.on("data", onData);
-    // "close", not "exit": close waits for stdout and stderr to end, so the message printed just before
-    // exiting is in `output` (exit can fire first, with the pipe still unread).
-    child.on("close", (code) => {
-      clearTimeout(timer);
-      reject(new Error(`exited with ${code} before listening:\n${output}`));
-    });
-  });
-}
 
 /** The Bun entry point with these flags. */
 export const startBunServer = (args: string[]) => startProcess(bin("bun"), ["src/entry/bun.ts", ...args]);
