@@ -6,13 +6,14 @@
  */
 import { describe, expect, test } from "bun:test";
 import { selectBackend } from "../runtime/backend.ts";
-import { KvCache, capacityFor } from "../runtime/kv-cache.ts";
+import { KvCache, capacityFor, type KvArray } from "../runtime/kv-cache.ts";
 import { LlamaModel } from "../runtime/llama-model.ts";
 import { loadModelFolder } from "../runtime/model-folder.ts";
 import { argmax } from "../runtime/sampling.ts";
 import { sliceSlots } from "../kernels/kv-slots.ts";
 import { encodeSnapshot, type SnapshotData } from "../runtime/snapshot.ts";
 import { MODEL_DIR } from "./helpers/model.ts";
+import { snapshotDataOf } from "./helpers/snapshot-data.ts";
 
 const backend = await selectBackend("wasm", 1);
 const folder = await loadModelFolder(MODEL_DIR, "fp32");
@@ -194,22 +195,7 @@ describe("in-place KV path", () => {
     const views = cache.layerViews();
     expect(views.slots).toBeGreaterThan(cache.length);
     const copies = cache.layerArrays();
-    const data = (keys: (Float32Array | Uint16Array)[], values: (Float32Array | Uint16Array)[], arraySlots?: number): SnapshotData => ({
-      fingerprint: "f",
-      modelId: "m",
-      kvDtype: cache.dtype,
-      layers: cache.layers,
-      kvHeads: cache.kvHeads,
-      headDim: cache.headDim,
-      tokens: Int32Array.from(prompt.slice(0, 100)),
-      length: cache.length,
-      nextPosition: cache.nextPosition,
-      positions: cache.positions.subarray(0, cache.length),
-      keys,
-      values,
-      arraySlots,
-      meta: { id: "x", createdAt: 1, updatedAt: 2, messages: [], templateKwargs: {}, compaction: null, origin: "computed", pieces: [] },
-    });
+    const data = (keys: KvArray[], values: KvArray[], slots?: number) => snapshotDataOf(cache, Int32Array.from(prompt.slice(0, 100)), { keys, values, slots });
     const bytes = (d: SnapshotData) => Buffer.concat([...encodeSnapshot(d, 32)]);
     expect(bytes(data(views.keys, views.values, views.slots)).equals(bytes(data(copies.keys, copies.values)))).toBe(true);
   }, 60_000);

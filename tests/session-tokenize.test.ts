@@ -23,6 +23,16 @@ function manager(dir: string) {
   return new SessionManager(engine, new SnapshotStore(dir), { memoryBudgetBytes: 2 ** 30, busy: "wait", chunkTokens: 64 });
 }
 
+/** A store with session "doc" holding DOCUMENT, and the ids a fresh request with DOCUMENT and QUESTION gets. */
+async function documentSession() {
+  const dir = tempDir("tokenize");
+  dirs.push(dir);
+  const fresh = await engine.encodeChat([{ role: "user", content: DOCUMENT }, QUESTION], { addGenerationPrompt: true, extra: DATE });
+  const writer = manager(dir);
+  await writer.create({ tenant: DEFAULT_TENANT, id: "doc", messages: [{ role: "user", content: DOCUMENT }], templateKwargs: DATE });
+  return { dir, writer, fresh };
+}
+
 /** Asks QUESTION in session `id`; returns the characters tokenized for it and the ids the session then holds as its prompt. */
 async function ask(sessions: SessionManager, dir: string, id: string) {
   const before = engine.chatCharsTokenized;
@@ -33,11 +43,7 @@ async function ask(sessions: SessionManager, dir: string, id: string) {
 }
 
 test("a turn, also after a restart, tokenizes only the new text; its ids equal a fresh encoding's", async () => {
-  const dir = tempDir("tokenize");
-  dirs.push(dir);
-  const fresh = await engine.encodeChat([{ role: "user", content: DOCUMENT }, QUESTION], { addGenerationPrompt: true, extra: DATE });
-  const writer = manager(dir);
-  await writer.create({ tenant: DEFAULT_TENANT, id: "doc", messages: [{ role: "user", content: DOCUMENT }], templateKwargs: DATE });
+  const { dir, writer, fresh } = await documentSession();
   const first = await ask(writer, dir, "doc");
   expect(first.chars).toBeLessThan(300);
   expect(first.prompt).toEqual(fresh);
@@ -49,11 +55,7 @@ test("a turn, also after a restart, tokenizes only the new text; its ids equal a
 }, 120_000);
 
 test("uploaded snapshots and recorded pieces whose ids hold a special token are tokenized again", async () => {
-  const dir = tempDir("tokenize");
-  dirs.push(dir);
-  const fresh = await engine.encodeChat([{ role: "user", content: DOCUMENT }, QUESTION], { addGenerationPrompt: true, extra: DATE });
-  const writer = manager(dir);
-  await writer.create({ tenant: DEFAULT_TENANT, id: "doc", messages: [{ role: "user", content: DOCUMENT }], templateKwargs: DATE });
+  const { dir, writer, fresh } = await documentSession();
   const bytes = await readFile(new SnapshotStore(dir).path("doc"));
 
   // Uploaded: the pieces it records are not taken on trust, so its first turn tokenizes everything; the

@@ -15,6 +15,7 @@ import { FileByteSource } from "../runtime/snapshot-store.ts";
 import { buildModelFolder } from "../scripts/lib/model-folder.ts";
 import { TINY_LLAMA_CONFIG } from "../scripts/lib/onnx-llama.ts";
 import { engineOptions, sharedEngine } from "./helpers/model.ts";
+import { snapshotDataOf } from "./helpers/snapshot-data.ts";
 import { sessionApp, tempDir } from "./helpers/sessions.ts";
 
 const engine = await sharedEngine();
@@ -86,21 +87,11 @@ describe("snapshot codec", () => {
     cache.assign([make(1), make(2), make(3)], [make(4), make(5), make(6)], positions, length, positions[length - 1]! + 10);
     return cache;
   };
-  const data = (cache: KvCache, tokens: number): SnapshotData => ({
-    fingerprint: "f",
-    modelId: "m",
-    kvDtype: cache.dtype,
-    layers: cache.layers,
-    kvHeads: cache.kvHeads,
-    headDim: cache.headDim,
-    tokens: Int32Array.from({ length: tokens }, (_, i) => 1000 + i),
-    length: cache.length,
-    nextPosition: cache.nextPosition,
-    positions: cache.positions.subarray(0, cache.length),
-    keys: cache.layerArrays().keys,
-    values: cache.layerArrays().values,
-    meta: { id: "x", createdAt: 1, updatedAt: 2, messages: [{ role: "user", content: "hi" }], templateKwargs: { date_string: "1 Jan 2025" }, compaction: null, origin: "computed", pieces: [] },
-  });
+  const data = (cache: KvCache, tokens: number): SnapshotData =>
+    snapshotDataOf(cache, Int32Array.from({ length: tokens }, (_, i) => 1000 + i), cache.layerArrays(), {
+      messages: [{ role: "user", content: "hi" }],
+      templateKwargs: { date_string: "1 Jan 2025" },
+    });
   const expectation = { fingerprint: "f", modelId: "m", layers: 3, kvHeads: 2, headDim: 4, maxTokens: 10_000, vocabSize: 128256 };
 
   for (const dtype of ["float32", "float16"] as const) {
