@@ -144,12 +144,48 @@ export interface SampleOptions {
   fillerRandom?: () => number;
 }
 
+/**
+ * A hard haystack (FixtureTasks.haystack): RULER's multi-key needle-in-a-haystack with a haystack of
+ * needles, for measuring KV compaction at long context. Give `fillerTokens` or `exactTokens`.
+ */
+export interface HaystackOptions {
+  kind: TaskKind;
+  /** Filler tokens (whole sentences: the result is at least this many), not counting needles. */
+  fillerTokens?: number;
+  /**
+   * The whole prompt's length instead: filler is cut so the prompt has at most this many tokens and
+   * at most one sentence fewer (a few hundred at the very most). Overrides `fillerTokens`.
+   */
+  exactTokens?: number;
+  /** Where the queried needle stands in the filler, 0 (start) to 1 (end). */
+  depth: number;
+  /** One distractor needle per this many filler tokens (default 2,000; 0 or Infinity: none). */
+  distractorEvery?: number;
+  dateString?: string;
+  maxDay?: number;
+  minDay?: number;
+  /** Draws the filler from this generator instead (samples sharing it share their filler text). */
+  fillerRandom?: () => number;
+}
+
+/** A haystack sample: `others` holds every distractor (words may repeat; never the queried word). */
+export interface HaystackSample extends TaskSample {
+  /** The number of distractor needles. */
+  distractors: number;
+}
+
+const DEFAULT_DISTRACTOR_EVERY = 2000;
+
 const MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
 
 export class FixtureTasks {
   private readonly files: number[][][];
   private readonly eot: number;
   private readonly templateCache = new Map<string, { before: number[]; after: number[] }>();
+  /** Token ids of texts the haystack uses (needles, intros, questions), by text. */
+  private readonly textCache = new Map<string, number[]>();
+  /** Decoded filler sentences (the haystack's `content`), by their token array. */
+  private readonly sentenceText = new WeakMap<number[], string>();
   readonly keyWords: string[];
 
   constructor(
@@ -312,6 +348,129 @@ export class FixtureTasks {
       content: text,
       dateString,
       others,
+    };
+  }
+
+  /** The tokens of a text, tokenized once. */
+  private encodeCached(text: string): number[] {
+    let ids = this.textCache.get(text);
+    if (!ids) {
+      ids = this.tokenizer.encode(text);
+      this.textCache.set(text, ids);
+    }
+    return ids;
+  }
+
+  private decodeSentence(ids: number[]): string {
+    let text = this.sentenceText.get(ids);
+    if (text === undefined) {
+      text = this.tokenizer.decode(ids);
+      this.sentenceText.set(ids, text);
+    }
+    return text;
+  }
+
+  /**
+   * A hard haystack for long-context benchmarks (32K to 1M tokens): the queried needle (passkey or
+   * multikey, the same texts as sample()) at `depth`, and, spread through the whole filler, one
+   * distractor needle " The special magic number for <word> is <number>." per `distractorEvery` filler
+   * tokens (each in its own stretch of that many tokens, at a random place in it). Distractor words
+   * come from keyWords less the queried word (they may repeat), their numbers differ from the key;
+   * nothing but the needle says "pass key". Use a FixtureTasks made with `{ digits: true }` so the
+   * filler has numbers of its own. Assembled from the pre-tokenized sentences and cached needle
+   * tokens, so a million tokens take well under a second or two; deterministic for a seed.
+   */
+  haystack(random: () => number, options: HaystackOptions): HaystackSample {
+    const { kind, depth } = options;
+    const every = options.distractorEvery ?? DEFAULT_DISTRACTOR_EVERY;
+    if (!(every >= 0)) throw new Error(`distractorEvery must be >= 0, got ${every}`);
+    if (options.exactTokens === undefined && options.fillerTokens === undefined) throw new Error("haystack: give fillerTokens or exactTokens");
+    const dateString = options.dateString ?? this.randomDate(random, options.maxDay, options.minDay);
+    const number = () => String(10000 + Math.floor(random() * 90000));
+    const key = number();
+    let word = "";
+    if (kind === "multikey") word = this.keyWords[Math.floor(random() * this.keyWords.length)]!;
+    const needle = kind === "passkey" ? needleText.passkey(key) : needleText.multikey(word, key);
+    const question = kind === "passkey" ? QUESTION.passkey : QUESTION.multikey(word);
+    const answer = kind === "passkey" ? answerText.passkey(key) : answerText.multikey(word, key);
+    const { before, after } = this.templateParts(dateString);
+    const intro = this.encodeCached(INTRO[kind]);
+    const needleIds = this.encodeCached(needle);
+    const questionIds = this.encodeCached(question);
+    const overhead = before.length + intro.length + needleIds.length + questionIds.length + after.length;
+
+    // How many distractors: one per `every` filler tokens (for exactTokens, of the filler that fits).
+    const perDistractor = this.encodeCached(needleText.multikey(this.keyWords[0]!, "12345")).length;
+    const plannedFiller =
+      options.exactTokens !== undefined
+        ? every > 0 && Number.isFinite(every)
+          ? (options.exactTokens - overhead) / (1 + perDistractor / every)
+          : options.exactTokens - overhead
+        : options.fillerTokens!;
+    const count = every > 0 && Number.isFinite(every) ? Math.max(0, Math.round(plannedFiller / every)) : 0;
+    const wordsLeft = this.keyWords.filter((w) => w !== word);
+    const distractors: { word: string; key: string; ids: number[] }[] = [];
+    for (let j = 0; j < count; j++) {
+      const w = wordsLeft[Math.floor(random() * wordsLeft.length)]!;
+      let k = number();
+      while (k === key) k = number();
+      distractors.push({ word: w, key: k, ids: this.encodeCached(needleText.multikey(w, k)) });
+    }
+
+    // Filler: at least fillerTokens, or (exactTokens) the most whole sentences that fit.
+    let budget = options.fillerTokens!;
+    if (options.exactTokens !== undefined) {
+      budget = options.exactTokens - overhead - distractors.reduce((n, d) => n + d.ids.length, 0);
+      if (budget <= 0) throw new Error(`haystack: exactTokens ${options.exactTokens} leaves no room for filler`);
+    }
+    const sentences = this.filler(options.fillerRandom ?? random, budget);
+    let fillerTokens = 0;
+    for (const s of sentences) fillerTokens += s.length;
+    if (options.exactTokens !== undefined && fillerTokens > budget && sentences.length > 1) fillerTokens -= sentences.pop()!.length;
+
+    // Where each needle goes, as a filler-token offset: inserted before the first sentence starting at or after it.
+    const slot = fillerTokens / Math.max(1, count);
+    const placed = distractors.map((d, j) => ({ offset: (j + random()) * slot, ids: d.ids, text: needleText.multikey(d.word, d.key), queried: false }));
+    placed.push({ offset: depth * fillerTokens, ids: needleIds, text: needle, queried: true });
+    placed.sort((a, b) => a.offset - b.offset || (a.queried ? -1 : 1));
+
+    const prompt: number[] = [];
+    for (const t of before) prompt.push(t);
+    for (const t of intro) prompt.push(t);
+    const parts: string[] = [INTRO[kind]];
+    let needleStart = -1;
+    let n = 0;
+    let acc = 0;
+    const putNeedle = () => {
+      const p = placed[n++]!;
+      if (p.queried) needleStart = prompt.length;
+      for (const t of p.ids) prompt.push(t);
+      parts.push(p.text);
+    };
+    for (const s of sentences) {
+      while (n < placed.length && placed[n]!.offset <= acc) putNeedle();
+      for (const t of s) prompt.push(t);
+      parts.push(this.decodeSentence(s));
+      acc += s.length;
+    }
+    while (n < placed.length) putNeedle();
+    const questionStart = prompt.length;
+    for (const t of questionIds) prompt.push(t);
+    for (const t of after) prompt.push(t);
+    parts.push(question);
+    return {
+      kind,
+      prompt,
+      answer: [...this.encodeCached(answer), this.eot],
+      answerText: answer,
+      questionStart,
+      needleStart,
+      key,
+      fillerTokens,
+      content: parts.join(""),
+      dateString,
+      others: distractors.map(({ word: w, key: k }) => ({ word: w, key: k })),
+      distractors: distractors.length,
     };
   }
 
