@@ -13,6 +13,9 @@ import { createHash } from "node:crypto";
 import { open, readFile } from "node:fs/promises";
 import { join } from "node:path";
 import type { KvCache } from "./kv-cache.ts";
+import { FileColdStorage } from "./kv/cold-tier.ts";
+import { KvCompactor, compactionSettings, type CompactionPolicyName, type CompactionSettings } from "./kv/compaction.ts";
+import { tmpdir } from "node:os";
 import { KvMemory } from "./kv-memory.ts";
 import { loadModelFolder, variantUsesFloat16, type ModelFolder, type ModelVariant } from "./model-folder.ts";
 import { RequestQueue } from "./request-queue.ts";
@@ -72,6 +75,12 @@ export interface EngineOptions {
    * is DEFAULT_PREFILL_TARGET_MS): always prefillChunk tokens.
    */
   prefillTargetMs?: number;
+  /**
+   * KV compaction for requests that do not belong to a session: at most `budget` slots resident (plus one
+   * prefill chunk while reading), the rest dropped by `policy` and, with recall, archived in a file under
+   * coldDir (default: the system's temporary directory). Undefined or policy "none": every slot stays.
+   */
+  compaction?: { policy: CompactionPolicyName; budget: number; coldDir?: string } & Partial<CompactionSettings>;
 }
 
 export interface TextLimits {
@@ -128,7 +137,22 @@ export interface CompletionJob {
   /** Generate past eos ids (llama.cpp's ignore_eos). */
   ignoreEos?: boolean;
   signal?: AbortSignal;
+  /** null: keep every slot even where the engine compacts (a session's turn: sessions keep their whole KV). */
+  compaction?: null;
 }
+
+/** What compaction did in a request (CompletionResult.kv). */
+export interface KvReport {
+  /** Slots resident at the end, of the tokens the cache read (prompt + reply). */
+  residentSlots: number;
+  tokensRead: number;
+  evicted: number;
+  /** Archived KV bytes (the recall tier) and blocks brought back. */
+  coldBytes: number;
+  recalledBlocks: number;
+}
+
+export type CompletionResult = GenerateResult & { kv: KvReport };
 
 export interface EngineMetrics {
   requests: number;
@@ -143,6 +167,7 @@ export interface EngineMetrics {
 }
 
 export const DEFAULT_KV_MEMORY_BYTES = 8 * 2 ** 30;
+let coldFiles = 0;
 
 export class Engine {
   readonly metrics: EngineMetrics = { requests: 0, cancelled: 0, cancelledQueued: 0, promptTokens: 0, completionTokens: 0, prefillMs: 0, decodeMs: 0 };
@@ -161,6 +186,9 @@ export class Engine {
     readonly textLimits: TextLimits,
     /** Plain text (special-token strings are text), and text whose special-token strings are specials (parse_special). */
     private readonly encoders: { plain: ChunkedEncoder; parseSpecial: ChunkedEncoder },
+    /** Compaction of requests outside sessions (null: none), and where their archives go. */
+    readonly compaction: CompactionSettings | null,
+    private readonly coldDir: string,
   ) {}
 
   static async load(options: EngineOptions): Promise<Engine> {
@@ -195,7 +223,9 @@ export class Engine {
       createdAt: Math.floor(Date.now() / 1000),
     };
     const kvMemory = new KvMemory(options.kvMemoryBytes ?? DEFAULT_KV_MEMORY_BYTES);
-    return new Engine(info, model, tokenizer, template, new RequestQueue(options.queueLimit), options.prefillChunk, kvMemory, textLimits, encoders);
+    const c2 = options.compaction;
+    const compaction = c2 && c2.policy !== "none" ? compactionSettings(c2.policy, c2.budget, c2) : null;
+    return new Engine(info, model, tokenizer, template, new RequestQueue(options.queueLimit), options.prefillChunk, kvMemory, textLimits, encoders, compaction, c2?.coldDir ?? tmpdir());
   }
 
   get queueState(): { busy: boolean; waiting: number; limit: number } {
@@ -340,8 +370,55 @@ export class Engine {
     return { ...DEFAULT_SAMPLING, ...fromModel, ...defined, seed };
   }
 
+  /** A new cache for a request outside a session, compacted under the engine's settings if it has any. */
+  newCache(): KvCache {
+    const cache = this.model.newCache();
+    if (this.compaction) cache.compactor = this.newCompactor(this.compaction);
+    return cache;
+  }
+
+  private specialIds: Set<number> | null = null;
+
+  /**
+   * The last sentence of a prompt's tail: of the text between special tokens (not a header's role name,
+   * not whitespace), the last piece, and of it what follows its last sentence end before the final one.
+   * Lexical recall searches for these tokens (the question), not for the text the question follows.
+   */
+  private lastSentence(probe: ArrayLike<number>): number[] {
+    const ids = Array.from(probe);
+    const specials = this.specialIds!;
+    const header = this.tokenizer.tokenToId("<|start_header_id|>");
+    let piece: number[] = [];
+    let current: number[] = [];
+    let afterHeader = false;
+    const close = () => {
+      if (!afterHeader && this.tokenizer.decode(current).trim().length > 0) piece = current;
+      current = [];
+    };
+    for (const id of ids) {
+      if (specials.has(id)) {
+        close();
+        afterHeader = id === header;
+      } else current.push(id);
+    }
+    close();
+    for (let i = piece.length - 2; i >= 0; i--) {
+      if (/[.!?\n]\s*$/.test(this.tokenizer.decode([piece[i]!]))) return piece.slice(i + 1);
+    }
+    return piece;
+  }
+
+  /** A compactor for a new request's cache under the engine's settings (its archive in a file of its own). */
+  private newCompactor(settings: CompactionSettings): KvCompactor {
+    const c = this.model.folder.config;
+    const shape = { layers: c.numLayers, kvHeads: c.numKeyValueHeads, headDim: c.headDim, heads: c.numAttentionHeads, dtype: this.model.io.kvDtype };
+    const storage = settings.recall ? new FileColdStorage(join(this.coldDir, `ultralong-cold-${process.pid}-${++coldFiles}.bin`)) : undefined;
+    this.specialIds ??= new Set(this.tokenizer.specialTokens.map((t) => this.tokenizer.tokenToId(t)).filter((id): id is number => id !== undefined));
+    return KvCompactor.create(settings, shape, storage, this.specialIds, (probe) => this.lastSentence(probe));
+  }
+
   /** Queues a completion and runs it on job.prepare()'s cache (or a fresh one); text deltas go to onDelta as they are decoded. */
-  async complete(job: CompletionJob, onDelta: (text: string) => void | Promise<void> = () => {}): Promise<GenerateResult> {
+  async complete(job: CompletionJob, onDelta: (text: string) => void | Promise<void> = () => {}): Promise<CompletionResult> {
     const context = this.info.contextLength;
     const promptTokens = job.promptIds.length;
     if (promptTokens === 0) throw invalidRequest("the prompt is empty", "prompt");
@@ -353,8 +430,12 @@ export class Engine {
     const bytesPerToken = this.info.kvBytesPerToken;
     const explicit = job.maxTokens !== undefined;
     const wanted = Math.min(job.maxTokens ?? room, room);
-    if (explicit) this.kvMemory.assertCanEverFit((promptTokens + wanted) * bytesPerToken, `${promptTokens} prompt tokens plus max_tokens ${wanted}`, "max_tokens");
-    else this.kvMemory.assertCanEverFit((promptTokens + 1) * bytesPerToken, `a prompt of ${promptTokens} tokens`, "messages");
+    const compaction = job.compaction === null ? null : this.compaction;
+    // A compacted cache never holds more than its budget plus one prefill chunk, however long the request.
+    const cap = compaction ? compaction.budget + this.prefillChunk : Number.POSITIVE_INFINITY;
+    const slots = (n: number) => Math.min(n, cap);
+    if (explicit) this.kvMemory.assertCanEverFit(slots(promptTokens + wanted) * bytesPerToken, `${promptTokens} prompt tokens plus max_tokens ${wanted}`, "max_tokens");
+    else this.kvMemory.assertCanEverFit(slots(promptTokens + 1) * bytesPerToken, `a prompt of ${promptTokens} tokens`, "messages");
     const sampling = this.resolveSampling(job.sampling);
     const eosIds = new Set(job.ignoreEos ? [] : this.model.folder.generation.eosTokenIds);
 
@@ -363,18 +444,30 @@ export class Engine {
       // while it runs. Without max_tokens the reply may run to the end of the context or of the KV memory
       // free now (idle sessions leave memory for it), whichever comes first.
       const hold = explicit
-        ? this.kvMemory.reserve((promptTokens + wanted) * bytesPerToken, "this request", "max_tokens")
-        : this.kvMemory.reserveUpTo((promptTokens + 1) * bytesPerToken, (promptTokens + wanted) * bytesPerToken, "this request");
+        ? this.kvMemory.reserve(slots(promptTokens + wanted) * bytesPerToken, "this request", "max_tokens")
+        : this.kvMemory.reserveUpTo(slots(promptTokens + 1) * bytesPerToken, slots(promptTokens + wanted) * bytesPerToken, "this request");
+      let cache: KvCache | null = null;
       try {
-        const maxTokens = Math.min(wanted, Math.floor(hold.bytes / bytesPerToken) - promptTokens);
-        const cache = job.prepare ? job.prepare() : this.model.newCache();
-        return await generate(
+        const maxTokens = compaction ? wanted : Math.min(wanted, Math.floor(hold.bytes / bytesPerToken) - promptTokens);
+        cache = job.prepare ? job.prepare() : this.model.newCache();
+        if (compaction && !cache.compactor) cache.compactor = this.newCompactor(compaction);
+        const result = await generate(
           { model: this.model, tokenizer: this.tokenizer, prefillChunk: this.prefillChunk },
           cache,
           { promptIds: job.promptIds, maxTokens, sampling, stop: job.stop, eosIds, signal: job.signal },
           onDelta,
         );
+        const stats = cache.compactor?.stats;
+        const kv: KvReport = {
+          residentSlots: cache.length,
+          tokensRead: cache.nextPosition,
+          evicted: stats?.evicted ?? 0,
+          coldBytes: cache.compactor?.cold?.bytes ?? 0,
+          recalledBlocks: stats?.recalledBlocks ?? 0,
+        };
+        return { ...result, kv };
       } finally {
+        await cache?.compactor?.dispose();
         hold.release();
       }
     }, job.signal);
@@ -408,7 +501,7 @@ export class Engine {
       try {
         const t0 = performance.now();
         const cache = prepare();
-        const cachedTokens = cache.length;
+        const cachedTokens = cache.tokensRead;
         const rest = promptIds.slice(cachedTokens);
         if (rest.length > 0) await this.model.prefill(cache, rest, this.prefillChunk, signal, onProgress);
         this.metrics.promptTokens += rest.length;

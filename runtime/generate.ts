@@ -83,7 +83,7 @@ export async function generate(
   let firstTokenMs = 0;
 
   // The cache may already hold a prefix of the prompt (a session's earlier turns, a reused prefix).
-  const cachedTokens = cache.length;
+  const cachedTokens = cache.tokensRead; // not cache.length: a compacted cache holds fewer slots than it read
   if (cachedTokens >= req.promptIds.length) throw new Error("generate needs at least one prompt token beyond the cache");
   let logits = await model.prefill(cache, req.promptIds.slice(cachedTokens), ctx.prefillChunk, req.signal);
   const prefillMs = performance.now() - t0;

@@ -16,7 +16,9 @@
  *   original intact. Storage that only one cache holds grows in place (resizable buffers), so a long
  *   prefill leaves no trail of outgrown copies for the garbage collector.
  */
+import { gatherSlots } from "../kernels/compaction.ts";
 import { sliceSlots, writeSlots, type KvArray } from "../kernels/kv-slots.ts";
+import type { KvCompactor } from "./kv/compaction.ts";
 
 export type KvDtype = "float32" | "float16";
 export type KvMode = "present" | "inplace";
@@ -70,6 +72,23 @@ export class KvCache {
   positions: Int32Array;
   /** Position id the next token will get (one past the last token read, whatever was dropped). */
   nextPosition = 0;
+  /**
+   * Tokens of the sequence this cache has read: the prompt prefix it stands for. Equal to length until
+   * compaction drops slots (recalled slots are old tokens and do not count).
+   */
+  tokensRead = 0;
+  /**
+   * Attention each resident slot has received (summed over the runs that reported it: the graph's
+   * slot_attention), for attention-informed compaction; first `length` entries valid.
+   */
+  scores: Float32Array;
+  /** Token id of each resident slot (-1 where unknown: restored snapshots), for lexical recall; first `length` valid. */
+  tokens: Int32Array;
+  /**
+   * Keeps this cache within a slot budget (runtime/kv/compaction.ts); null: every slot stays. Once it has
+   * dropped slots, slot i no longer holds token i: such a cache is never truncated or lent as a prefix.
+   */
+  compactor: KvCompactor | null = null;
 
   constructor(
     readonly dtype: KvDtype,
@@ -82,6 +101,8 @@ export class KvCache {
     this.presentKeys = Array.from({ length: layers }, empty);
     this.presentValues = Array.from({ length: layers }, empty);
     this.positions = new Int32Array(256);
+    this.scores = new Float32Array(256);
+    this.tokens = new Int32Array(256).fill(-1);
   }
 
   private newArray(slots: number): KvArray {
@@ -131,14 +152,23 @@ export class KvCache {
     const grown = new Int32Array(capacity);
     grown.set(this.positions.subarray(0, this.length));
     this.positions = grown;
+    const scores = new Float32Array(capacity);
+    scores.set(this.scores.subarray(0, this.length));
+    this.scores = scores;
+    const tokens = new Int32Array(capacity).fill(-1);
+    tokens.set(this.tokens.subarray(0, this.length));
+    this.tokens = tokens;
   }
 
-  /** Records `count` new slots at consecutive positions starting at nextPosition (and marks them live). */
-  appendPositions(count: number): void {
+  /** Records `count` new slots (token ids `ids`) at consecutive positions starting at nextPosition (and marks them live). */
+  appendPositions(count: number, ids?: ArrayLike<number>): void {
     this.ensurePositionCapacity(this.length + count);
     for (let i = 0; i < count; i++) this.positions[this.length + i] = this.nextPosition + i;
+    this.scores.fill(0, this.length, this.length + count);
+    for (let i = 0; i < count; i++) this.tokens[this.length + i] = ids ? ids[i]! : -1;
     if (this.mode === "inplace") this.mask.fill(1, this.length, this.length + count);
     this.length += count;
+    this.tokensRead += count;
     this.nextPosition += count;
   }
 
@@ -217,6 +247,7 @@ export class KvCache {
     this.ensurePositionCapacity(length);
     this.positions.set(positions.subarray(0, length));
     this.length = length;
+    this.tokensRead = length;
     this.nextPosition = nextPosition;
   }
 
@@ -342,9 +373,14 @@ export class KvCache {
   clone(n = this.length): KvCache {
     const copy = new KvCache(this.dtype, this.layers, this.kvHeads, this.headDim, this.mode);
     const count = Math.min(n, this.length);
+    if (count < this.length && this.compactor?.hasDropped) throw new Error("clone: a compacted cache's slots are not a prefix of its tokens");
     if (this.mode === "present") {
       const keep = (a: KvArray) => (count === this.length ? a : sliceSlots(a, this.length, 0, count, this.layout));
       copy.assign(this.presentKeys.map(keep), this.presentValues.map(keep), this.positions, count, this.positionAfter(count));
+      copy.scores.set(this.scores.subarray(0, count));
+      copy.tokens.set(this.tokens.subarray(0, count));
+      copy.tokensRead = count === this.length ? this.tokensRead : count;
+      copy.compactor = this.compactor?.clone() ?? null;
       return copy;
     }
     copy.store = this.store;
@@ -354,8 +390,113 @@ export class KvCache {
     for (let i = 0; i < count; i++) if (!copy.mask[i]) copy.masked++;
     copy.ensurePositionCapacity(count);
     copy.positions.set(this.positions.subarray(0, count));
+    copy.scores.set(this.scores.subarray(0, count));
+    copy.tokens.set(this.tokens.subarray(0, count));
     copy.length = count;
+    copy.tokensRead = count === this.length ? this.tokensRead : count;
     copy.nextPosition = this.positionAfter(count);
+    copy.compactor = this.compactor?.clone() ?? null;
     return copy;
+  }
+
+  // ---- compaction (runtime/kv/compaction.ts decides; these move the slots) ----
+
+  /**
+   * Adds a run's slot_attention ([capacity + count]: the cache part by storage slot, then the `count` new
+   * tokens) to the slots' scores; call after the run's appendPositions.
+   */
+  addAttention(mass: Float32Array, capacity: number, count: number): void {
+    const before = this.length - count;
+    const scores = this.scores;
+    for (let i = 0; i < before; i++) scores[i]! += mass[i]!;
+    for (let j = 0; j < count; j++) scores[before + j]! += mass[capacity + j]!;
+  }
+
+  /**
+   * Keeps only slots keep[0..count) (ascending slot indices), in that order, as slots 0..count-1: their
+   * KV, positions and scores move down; nextPosition stays. Storage only this cache holds is compacted in
+   * place; shared storage is left to its other holders and this cache copies the kept slots out.
+   */
+  compact(keep: Int32Array, count: number): void {
+    for (let i = 0; i < count; i++) {
+      if (keep[i]! < 0 || keep[i]! >= this.length || (i > 0 && keep[i]! <= keep[i - 1]!)) throw new RangeError("compact: keep must be ascending live slots");
+    }
+    if (this.masked > 0) throw new Error("compact: masked slots cannot be compacted");
+    const layout = this.layout;
+    if (this.mode === "present") {
+      const gather = (a: KvArray) => {
+        const out = this.newArray(count);
+        gatherSlots(a, this.length, keep, count, out, count, 0, layout);
+        return out;
+      };
+      this.presentKeys = this.presentKeys.map(gather);
+      this.presentValues = this.presentValues.map(gather);
+    } else {
+      const store = this.store!;
+      if (store.refs === 1) {
+        for (const a of [...store.keys, ...store.values]) gatherSlots(a, store.capacity, keep, count, a, store.capacity, 0, layout);
+      } else {
+        const capacity = capacityFor(count);
+        const keys = Array.from({ length: this.layers }, () => this.newStorageArray(capacity));
+        const values = Array.from({ length: this.layers }, () => this.newStorageArray(capacity));
+        for (let i = 0; i < this.layers; i++) {
+          gatherSlots(store.keys[i]!, store.capacity, keep, count, keys[i]!, capacity, 0, layout);
+          gatherSlots(store.values[i]!, store.capacity, keep, count, values[i]!, capacity, 0, layout);
+        }
+        store.refs--;
+        this.store = new KvStore(keys, values, capacity);
+        this.mask = new Uint8Array(capacity);
+      }
+      this.store!.frontier = count;
+      this.mask.fill(1, 0, count).fill(0, count);
+    }
+    for (let i = 0; i < count; i++) {
+      this.positions[i] = this.positions[keep[i]!]!;
+      this.scores[i] = this.scores[keep[i]!]!;
+      this.tokens[i] = this.tokens[keep[i]!]!;
+    }
+    this.length = count;
+  }
+
+  /**
+   * Appends `count` slots brought back from elsewhere (recall): per layer [kvHeads, count, headDim] keys and
+   * values, their original positions, token ids and scores ("inplace" mode). nextPosition stays: the slots are old tokens.
+   */
+  appendSlots(keys: KvArray[], values: KvArray[], positions: Int32Array, tokens: Int32Array, scores: Float32Array, count: number): void {
+    if (count === 0) return;
+    this.reserveSlots(count);
+    for (let i = 0; i < this.layers; i++) this.writeNewSlots(i, keys[i]!, values[i]!, count);
+    this.ensurePositionCapacity(this.length + count);
+    this.positions.set(positions.subarray(0, count), this.length);
+    this.scores.set(scores.subarray(0, count), this.length);
+    this.tokens.set(tokens.subarray(0, count), this.length);
+    this.mask.fill(1, this.length, this.length + count);
+    this.length += count;
+  }
+
+  /**
+   * Drops the last `count` slots, which a run just appended ("inplace" mode, storage of this cache's own):
+   * a probe run whose KV is not kept (recall scores a turn's queries before reading it for real).
+   */
+  dropLast(count: number): void {
+    const store = this.store;
+    if (this.mode !== "inplace" || !store || count > this.length || store.frontier !== this.length) throw new Error("dropLast: only slots this cache just appended can be dropped");
+    this.length -= count;
+    this.tokensRead -= count;
+    this.nextPosition -= count;
+    this.mask.fill(0, this.length, this.length + count);
+    store.frontier = this.length;
+  }
+
+  /** Slot i's KV, all layers, as float arrays [kvHeads, count, headDim] for slots keep[0..count) (for archiving). */
+  readSlots(keep: Int32Array, count: number): { keys: KvArray[]; values: KvArray[] } {
+    const slots = this.mode === "present" ? this.length : this.store!.capacity;
+    const read = (a: KvArray) => {
+      const out = this.newArray(count);
+      gatherSlots(a, slots, keep, count, out, count, 0, this.layout);
+      return out;
+    };
+    const views = this.mode === "present" ? { keys: this.presentKeys, values: this.presentValues } : this.store!;
+    return { keys: views.keys.map(read), values: views.values.map(read) };
   }
 }

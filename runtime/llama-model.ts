@@ -21,6 +21,10 @@ export interface GraphIo {
   layers: number;
   /** "inplace": the graph reads runtime-owned KV storage and returns only the new tokens' KV (see kv-cache.ts). */
   kvMode: KvMode;
+  /** The graph returns slot_attention (attention each slot received in a run), which attention-informed compaction reads. */
+  hasSlotAttention: boolean;
+  /** The graph returns query.N (each layer's queries after rotary), which recall scoring reads. */
+  hasQueries: boolean;
 }
 
 const KNOWN_INPUTS = new Set(["input_ids", "attention_mask", "position_ids", "num_logits_to_keep", "use_cache_branch"]);
@@ -29,6 +33,8 @@ const PRESENT = /^present\.(\d+)\.(key|value)$/;
 const INPLACE_INPUTS = new Set(["input_ids", "slot_mask", "position_ids", "num_logits_to_keep", "rows_per_matmul"]);
 const CACHE = /^cache\.(\d+)\.(key|value)$/;
 const NEW = /^new\.(\d+)\.(key|value)$/;
+/** Optional outputs of an in-place graph that compaction reads (see scripts/lib/onnx-llama.ts). */
+const COMPACTION_OUTPUTS = /^(slot_attention|query\.\d+)$/;
 
 type Metadata = InferenceSession["inputMetadata"][number];
 function tensorType(meta: readonly Metadata[], name: string): string | null {
@@ -50,8 +56,14 @@ function inspectInplaceGraph(session: InferenceSession, folder: ModelFolder, fil
     }
   }
   const missing = [...expectedInputs.filter((n) => !inputs.includes(n)), ...expectedOutputs.filter((n) => !outputs.includes(n))];
-  const extra = [...inputs.filter((n) => !expectedInputs.includes(n)), ...outputs.filter((n) => !expectedOutputs.includes(n))];
-  if (missing.length || extra.length || !inputs.every((n) => INPLACE_INPUTS.has(n) || CACHE.test(n)) || !outputs.every((n) => n === "logits" || NEW.test(n))) {
+  const optional = outputs.filter((n) => COMPACTION_OUTPUTS.test(n));
+  const queries = Array.from({ length: layers }, (_, i) => `query.${i}`);
+  const extra = [
+    ...inputs.filter((n) => !expectedInputs.includes(n)),
+    ...outputs.filter((n) => !expectedOutputs.includes(n) && !(n === "slot_attention" || queries.includes(n))),
+  ];
+  if (optional.some((n) => n !== "slot_attention") && !queries.every((n) => outputs.includes(n))) missing.push(...queries.filter((n) => !outputs.includes(n)));
+  if (missing.length || extra.length || !inputs.every((n) => INPLACE_INPUTS.has(n) || CACHE.test(n))) {
     throw new ModelFolderError(
       `${file}: not an in-place KV graph for ${layers} layers` + (missing.length ? `; missing: ${missing.join(", ")}` : "") + (extra.length ? `; unexpected: ${extra.join(", ")}` : ""),
     );
@@ -69,6 +81,8 @@ function inspectInplaceGraph(session: InferenceSession, folder: ModelFolder, fil
     logitsDtype: type(session.outputMetadata ?? [], "logits"),
     layers,
     kvMode: "inplace",
+    hasSlotAttention: outputs.includes("slot_attention"),
+    hasQueries: queries.every((n) => outputs.includes(n)),
   };
 }
 
@@ -120,6 +134,8 @@ export function inspectGraph(session: InferenceSession, folder: ModelFolder, fil
     logitsDtype: asKvDtype(tensorType(session.outputMetadata ?? [], "logits"), "logits", guess),
     layers,
     kvMode: "present",
+    hasSlotAttention: false,
+    hasQueries: false,
   };
 }
 
@@ -190,6 +206,17 @@ const SCORE_TENSOR_BYTES = 32 * 2 ** 20;
 export interface ForwardOptions {
   /** Logits for the last position only (default) or for every new position. */
   allLogits?: boolean;
+  /**
+   * A recall probe: the layers' queries come back (ForwardResult.queries), the slots' scores are left
+   * alone and the cache is not compacted after the run (its new slots are dropped next).
+   */
+  probe?: boolean;
+}
+
+export interface ForwardResult {
+  logits: Float32Array;
+  /** With probe: per layer [heads, new tokens, headDim] queries after rotary. */
+  queries?: Float32Array[];
 }
 
 export class LlamaModel {
@@ -250,6 +277,11 @@ export class LlamaModel {
    * the last position's row (length vocab), or with allLogits every new position's rows back to back.
    */
   async forward(cache: KvCache, ids: ArrayLike<number>, options: ForwardOptions = {}): Promise<Float32Array> {
+    return (await this.forwardWith(cache, ids, options)).logits;
+  }
+
+  /** forward(), and what a probe asks for. */
+  async forwardWith(cache: KvCache, ids: ArrayLike<number>, options: ForwardOptions = {}): Promise<ForwardResult> {
     const { ort } = this.backend;
     const seq = ids.length;
     const past = cache.length;
@@ -276,10 +308,19 @@ export class LlamaModel {
         feeds[`cache.${i}.key`] = new ort.Tensor(cache.dtype, store.keys[i]!, dims);
         feeds[`cache.${i}.value`] = new ort.Tensor(cache.dtype, store.values[i]!, dims);
       }
-      const out = await this.run(feeds);
+      const compactor = cache.compactor;
+      const attention = !options.probe && compactor !== null && compactor.needsAttention && this.io.hasSlotAttention;
+      const queries = options.probe === true && this.io.hasQueries;
+      const fetches = [...this.baseOutputs];
+      if (attention) fetches.push("slot_attention");
+      if (queries) for (let i = 0; i < this.io.layers; i++) fetches.push(`query.${i}`);
+      const out = await this.run(feeds, fetches);
       for (let i = 0; i < this.io.layers; i++) cache.writeNewSlots(i, kvArray(out[`new.${i}.key`]!), kvArray(out[`new.${i}.value`]!), seq);
-      cache.appendPositions(seq);
-      return this.readLogits(out.logits!, options.allLogits === true);
+      cache.appendPositions(seq, ids);
+      if (attention) cache.addAttention(out.slot_attention!.data as Float32Array, store.capacity, seq);
+      const logits = this.readLogits(out.logits!, options.allLogits === true);
+      if (compactor && !options.probe) compactor.maintain(cache, attention);
+      return { logits, queries: queries ? Array.from({ length: this.io.layers }, (_, i) => out[`query.${i}`]!.data as Float32Array) : undefined };
     }
     const mask = new BigInt64Array(total).fill(1n);
     feeds.attention_mask = new ort.Tensor("int64", mask, [1, total]);
@@ -290,10 +331,17 @@ export class LlamaModel {
       feeds[`past_key_values.${i}.key`] = new ort.Tensor(cache.dtype, layer.keys, pastDims);
       feeds[`past_key_values.${i}.value`] = new ort.Tensor(cache.dtype, layer.values, pastDims);
     }
-    const out = await this.run(feeds);
+    const out = await this.run(feeds, this.baseOutputs);
     for (let i = 0; i < this.io.layers; i++) cache.setPresentLayer(i, kvArray(out[`present.${i}.key`]!), kvArray(out[`present.${i}.value`]!));
-    cache.appendPositions(seq);
-    return this.readLogits(out.logits!, options.allLogits === true);
+    cache.appendPositions(seq, ids);
+    const logits = this.readLogits(out.logits!, options.allLogits === true);
+    cache.compactor?.maintain(cache, false); // no slot_attention here: the window policy
+    return { logits };
+  }
+
+  /** The outputs every run fetches (logits and the KV), not the compaction outputs, which cost time at long contexts. */
+  private get baseOutputs(): string[] {
+    return this.session.outputNames.filter((n) => n !== "slot_attention" && !n.startsWith("query."));
   }
 
   /**
@@ -309,9 +357,9 @@ export class LlamaModel {
     return this.backend.name === "native" && seq === 1 ? 1 : rows;
   }
 
-  private async run(feeds: Record<string, Tensor>): Promise<InferenceSession.OnnxValueMapType> {
+  private async run(feeds: Record<string, Tensor>, fetches: string[]): Promise<InferenceSession.OnnxValueMapType> {
     const started = performance.now();
-    const out = await this.session.run(feeds);
+    const out = await this.session.run(feeds, fetches);
     this.runStats.runs++;
     this.runStats.runMs += performance.now() - started;
     return out;
@@ -348,10 +396,25 @@ export class LlamaModel {
     if (ids.length === 0) throw new Error("prefill needs at least one token");
     let logits: Float32Array | null = null;
     const chunks = new PrefillChunker(chunkSize, this.prefillTargetMs);
+    // With a recall tier, the last tokens (the question, the turn) are read once as a probe whose queries
+    // bring back the archived blocks they point to, and then read for real; see runtime/kv/compaction.ts.
+    const compactor = cache.compactor;
+    const probeTokens = compactor?.settings.recall && (this.io.hasQueries || compactor.settings.recallScorer === "lexical") ? Math.min(compactor.settings.probeTokens, ids.length) : 0;
+    const probeAt = ids.length - probeTokens;
     for (let start = 0; start < ids.length; ) {
       if (start > 0) await yieldToEventLoop();
       if (signal?.aborted) throw new RuntimeError("cancelled", "the request was cancelled");
-      const end = Math.min(ids.length, start + chunks.size, start + this.maxChunkFor(cache.length));
+      if (start === probeAt && compactor?.canRecall) {
+        const tail = Array.prototype.slice.call(ids, probeAt) as number[];
+        // The key scorer needs the probe's queries, from a run whose KV is dropped; the lexical one only its tokens.
+        let queries: Float32Array[] | undefined;
+        if (compactor.settings.recallScorer === "keys") {
+          queries = (await this.forwardWith(cache, tail, { probe: true })).queries;
+          cache.dropLast(tail.length);
+        }
+        compactor.recall(cache, tail, queries);
+      }
+      const end = Math.min(ids.length, start + chunks.size, start + this.maxChunkFor(cache.length), start < probeAt ? probeAt : ids.length);
       const t0 = performance.now();
       logits = await this.forward(cache, Array.prototype.slice.call(ids, start, end) as number[]);
       chunks.observe(end - start, performance.now() - t0);

@@ -334,7 +334,8 @@ export class SessionManager {
       const promptIds = rendered.ids;
       const { messages: _, tools: __, ...generation } = request;
       return this.change(session, rendered, async (prepare) => {
-        const result = await this.engine.complete({ ...generation, promptIds, prepare }, onDelta);
+        // Sessions keep their whole KV (their history is tied to slots); compaction is for requests outside them.
+        const result = await this.engine.complete({ ...generation, promptIds, prepare, compaction: null }, onDelta);
         const reply: ChatMessage = { role: "assistant", content: result.text };
         return { result, generated: result.tokenIds, cancelled: result.finishReason === "cancelled", messages: [...messages, reply] };
       });

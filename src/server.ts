@@ -51,6 +51,7 @@ export async function createServer(env: Record<string, string | undefined>, argv
     prefillChunk: config.prefillChunk,
     kvMemoryBytes: config.kvMemoryBytes,
     prefillTargetMs: config.prefillTargetMs,
+    compaction: { policy: config.kvPolicy, budget: config.kvBudget, coldDir: config.kvColdDir },
     textLimits: { maxFieldChars: config.maxFieldChars, maxPromptChars: config.maxPromptChars, maxRunChars: config.maxRunChars },
   });
   const sessions = new SessionManager(engine, new SnapshotStore(config.sessionDir), {

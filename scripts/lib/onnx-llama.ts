@@ -195,7 +195,10 @@ export interface LlamaOnnxOptions {
    * hold a live token) and returns only the new tokens' new.N.key/value [B, kvHeads, S, headDim], so a
    * step moves O(new tokens) out of the graph and never concatenates, tiles or copies the cache. Its
    * scalar input rows_per_matmul (a divisor of G * S, G = heads per kv head) says how the query rows
-   * of each kv head are batched against the cache (see the attention below).
+   * of each kv head are batched against the cache (see the attention below). Two more outputs serve
+   * KV compaction: slot_attention [B, capacity + S], the attention each cache slot and each new token
+   * received in the run, summed over layers, heads and query rows; and query.N [B, heads, S, headDim],
+   * layer N's queries after rotary (float32 in both variants).
    */
   kv?: "present" | "inplace";
 }
@@ -421,6 +424,7 @@ export function buildLlamaOnnx(config: LlamaConfig, weights: LlamaWeights, optio
   const kvDims = (len: string) => ["batch_size", KV, len, D];
 
   let hidden = g.op("Gather", ["model.embed_tokens.weight", "input_ids"], { axis: 0 }); // [B, S, H]
+  let slotAttention = "";
   if (fp16) hidden = g.op("Cast", [hidden], { to: DT.FLOAT });
 
   for (let i = 0; i < config.num_hidden_layers; i++) {
@@ -488,6 +492,16 @@ export function buildLlamaOnnx(config: LlamaConfig, weights: LlamaWeights, optio
         g.op("MatMul", [newExp, asRows(v)]),
       ]);
       const grouped = g.op("Reshape", [g.op("Div", [weighted, rowSum]), groupedShape]); // [B, KV, G*S, D]
+      // What compaction policies read: the attention each slot received in this run, summed over the query
+      // rows and heads (a cache slot's probability is cacheProbs * cacheWeight / rowSum). The row sum is one
+      // matmul per kv head ([1, M] x [M, C]) rather than an elementwise pass over the scores.
+      const rowScale = g.op("Div", [cacheWeight, rowSum]); // [B, KV, R, M, 1]
+      const cacheMass = g.op("ReduceSum", [g.op("MatMul", [g.op("Transpose", [rowScale], { perm: [0, 1, 2, 4, 3] }), cacheProbs]), g.int64([1, 2, 3])], { keepdims: 0 }); // [B, C]
+      const newMass = g.op("ReduceSum", [g.op("Div", [newExp, rowSum]), g.int64([1, 2, 3])], { keepdims: 0 }); // [B, S]
+      const layerMass = g.op("Concat", [cacheMass, newMass], { axis: 1 }); // [B, C + S]
+      slotAttention = slotAttention ? g.op("Add", [slotAttention, layerMass]) : layerMass;
+      g.op("Identity", [q], {}, `query.${i}`); // [B, NH, S, D] after rotary, for scoring recall blocks
+      outputs.push(valueInfo(`query.${i}`, DT.FLOAT, ["batch_size", NH, "sequence_length", D]));
       context = g.op("Reshape", [g.op("Transpose", [g.op("Reshape", [grouped, kvFlatShape])], { perm: toHeads }), mergedShape]);
     } else {
       if (fp16) {
@@ -532,6 +546,10 @@ export function buildLlamaOnnx(config: LlamaConfig, weights: LlamaWeights, optio
     g.op("MatMul", [normed, weight("lm_head.weight")], {}, "logits");
   }
   outputs.unshift(valueInfo("logits", ioType, ["batch_size", "kept_length", config.vocab_size]));
+  if (inplace) {
+    g.op("Identity", [slotAttention], {}, "slot_attention");
+    outputs.push(valueInfo("slot_attention", DT.FLOAT, ["batch_size", "cache_capacity_plus_sequence_length"]));
+  }
 
   // Weight initializers.
   let externalData: Uint8Array | undefined;

@@ -1,0 +1,258 @@
+/**
+ * The recall tier: KV that compaction archived, in blocks of consecutive tokens, each stored once as
+ * int8 (one float32 scale per head and slot, i.e. per headDim values) or float32, with a Quest summary
+ * (per layer, kv head and channel: the min and max of the block's keys) kept in memory for scoring.
+ * Block bytes live in a ColdStorage: in memory, or appended to a file (so that a million-token request
+ * does not hold its archive in the process's memory). Blocks are never changed after they are written,
+ * so clones of a cache share the storage and copy only the block index.
+ */
+import { closeSync, openSync, readSync, unlinkSync, writeSync } from "node:fs";
+import { cpuKernels as K } from "../../kernels/compaction.ts";
+import type { KvArray } from "../../kernels/kv-slots.ts";
+import type { CompactionShape } from "./compaction.ts";
+
+/** Where archived block bytes go; append-only. */
+export interface ColdStorage {
+  append(bytes: Uint8Array): number;
+  read(offset: number, out: Uint8Array): void;
+  readonly bytes: number;
+  dispose(): void;
+}
+
+export class MemoryColdStorage implements ColdStorage {
+  private readonly chunks: Uint8Array[] = [];
+  private readonly offsets: number[] = [];
+  bytes = 0;
+  append(data: Uint8Array): number {
+    const offset = this.bytes;
+    this.chunks.push(data.slice());
+    this.offsets.push(offset);
+    this.bytes += data.length;
+    return offset;
+  }
+  read(offset: number, out: Uint8Array): void {
+    // Blocks are read whole, as written: find the chunk by binary search.
+    let lo = 0;
+    let hi = this.offsets.length - 1;
+    while (lo < hi) {
+      const mid = (lo + hi + 1) >> 1;
+      if (this.offsets[mid]! <= offset) lo = mid;
+      else hi = mid - 1;
+    }
+    const chunk = this.chunks[lo]!;
+    out.set(chunk.subarray(offset - this.offsets[lo]!, offset - this.offsets[lo]! + out.length));
+  }
+  dispose(): void {
+    this.chunks.length = 0;
+  }
+}
+
+/** Appends to a file (created now, removed on dispose); reads with pread. */
+export class FileColdStorage implements ColdStorage {
+  private readonly fd: number;
+  bytes = 0;
+  private users = 1;
+  constructor(readonly path: string) {
+    this.fd = openSync(path, "wx+");
+  }
+  append(data: Uint8Array): number {
+    const offset = this.bytes;
+    for (let done = 0; done < data.length; ) done += writeSync(this.fd, data, done, data.length - done, offset + done);
+    this.bytes += data.length;
+    return offset;
+  }
+  read(offset: number, out: Uint8Array): void {
+    for (let done = 0; done < out.length; ) {
+      const n = readSync(this.fd, out, done, out.length - done, offset + done);
+      if (n <= 0) throw new Error(`cold tier file ${this.path} ends before offset ${offset + out.length}`);
+      done += n;
+    }
+  }
+  share(): this {
+    this.users++;
+    return this;
+  }
+  dispose(): void {
+    if (--this.users > 0) return;
+    closeSync(this.fd);
+    try {
+      unlinkSync(this.path);
+    } catch {
+      // already gone
+    }
+  }
+}
+
+interface BlockRecord {
+  offset: number;
+  bytes: number;
+  positions: Int32Array;
+  tokens: Int32Array;
+}
+
+/**
+ * Which archived blocks hold which token ids (an inverted index), for lexical recall: a question's rare
+ * tokens point to the blocks that contain them. Append-only like the blocks.
+ */
+class TokenIndex {
+  /** token id -> ascending block numbers holding it. */
+  postings = new Map<number, number[]>();
+  add(block: number, tokens: Int32Array): void {
+    for (const t of new Set(tokens)) {
+      if (t < 0) continue;
+      const list = this.postings.get(t);
+      if (list) list.push(block);
+      else this.postings.set(t, [block]);
+    }
+  }
+  clone(): TokenIndex {
+    const copy = new TokenIndex();
+    for (const [t, list] of this.postings) copy.postings.set(t, [...list]);
+    return copy;
+  }
+}
+
+export class ColdTier {
+  private blocks: BlockRecord[] = [];
+  private index = new TokenIndex();
+  /** Per layer: [blocks, kvHeads, headDim] mins and maxs of each block's keys. */
+  mins: Float32Array[];
+  maxs: Float32Array[];
+  /** Every token before this position is archived. */
+  archivedUpTo = 0;
+
+  constructor(
+    private readonly shape: CompactionShape,
+    readonly format: "int8" | "float32",
+    private readonly storage: ColdStorage = new MemoryColdStorage(),
+  ) {
+    this.mins = Array.from({ length: shape.layers }, () => new Float32Array(0));
+    this.maxs = Array.from({ length: shape.layers }, () => new Float32Array(0));
+  }
+
+  get blockCount(): number {
+    return this.blocks.length;
+  }
+
+  /** Bytes of archived KV (without summaries). */
+  get bytes(): number {
+    let n = 0;
+    for (const b of this.blocks) n += b.bytes;
+    return n;
+  }
+
+  /** Bytes of the summaries, token index and block records kept in memory (about). */
+  get summaryBytes(): number {
+    let postings = 0;
+    for (const list of this.index.postings.values()) postings += 8 * list.length + 16;
+    return this.mins.reduce((n, a) => n + a.byteLength * 2, 0) + this.blocks.length * (16 + (this.blocks[0]?.positions.byteLength ?? 0)) + postings;
+  }
+
+  blockPositions(b: number): Int32Array {
+    return this.blocks[b]!.positions;
+  }
+
+  clone(): ColdTier {
+    const storage = this.storage instanceof FileColdStorage ? this.storage.share() : this.storage;
+    const copy = new ColdTier(this.shape, this.format, storage);
+    copy.blocks = [...this.blocks];
+    copy.index = this.index.clone();
+    copy.mins = this.mins.map((a) => a.slice());
+    copy.maxs = this.maxs.map((a) => a.slice());
+    copy.archivedUpTo = this.archivedUpTo;
+    return copy;
+  }
+
+  async dispose(): Promise<void> {
+    this.storage.dispose();
+  }
+
+  /**
+   * Scores every block by the probe's tokens it and the block before it hold, each weighted by its rarity
+   * among the blocks (BM25's idf, log((N + 1) / (df + 0.5))), each distinct token once: out[b] for block b.
+   */
+  lexicalScores(probe: ArrayLike<number>, out: Float32Array): void {
+    const n = this.blocks.length;
+    for (const t of new Set(Array.from(probe))) {
+      const list = this.index.postings.get(t);
+      if (!list) continue;
+      const idf = Math.log((n + 1) / (list.length + 0.5));
+      // Block b stands for itself and the block before it (recall brings both: a needle may straddle
+      // them), so a token counts once for b if either holds it.
+      let last = -1;
+      for (const b of list) {
+        for (const end of [b, b + 1]) {
+          if (end > last && end < n) {
+            out[end]! += idf;
+            last = end;
+          }
+        }
+      }
+    }
+  }
+
+  /** Archives one block: per layer [kvHeads, count, headDim] keys and values (cache dtype), their positions and token ids. */
+  add(keys: KvArray[], values: KvArray[], positions: Int32Array, tokens: Int32Array, count: number): void {
+    const { layers, kvHeads, headDim } = this.shape;
+    const per = kvHeads * count * headDim;
+    const floats = [...keys, ...values].map((a) => K.toFloat32(a));
+    const b = this.blocks.length;
+    for (let l = 0; l < layers; l++) {
+      // Summary arrays grow by doubling.
+      if (this.mins[l]!.length < (b + 1) * kvHeads * headDim) {
+        const cap = Math.max(16, 2 * (b + 1)) * kvHeads * headDim;
+        const m = new Float32Array(cap);
+        m.set(this.mins[l]!);
+        const x = new Float32Array(cap);
+        x.set(this.maxs[l]!);
+        this.mins[l] = m;
+        this.maxs[l] = x;
+      }
+      K.blockSummary(floats[l]!, count, 0, count, { heads: kvHeads, headDim }, this.mins[l]!, this.maxs[l]!, b * kvHeads * headDim);
+    }
+    let data: Uint8Array;
+    if (this.format === "int8") {
+      const groups = per / headDim;
+      data = new Uint8Array(floats.length * (per + groups * 4));
+      floats.forEach((f, i) => {
+        const base = i * (per + groups * 4);
+        const q = new Int8Array(data.buffer, base, per);
+        const scales = new Float32Array(groups);
+        K.quantizeInt8(f, headDim, q, scales);
+        data.set(new Uint8Array(scales.buffer), base + per);
+      });
+    } else {
+      data = new Uint8Array(floats.length * per * 4);
+      floats.forEach((f, i) => data.set(new Uint8Array(f.buffer, f.byteOffset, per * 4), i * per * 4));
+    }
+    const offset = this.storage.append(data);
+    this.index.add(this.blocks.length, tokens.subarray(0, count));
+    this.blocks.push({ offset, bytes: data.length, positions: positions.slice(0, count), tokens: tokens.slice(0, count) });
+    this.archivedUpTo = positions[count - 1]! + 1;
+  }
+
+  /** Block b's KV, per layer [kvHeads, count, headDim] in the cache's dtype, and its positions. */
+  read(b: number): { keys: KvArray[]; values: KvArray[]; positions: Int32Array; tokens: Int32Array } {
+    const { layers, kvHeads, headDim, dtype } = this.shape;
+    const record = this.blocks[b]!;
+    const count = record.positions.length;
+    const per = kvHeads * count * headDim;
+    const data = new Uint8Array(record.bytes);
+    this.storage.read(record.offset, data);
+    const arrays: KvArray[] = [];
+    for (let i = 0; i < 2 * layers; i++) {
+      let f: Float32Array;
+      if (this.format === "int8") {
+        const groups = per / headDim;
+        const base = i * (per + groups * 4);
+        const scales = new Float32Array(data.slice(base + per, base + per + groups * 4).buffer);
+        f = new Float32Array(per);
+        K.dequantizeInt8(new Int8Array(data.buffer, base, per), scales, headDim, f);
+      } else {
+        f = new Float32Array(data.slice(i * per * 4, (i + 1) * per * 4).buffer);
+      }
+      arrays.push(dtype === "float16" ? K.toFloat16Bits(f) : f);
+    }
+    return { keys: arrays.slice(0, layers), values: arrays.slice(layers), positions: record.positions, tokens: record.tokens };
+  }
+}

@@ -1,0 +1,378 @@
+/**
+ * Streaming KV compaction: keeps a cache within a budget of resident slots whatever the number of tokens
+ * read, and keeps what it drops in a recall tier from which the blocks a new question needs come back.
+ *
+ * Policies (one interface: which slots stay when the cache passes its budget):
+ *   none       every slot stays (no compactor is attached at all)
+ *   window     attention sinks (the first tokens) + the most recent tokens (StreamingLLM)
+ *   attention  sinks + recent tokens + the slots that have received the most attention so far (H2O): the
+ *              graph's slot_attention output, summed over runs. Graphs without that output (exported
+ *              Optimum graphs) get `window` instead.
+ * With recall (the default for `attention`), every token that leaves the recent window is first archived
+ * in blocks of consecutive tokens (int8 with a scale per head and slot, or float32), each with a
+ * Quest-style summary (per channel min and max of its keys). Before the last tokens of a prompt are read,
+ * they are run once as a probe; their queries score every block (an upper bound of q.k per block), and
+ * the best blocks are brought back into the resident set (pinned for the rest of the request).
+ *
+ * Every slot keeps its original position, so recalled and kept slots attend as where they were read.
+ * Everything here is deterministic: the same tokens and settings give the same resident set.
+ */
+import { cpuKernels as K } from "../../kernels/compaction.ts";
+import type { KvArray } from "../../kernels/kv-slots.ts";
+import type { KvCache, KvDtype } from "../kv-cache.ts";
+import { ColdTier, type ColdStorage } from "./cold-tier.ts";
+
+export type CompactionPolicyName = "none" | "window" | "attention";
+
+export interface CompactionSettings {
+  policy: CompactionPolicyName;
+  /** Most slots resident after a compaction; a run adds at most one prefill chunk on top. */
+  budget: number;
+  /** First tokens always kept (attention sinks). */
+  sinks: number;
+  /** Most recent tokens always kept. */
+  recent: number;
+  /** Archive what leaves the recent window and bring the best blocks back for a prompt's last tokens. */
+  recall: boolean;
+  /** Tokens per archived block. */
+  blockTokens: number;
+  /** Blocks brought back per prompt (each with the block before it). */
+  recallBlocks: number;
+  /** How archived KV is stored: int8 (a scale per head and slot) or float32. */
+  coldFormat: "int8" | "float32";
+  /** Last tokens of a prompt run as the recall probe. */
+  probeTokens: number;
+  /**
+   * How archived blocks are scored against the probe: "lexical" (the probe's token ids each block holds,
+   * rare ones weighing most) or "keys" (the attention the probe's queries would give each block: Quest
+   * bounds, then exact dots for the best candidates).
+   */
+  recallScorer: "lexical" | "keys";
+  /** Slots a compaction frees below the budget, so that decoding compacts once per this many tokens. */
+  slack: number;
+}
+
+/** Scores at or above this mark slots that stay for the rest of the request (recalled blocks). */
+const PINNED = 1e30;
+
+/** Full settings from a policy and budget (and any overrides); throws RangeError on values that cannot work. */
+export function compactionSettings(policy: CompactionPolicyName, budget: number, overrides: Partial<CompactionSettings> = {}): CompactionSettings {
+  const attention = policy === "attention";
+  const sinks = overrides.sinks ?? 4;
+  const blockTokens = overrides.blockTokens ?? 64;
+  const recall = overrides.recall ?? attention;
+  // At least 4: a single best block loses to a filler block that shares a rare word with the question.
+  const recallBlocks = overrides.recallBlocks ?? Math.max(Math.min(4, Math.floor(budget / 4 / blockTokens)), Math.floor(budget / 16 / blockTokens));
+  const probeTokens = overrides.probeTokens ?? 16;
+  // A recalled block comes with the block before it (a needle can straddle the boundary).
+  const recalled = recall ? 2 * recallBlocks * blockTokens : 0;
+  const s: CompactionSettings = {
+    policy,
+    budget,
+    sinks,
+    recent: overrides.recent ?? (attention ? Math.floor(budget / 4) : budget - sinks - recalled - probeTokens),
+    recall,
+    blockTokens,
+    recallBlocks,
+    coldFormat: overrides.coldFormat ?? "int8",
+    probeTokens,
+    recallScorer: overrides.recallScorer ?? "lexical",
+    slack: overrides.slack ?? Math.max(1, Math.min(256, Math.floor(budget / 16))),
+  };
+  if (!Number.isInteger(s.budget) || s.budget < 64) throw new RangeError(`the KV budget must be at least 64 slots, got ${budget}`);
+  if (s.sinks + s.recent > s.budget) throw new RangeError(`sinks (${s.sinks}) + recent (${s.recent}) exceed the budget (${s.budget})`);
+  if (s.recall && 2 * s.recallBlocks * s.blockTokens + s.sinks + s.recent + s.probeTokens > s.budget) {
+    throw new RangeError(`recalled blocks (${s.recallBlocks} x 2 x ${s.blockTokens}) + sinks + recent + probe tokens exceed the budget (${s.budget})`);
+  }
+  if (s.slack >= s.budget) throw new RangeError("slack must be below the budget");
+  return s;
+}
+
+export interface CompactionShape {
+  layers: number;
+  kvHeads: number;
+  headDim: number;
+  /** Query heads (a multiple of kvHeads). */
+  heads: number;
+  dtype: KvDtype;
+}
+
+export interface CompactionStats {
+  /** Slots dropped from the resident set (recalled ones count again when dropped again). */
+  evicted: number;
+  compactions: number;
+  /** Prompts whose blocks were scored, and blocks brought back. */
+  recalls: number;
+  recalledBlocks: number;
+}
+
+export class KvCompactor {
+  readonly stats: CompactionStats = { evicted: 0, compactions: 0, recalls: 0, recalledBlocks: 0 };
+
+  constructor(
+    readonly settings: CompactionSettings,
+    readonly shape: CompactionShape,
+    /** Archived blocks (null without recall). */
+    readonly cold: ColdTier | null,
+    /** Token ids lexical recall never searches for (the model's special tokens). */
+    readonly ignoredTokens: ReadonlySet<number> = new Set(),
+    /**
+     * The part of the probe lexical recall searches for: by default all of it; the engine gives the last
+     * sentence of the text before the chat template's closing tokens (the question, not the text it follows).
+     */
+    readonly questionOf: (probe: ArrayLike<number>) => number[] = (probe) => Array.from(probe),
+  ) {}
+
+  /** A compactor for a new cache; `storage` holds its archived blocks (default: memory). */
+  static create(
+    settings: CompactionSettings,
+    shape: CompactionShape,
+    storage?: ColdStorage,
+    ignoredTokens?: ReadonlySet<number>,
+    questionOf?: (probe: ArrayLike<number>) => number[],
+  ): KvCompactor {
+    return new KvCompactor(settings, shape, settings.recall ? new ColdTier(shape, settings.coldFormat, storage) : null, ignoredTokens, questionOf);
+  }
+
+  /** Whether slots have been dropped (then slot i no longer holds token i). */
+  get hasDropped(): boolean {
+    return this.stats.evicted > 0;
+  }
+
+  /** The policy reads the graph's slot_attention. */
+  get needsAttention(): boolean {
+    return this.settings.policy === "attention";
+  }
+
+  /** A prompt's last tokens should be probed for recall: there are archived blocks to score. */
+  get canRecall(): boolean {
+    return this.cold !== null && this.cold.blockCount > 0;
+  }
+
+  clone(): KvCompactor {
+    const copy = new KvCompactor(this.settings, this.shape, this.cold?.clone() ?? null, this.ignoredTokens, this.questionOf);
+    Object.assign(copy.stats, this.stats);
+    return copy;
+  }
+
+  /** Releases what the archive holds outside the heap (a file). */
+  async dispose(): Promise<void> {
+    await this.cold?.dispose();
+  }
+
+  /** After a run: if the cache passed its budget, archive what left the recent window and compact to budget - slack. */
+  maintain(cache: KvCache, attentionKnown: boolean): void {
+    if (cache.length <= this.settings.budget) return;
+    this.compactTo(cache, this.settings.budget - this.settings.slack, attentionKnown);
+  }
+
+  private compactTo(cache: KvCache, target: number, attentionKnown: boolean): void {
+    const { sinks, recent } = this.settings;
+    const n = cache.length;
+    const positions = cache.positions;
+    const scores = cache.scores;
+    const recentFrom = cache.nextPosition - recent;
+    const archivedUpTo = this.cold ? this.archive(cache, recentFrom) : Number.POSITIVE_INFINITY;
+    // Protected: sinks, the recent window, pinned (recalled) slots, and what is not archived yet.
+    const evictable = new Int32Array(n);
+    let evictableCount = 0;
+    let protectedCount = 0;
+    const isProtected = new Uint8Array(n);
+    for (let i = 0; i < n; i++) {
+      const p = positions[i]!;
+      if (p < sinks || p >= recentFrom || p >= archivedUpTo || scores[i]! >= PINNED) {
+        isProtected[i] = 1;
+        protectedCount++;
+      } else evictable[evictableCount++] = i;
+    }
+    const room = Math.max(0, target - protectedCount);
+    if (room >= evictableCount) return;
+    const keepMiddle = new Uint8Array(n);
+    if (room > 0) {
+      if (this.settings.policy === "attention" && attentionKnown) {
+        const candidateScores = new Float32Array(evictableCount);
+        for (let j = 0; j < evictableCount; j++) candidateScores[j] = scores[evictable[j]!]!;
+        const best = K.topK(candidateScores, evictableCount, room);
+        for (let j = 0; j < best.length; j++) keepMiddle[evictable[best[j]!]!] = 1;
+      } else {
+        // window: the most recent of the evictable slots (by position).
+        const order = Array.from(evictable.subarray(0, evictableCount)).sort((a, b) => positions[b]! - positions[a]!);
+        for (let j = 0; j < room; j++) keepMiddle[order[j]!] = 1;
+      }
+    }
+    const keep = new Int32Array(n);
+    let count = 0;
+    for (let i = 0; i < n; i++) if (isProtected[i] || keepMiddle[i]) keep[count++] = i;
+    this.stats.evicted += n - count;
+    this.stats.compactions++;
+    cache.compact(keep, count);
+  }
+
+  /**
+   * Archives, in whole blocks, the resident tokens not archived yet that lie before `upTo` (the recent
+   * window's start); returns the position below which every token is archived.
+   */
+  private archive(cache: KvCache, upTo: number): number {
+    const cold = this.cold!;
+    const B = this.settings.blockTokens;
+    const from = cold.archivedUpTo;
+    const pending: number[] = [];
+    for (let i = 0; i < cache.length; i++) {
+      const p = cache.positions[i]!;
+      if (p >= from && p < upTo) pending.push(i);
+    }
+    // Slots of tokens not archived yet were never dropped and were appended in reading order.
+    pending.sort((a, b) => cache.positions[a]! - cache.positions[b]!);
+    const whole = Math.floor(pending.length / B) * B;
+    for (let start = 0; start < whole; start += B) {
+      const slots = Int32Array.from(pending.slice(start, start + B));
+      const { keys, values } = cache.readSlots(slots, B);
+      const positions = new Int32Array(B);
+      const tokens = new Int32Array(B);
+      for (let j = 0; j < B; j++) {
+        positions[j] = cache.positions[slots[j]!]!;
+        tokens[j] = cache.tokens[slots[j]!]!;
+      }
+      cold.add(keys, values, positions, tokens, B);
+    }
+    return cold.archivedUpTo;
+  }
+
+  /**
+   * Brings back the archived blocks that the probe's queries (per layer [heads, rows, headDim], after
+   * rotary) point to most, pinned, making room for them first. Returns the number of blocks brought back.
+   */
+  recall(cache: KvCache, probe: ArrayLike<number>, queries: Float32Array[] | undefined): number {
+    const cold = this.cold;
+    const rows = probe.length;
+    if (!cold || cold.blockCount === 0 || rows === 0) return 0;
+    const scores = this.settings.recallScorer === "keys" && queries ? this.keyScores(cache, cold, queries, rows) : this.lexicalScores(cache, cold, probe);
+    return this.bringBack(cache, cold, scores);
+  }
+
+  /**
+   * Blocks scored by the probe's tokens they hold (rare ones weigh most); blocks holding none score -1.
+   * Not searched for: special tokens (the chat template's structure, in every turn) and tokens the
+   * resident set holds already (the text just before the question, which the probe may include).
+   */
+  private lexicalScores(cache: KvCache, cold: ColdTier, probe: ArrayLike<number>): Float32Array {
+    const resident = new Set<number>();
+    for (let i = 0; i < cache.length; i++) resident.add(cache.tokens[i]!);
+    const wanted = this.questionOf(probe).filter((t) => !resident.has(t) && !this.ignoredTokens.has(t));
+    const scores = new Float32Array(cold.blockCount);
+    cold.lexicalScores(wanted, scores);
+    for (let b = 0; b < scores.length; b++) if (scores[b]! <= 0) scores[b] = -1;
+    return scores;
+  }
+
+  /** Blocks scored by the share of the probe's attention they would draw (see recall); unscored blocks -1. */
+  private keyScores(cache: KvCache, cold: ColdTier, queries: Float32Array[], rows: number): Float32Array {
+    const { heads, headDim, kvHeads, layers } = this.shape;
+    const blocks = cold.blockCount;
+    const scale = 1 / Math.sqrt(headDim);
+    // Each query row's attention over what is resident: exp(q.k * scale - max) summed, per layer, head, row.
+    // A block then gets, from every row, the share of that row's attention it would draw beside the
+    // resident slots; rows busy with the local context give the archive almost nothing.
+    const all = Int32Array.from({ length: cache.length }, (_, i) => i);
+    const resident = cache.readSlots(all, cache.length);
+    const rowMax: Float32Array[] = [];
+    const rowSum: Float32Array[] = [];
+    const dots = new Float32Array(heads * rows);
+    for (let l = 0; l < layers; l++) {
+      const keys = K.toFloat32(resident.keys[l]!);
+      const max = new Float32Array(heads * rows).fill(-Infinity);
+      const sum = new Float32Array(heads * rows);
+      // blockMaxDots over one-slot "blocks" gives q.k per slot; an online log-sum-exp keeps it one pass.
+      const one = new Float32Array(kvHeads * headDim);
+      for (let slot = 0; slot < cache.length; slot++) {
+        for (let kv = 0; kv < kvHeads; kv++) one.set(keys.subarray((kv * cache.length + slot) * headDim, (kv * cache.length + slot + 1) * headDim), kv * headDim);
+        K.blockMaxDots(queries[l]!, heads, rows, headDim, kvHeads, one, 1, dots);
+        for (let i = 0; i < heads * rows; i++) {
+          const x = dots[i]! * scale;
+          if (x > max[i]!) {
+            sum[i] = sum[i]! * Math.exp(max[i]! - x) + 1;
+            max[i] = x;
+          } else sum[i]! += Math.exp(x - max[i]!);
+        }
+      }
+      rowMax.push(max);
+      rowSum.push(sum);
+    }
+    /** Adds each block's share of every row's attention, given per-layer [blocks, heads, rows] best dots. */
+    const vote = (best: Float32Array[], count: number, out: Float32Array) => {
+      for (let l = 0; l < layers; l++) {
+        for (let i = 0; i < heads * rows; i++) {
+          const m = rowMax[l]![i]!;
+          let total = rowSum[l]![i]!;
+          for (let b = 0; b < count; b++) total += Math.exp(best[l]![b * heads * rows + i]! * scale - m);
+          for (let b = 0; b < count; b++) out[b]! += Math.exp(best[l]![b * heads * rows + i]! * scale - m) / total;
+        }
+      }
+    };
+    // Stage 1: every block by its summary's upper bound; stage 2: the best few by their keys' exact dots.
+    const bounds = Array.from({ length: layers }, (_, l) => {
+      const out = new Float32Array(blocks * heads * rows);
+      K.blockUpperBounds(queries[l]!, heads, rows, headDim, kvHeads, cold.mins[l]!, cold.maxs[l]!, blocks, out);
+      return out;
+    });
+    const rough = new Float32Array(blocks);
+    vote(bounds, blocks, rough);
+    const candidates = Array.from(K.topK(rough, blocks, 4 * this.settings.recallBlocks));
+    const exact = Array.from({ length: layers }, () => new Float32Array(candidates.length * heads * rows));
+    const read = new Map<number, ReturnType<ColdTier["read"]>>();
+    candidates.forEach((b, c) => {
+      const block = cold.read(b);
+      read.set(b, block);
+      for (let l = 0; l < layers; l++) {
+        K.blockMaxDots(queries[l]!, heads, rows, headDim, kvHeads, K.toFloat32(block.keys[l]!), block.positions.length, dots);
+        exact[l]!.set(dots, c * heads * rows);
+      }
+    });
+    const fine = new Float32Array(candidates.length);
+    vote(exact, candidates.length, fine);
+    const scores = new Float32Array(blocks).fill(-1);
+    candidates.forEach((b, c) => (scores[b] = fine[c]!));
+    return scores;
+  }
+
+  /** Brings back the best-scoring blocks (score >= 0) not resident already, pinned. Returns how many. */
+  private bringBack(cache: KvCache, cold: ColdTier, scores: Float32Array): number {
+    const blocks = cold.blockCount;
+    const { headDim, kvHeads } = this.shape;
+    // Blocks whose tokens are all resident already need no recall.
+    const residentPositions = new Set<number>();
+    for (let i = 0; i < cache.length; i++) residentPositions.add(cache.positions[i]!);
+    for (let b = 0; b < blocks; b++) if (cold.blockPositions(b).every((p) => residentPositions.has(p))) scores[b] = -1;
+    const hits = Array.from(K.topK(scores, blocks, this.settings.recallBlocks)).filter((b) => scores[b]! >= 0);
+    if (hits.length === 0) return 0;
+    const chosen = [...new Set(hits.flatMap((b) => (b > 0 ? [b - 1, b] : [b])))].sort((a, b) => a - b);
+    const B = this.settings.blockTokens;
+    // Room first: unpin earlier recalls, compact so the blocks and the prompt's last tokens fit the budget.
+    for (let i = 0; i < cache.length; i++) if (cache.scores[i]! >= PINNED) cache.scores[i] = 0;
+    const incoming = chosen.length * B + this.settings.probeTokens;
+    if (cache.length + incoming > this.settings.budget) this.compactTo(cache, this.settings.budget - incoming, true);
+    for (const b of chosen) {
+      const block = cold.read(b);
+      // Tokens of the block still resident are not added twice.
+      const take = new Int32Array(B);
+      let count = 0;
+      for (let j = 0; j < B; j++) if (!residentPositions.has(block.positions[j]!)) take[count++] = j;
+      const pick = (a: KvArray) => {
+        if (count === B) return a;
+        const out = a instanceof Float32Array ? new Float32Array(kvHeads * count * headDim) : new Uint16Array(kvHeads * count * headDim);
+        K.gatherSlots(a, B, take, count, out, count, 0, { heads: kvHeads, headDim });
+        return out;
+      };
+      const positions = new Int32Array(count);
+      const tokens = new Int32Array(count);
+      for (let j = 0; j < count; j++) {
+        positions[j] = block.positions[take[j]!]!;
+        tokens[j] = block.tokens[take[j]!]!;
+      }
+      cache.appendSlots(block.keys.map(pick), block.values.map(pick), positions, tokens, new Float32Array(count).fill(PINNED), count);
+    }
+    this.stats.recalls++;
+    this.stats.recalledBlocks += chosen.length;
+    return chosen.length;
+  }
+}

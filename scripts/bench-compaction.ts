@@ -1,0 +1,207 @@
+/**
+ * KV compaction on a hard haystack: accuracy, ingest speed, decode speed and memory per policy and input
+ * size, on the built-in trained fixture model.
+ *
+ *   npm run bench:compaction -- [--sizes 32768,131072,524288,1048576] [--depths 10] [--kinds passkey,multikey]
+ *        [--policies window,attention,attention+recall,window+recall,full] [--budget 4096] [--backend native]
+ *        [--full-max 32768] [--cold-compare 32768] [--distractor-every 2000]
+ *
+ * The haystack (scripts/lib/fixture-tasks.ts haystack()): Brown Corpus filler that keeps its numbers, a
+ * multi-key distractor needle (another key word, another five-digit number) about every 2,000 tokens of
+ * the whole input, and the queried needle at --depths evenly spaced depths; passkey and multi-key questions
+ * at the end of the one user message (RULER's niah_multikey with a haystack of needles). Each trial is one
+ * stateless request through Engine.complete, greedy; right when the reply holds the number.
+ *
+ * Every (size, policy) runs in a process of its own so that its peak RSS is its own. Figures: accuracy,
+ * ingest tokens/s and seconds (prefill of the whole prompt, median), decode tokens/s of the answer, peak
+ * RSS, resident KV bytes at the end, archived (cold) bytes. Then int8 against float32 archives at
+ * --cold-compare tokens. Last two lines: passkey and multikey accuracy at 1M (1,048,576 tokens in all),
+ * budget 4096, for the best policy run.
+ */
+import { spawn } from "node:child_process";
+import { fileURLToPath } from "node:url";
+import { parseArgs } from "node:util";
+
+const { values } = parseArgs({
+  options: {
+    sizes: { type: "string", default: "32768,131072,524288,1048576" },
+    depths: { type: "string", default: "10" },
+    kinds: { type: "string", default: "passkey,multikey" },
+    policies: { type: "string", default: "window,attention,attention+recall,window+recall,full" },
+    budget: { type: "string", default: "4096" },
+    backend: { type: "string", default: "native" },
+    "full-max": { type: "string", default: "32768" },
+    "cold-compare": { type: "string", default: "32768" },
+    "distractor-every": { type: "string", default: "2000" },
+    model: { type: "string", default: fileURLToPath(new URL("../models/builtin/", import.meta.url)) },
+    // One configuration, in this process (what the parent spawns): --one size:policy[:cold]
+    one: { type: "string" },
+  },
+});
+
+interface Trial {
+  kind: string;
+  depth: number;
+  right: boolean;
+  promptTokens: number;
+  prefillMs: number;
+  decodeTokS: number;
+  resident: number;
+  coldBytes: number;
+}
+
+interface ConfigResult {
+  size: number;
+  policy: string;
+  cold: string;
+  trials: Trial[];
+  peakRssMb: number;
+  kvBytesPerToken: number;
+  backend: string;
+}
+
+const POLICIES: Record<string, { policy: "none" | "window" | "attention"; recall: boolean }> = {
+  window: { policy: "window", recall: false },
+  attention: { policy: "attention", recall: false },
+  "attention+recall": { policy: "attention", recall: true },
+  "window+recall": { policy: "window", recall: true },
+  full: { policy: "none", recall: false },
+};
+
+async function runOne(spec: string): Promise<void> {
+  const { Engine } = await import("../runtime/index.ts");
+  const { FixtureTasks, answerIsRight, rngOf } = await import("./lib/fixture-tasks.ts");
+  const [sizeText, policyName, cold = "int8"] = spec.split(":");
+  const size = Number(sizeText);
+  const p = POLICIES[policyName!];
+  if (!p) throw new Error(`unknown policy ${policyName}`);
+  const budget = Number(values.budget);
+  const engine = await Engine.load({
+    modelDir: values.model!,
+    variant: "fp32",
+    backend: values.backend as "native",
+    threads: 1,
+    queueLimit: 4,
+    contextLength: 0,
+    prefillChunk: 512,
+    kvMemoryBytes: 2 ** 40,
+    compaction: p.policy === "none" ? undefined : { policy: p.policy, budget, recall: p.recall, coldFormat: cold as "int8" },
+  });
+  const tasks = new FixtureTasks(engine.tokenizer, engine.template, "eval", { digits: true });
+  const depths = Number(values.depths);
+  const trials: Trial[] = [];
+  for (const kind of values.kinds!.split(",") as ("passkey" | "multikey")[]) {
+    for (let d = 0; d < depths; d++) {
+      const depth = depths === 1 ? 0.5 : d / (depths - 1);
+      // The same haystack for every policy: the seed depends on size, kind and depth only.
+      const sample = tasks.haystack(rngOf(size + 7919 * d + (kind === "passkey" ? 0 : 104729)), {
+        kind,
+        exactTokens: Math.min(size, engine.info.contextLength - 64),
+        depth,
+        dateString: "26 Jul 2024",
+        distractorEvery: Number(values["distractor-every"]),
+      });
+      const r = await engine.complete({ promptIds: sample.prompt, maxTokens: sample.answer.length + 4, sampling: { temperature: 0 }, stop: [] });
+      trials.push({
+        kind,
+        depth,
+        right: answerIsRight(r.text, sample.key),
+        promptTokens: sample.prompt.length,
+        prefillMs: r.prefillMs,
+        decodeTokS: r.completionTokens > 1 ? ((r.completionTokens - 1) * 1000) / (r.decodeMs - (r.firstTokenMs - r.prefillMs)) : 0,
+        resident: r.kv.residentSlots,
+        coldBytes: r.kv.coldBytes,
+      });
+      process.stderr.write(`  ${size} ${policyName} ${cold} ${kind} depth ${depth.toFixed(2)}: ${trials.at(-1)!.right ? "right" : "wrong"} (${JSON.stringify(r.text)}, key ${sample.key}) ${(r.prefillMs / 1000).toFixed(1)} s\n`);
+    }
+  }
+  const result: ConfigResult = {
+    size,
+    policy: policyName!,
+    cold,
+    trials,
+    peakRssMb: process.resourceUsage().maxRSS / 1024,
+    kvBytesPerToken: engine.info.kvBytesPerToken,
+    backend: engine.info.backendDetail,
+  };
+  console.log(`RESULT ${JSON.stringify(result)}`);
+  await engine.close();
+}
+
+function child(spec: string): Promise<ConfigResult> {
+  return new Promise((resolve, reject) => {
+    const args = [fileURLToPath(import.meta.url), "--one", spec];
+    for (const k of ["depths", "kinds", "budget", "backend", "model", "distractor-every"] as const) args.push(`--${k}`, values[k]!);
+    const proc = spawn(process.execPath, args, { stdio: ["ignore", "pipe", "inherit"] });
+    let out = "";
+    proc.stdout.on("data", (d: Buffer) => (out += d.toString()));
+    proc.on("close", (code) => {
+      const line = out.split("\n").find((l) => l.startsWith("RESULT "));
+      if (code !== 0 || !line) reject(new Error(`configuration ${spec} failed (exit ${code})`));
+      else resolve(JSON.parse(line.slice(7)) as ConfigResult);
+    });
+  });
+}
+
+const median = (xs: number[]) => (xs.length ? [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]! : 0);
+const pct = (t: Trial[], kind: string) => {
+  const k = t.filter((x) => x.kind === kind);
+  return k.length ? `${Math.round((100 * k.filter((x) => x.right).length) / k.length)}%` : "-";
+};
+
+if (values.one) {
+  await runOne(values.one);
+} else {
+  const sizes = values.sizes!.split(",").map(Number);
+  const policies = values.policies!.split(",");
+  const budget = Number(values.budget);
+  console.log(`hard haystack: filler with numbers, a distractor needle every ${values["distractor-every"]} tokens, ${values.depths} depths, kinds ${values.kinds}; budget ${budget} slots; backend ${values.backend}, 1 thread`);
+  const header = ["tokens", "policy", "passkey", "multikey", "ingest tok/s", "ingest s", "decode tok/s", "peak RSS MB", "resident KB", "cold MB"];
+  const rows: string[][] = [];
+  const results: ConfigResult[] = [];
+  for (const size of sizes) {
+    for (const policy of policies) {
+      if (policy === "full" && size > Number(values["full-max"])) continue;
+      const r = await child(`${size}:${policy}`);
+      results.push(r);
+      const t = r.trials;
+      const resident = median(t.map((x) => x.resident)) * r.kvBytesPerToken;
+      rows.push([
+        String(median(t.map((x) => x.promptTokens))),
+        policy,
+        pct(t, "passkey"),
+        pct(t, "multikey"),
+        median(t.map((x) => (x.promptTokens * 1000) / x.prefillMs)).toFixed(0),
+        (median(t.map((x) => x.prefillMs)) / 1000).toFixed(1),
+        median(t.map((x) => x.decodeTokS)).toFixed(0),
+        r.peakRssMb.toFixed(0),
+        (resident / 1024).toFixed(0),
+        (median(t.map((x) => x.coldBytes)) / 2 ** 20).toFixed(1),
+      ]);
+      console.log(rows.at(-1)!.join("  "));
+    }
+  }
+  const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i]!.length)));
+  const line = (cells: string[]) => cells.map((c, i) => c.padStart(widths[i]!)).join("  ");
+  console.log(`\n${line(header)}`);
+  for (const r of rows) console.log(line(r));
+
+  // int8 against float32 archives, same haystacks.
+  const compareAt = Number(values["cold-compare"]);
+  const recallPolicy = policies.find((p) => p.endsWith("+recall"));
+  if (compareAt > 0 && recallPolicy) {
+    const int8 = results.find((r) => r.size === compareAt && r.policy === recallPolicy) ?? (await child(`${compareAt}:${recallPolicy}:int8`));
+    const f32 = await child(`${compareAt}:${recallPolicy}:float32`);
+    console.log(`\ncold tier at ${compareAt} tokens, ${recallPolicy}:`);
+    for (const r of [int8, f32]) {
+      console.log(`  ${r.cold.padEnd(7)} passkey ${pct(r.trials, "passkey")}  multikey ${pct(r.trials, "multikey")}  cold MB ${(median(r.trials.map((x) => x.coldBytes)) / 2 ** 20).toFixed(2)}`);
+    }
+    const ratio = median(f32.trials.map((x) => x.coldBytes)) / Math.max(1, median(int8.trials.map((x) => x.coldBytes)));
+    console.log(`  float32 / int8 cold bytes: ${ratio.toFixed(2)}x`);
+  }
+  // The closing lines: the best recall policy at 1M (the largest size run, if 1M was not).
+  const at1m = results.filter((r) => r.size === 1048576 && r.policy === (recallPolicy ?? r.policy));
+  const best = at1m.sort((a, b) => b.trials.filter((t) => t.right).length - a.trials.filter((t) => t.right).length)[0];
+  console.log(`passkey accuracy at 1M, budget ${budget}: ${best ? pct(best.trials, "passkey") : "not run"}`);
+  console.log(`multikey accuracy at 1M, budget ${budget}: ${best ? pct(best.trials, "multikey") : "not run"}`);
+}

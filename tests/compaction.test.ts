@@ -1,0 +1,110 @@
+/**
+ * KV compaction through the real runtime: the built-in trained fixture on onnxruntime-node (the trained
+ * model, so retrieval means something), real tokenizer and template, real archive files.
+ */
+import { describe, expect, test } from "bun:test";
+import { existsSync, mkdtempSync, readdirSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { Engine } from "../runtime/index.ts";
+import { ColdTier, FileColdStorage } from "../runtime/kv/cold-tier.ts";
+import { compactionSettings } from "../runtime/kv/compaction.ts";
+import { int8ErrorBound } from "../kernels/compaction.ts";
+import { FixtureTasks, answerIsRight, rngOf } from "../scripts/lib/fixture-tasks.ts";
+import { FIXTURE_DIR } from "./helpers/model.ts";
+
+const coldDir = mkdtempSync(join(tmpdir(), "cold-test-"));
+const load = (compaction?: Parameters<typeof Engine.load>[0]["compaction"], prefillChunk = 512) =>
+  Engine.load({ modelDir: FIXTURE_DIR, variant: "fp32", backend: "native", threads: 1, queueLimit: 4, contextLength: 0, prefillChunk, compaction });
+const plain = await load();
+const windowRecall = await load({ policy: "window", budget: 1024, recall: true, coldDir });
+const attention = await load({ policy: "attention", budget: 256, coldDir }, 64);
+const tasks = new FixtureTasks(plain.tokenizer, plain.template, "eval");
+const greedy = { sampling: { temperature: 0 }, stop: [] };
+
+describe("KV compaction", () => {
+  test("a request that fits its budget drops nothing: the same tokens as without compaction", async () => {
+    const s = tasks.sample(rngOf(3), { kind: "passkey", fillerTokens: 600, depth: 0.5, dateString: "26 Jul 2024" });
+    const a = await plain.complete({ promptIds: s.prompt, maxTokens: 12, ...greedy });
+    const b = await windowRecall.complete({ promptIds: s.prompt, maxTokens: 12, ...greedy });
+    expect(b.tokenIds).toEqual(a.tokenIds);
+    expect(b.kv.evicted).toBe(0);
+  });
+
+  test("past the budget: resident slots stay within it, the reply is the same every time, the archive file is removed", async () => {
+    const s = tasks.sample(rngOf(4), { kind: "multikey", fillerTokens: 3000, depth: 0.3, keys: 4, dateString: "26 Jul 2024" });
+    const runs = [];
+    for (let i = 0; i < 2; i++) {
+      let peak = 0;
+      const cache = attention.newCache();
+      const forward = attention.model.forward.bind(attention.model);
+      // Watch every run's cache size from outside (the largest a run leaves behind, before compaction is the budget + one chunk).
+      attention.model.forward = async (c, ids, o) => {
+        peak = Math.max(peak, c.length + ids.length);
+        return forward(c, ids, o);
+      };
+      try {
+        runs.push({ r: await attention.complete({ promptIds: s.prompt, maxTokens: 16, ...greedy, prepare: () => cache }), peak, cache });
+      } finally {
+        attention.model.forward = forward;
+      }
+    }
+    const [a, b] = runs;
+    expect(a!.r.kv.evicted).toBeGreaterThan(2000);
+    expect(a!.r.kv.residentSlots).toBeLessThanOrEqual(256);
+    expect(a!.peak).toBeLessThanOrEqual(256 + 64);
+    // Every reply token but a last one that hit max_tokens was read back.
+    expect(a!.r.kv.tokensRead).toBe(s.prompt.length + a!.r.completionTokens - (a!.r.finishReason === "length" ? 1 : 0));
+    expect(b!.r.tokenIds).toEqual(a!.r.tokenIds);
+    expect(readdirSync(coldDir)).toEqual([]);
+  });
+
+  test("a 64K-token haystack through a 1,024-slot budget: the recall tier brings the needle back", async () => {
+    let right = 0;
+    const trials = [0.2, 0.7];
+    for (const depth of trials) {
+      const s = tasks.haystack(rngOf(11 + depth * 100), { kind: "passkey", exactTokens: 65536, depth, dateString: "26 Jul 2024", distractorEvery: 0 });
+      const r = await windowRecall.complete({ promptIds: s.prompt, maxTokens: s.answer.length + 2, ...greedy });
+      expect(r.kv.residentSlots).toBeLessThanOrEqual(1024);
+      expect(r.kv.recalledBlocks).toBeGreaterThan(0);
+      if (answerIsRight(r.text, s.key)) right++;
+    }
+    expect(right).toBe(trials.length);
+  }, 300_000);
+
+  test("the cold tier: int8 blocks read back within the quantization bound, from a file removed on dispose", async () => {
+    const shape = { layers: 2, kvHeads: 2, headDim: 32, heads: 4, dtype: "float32" as const };
+    const path = join(coldDir, "tier.bin");
+    const tier = new ColdTier(shape, "int8", new FileColdStorage(path));
+    const random = rngOf(5);
+    const block = () => Array.from({ length: 2 }, () => Float32Array.from({ length: 2 * 64 * 32 }, () => random() * 4 - 2));
+    const keys = block();
+    const values = block();
+    tier.add(keys, values, Int32Array.from({ length: 64 }, (_, i) => 100 + i), Int32Array.from({ length: 64 }, (_, i) => 7 + (i % 3)), 64);
+    tier.add(block(), block(), Int32Array.from({ length: 64 }, (_, i) => 164 + i), new Int32Array(64).fill(9), 64);
+    expect(tier.bytes).toBe(2 * (4 * 2 * 64 * 32 + 4 * 4 * 2 * 64)); // a byte per value and a float32 scale per 32
+    const back = tier.read(0);
+    for (const [orig, got] of [...keys.map((k, l) => [k, back.keys[l]!]), ...values.map((v, l) => [v, back.values[l]!])] as [Float32Array, Float32Array][]) {
+      for (let g = 0; g < orig.length / 32; g++) {
+        let max = 0;
+        for (let i = g * 32; i < (g + 1) * 32; i++) max = Math.max(max, Math.abs(orig[i]!));
+        for (let i = g * 32; i < (g + 1) * 32; i++) expect(Math.abs(orig[i]! - got[i]!)).toBeLessThanOrEqual(int8ErrorBound(max / 127));
+      }
+    }
+    expect(Array.from(back.positions.subarray(0, 3))).toEqual([100, 101, 102]);
+    // Token 8 is only in block 0, token 9 in both: block 0 (and block 1, which stands for block 0 too) score, block 0 by the rare token.
+    const scores = new Float32Array(2);
+    tier.lexicalScores([8], scores);
+    expect(scores[0]).toBeGreaterThan(0);
+    await tier.dispose();
+    expect(existsSync(path)).toBe(false);
+  });
+
+  test("settings that cannot work are refused", () => {
+    expect(() => compactionSettings("window", 32)).toThrow(RangeError);
+    expect(() => compactionSettings("attention", 4096, { recallBlocks: 64 })).toThrow(RangeError);
+    expect(compactionSettings("attention", 4096).recall).toBe(true);
+  });
+});
+
+process.on("exit", () => rmSync(coldDir, { recursive: true, force: true }));
