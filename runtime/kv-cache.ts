@@ -460,17 +460,29 @@ export class KvCache {
 
   /**
    * Appends `count` slots brought back from elsewhere (recall): per layer [kvHeads, count, headDim] keys and
-   * values, their original positions, token ids and scores ("inplace" mode). nextPosition stays: the slots are old tokens.
+   * values, their original positions, token ids and scores. nextPosition stays: the slots are old tokens.
    */
   appendSlots(keys: KvArray[], values: KvArray[], positions: Int32Array, tokens: Int32Array, scores: Float32Array, count: number): void {
     if (count === 0) return;
-    this.reserveSlots(count);
-    for (let i = 0; i < this.layers; i++) this.writeNewSlots(i, keys[i]!, values[i]!, count);
+    if (this.mode === "present") {
+      // New arrays of length + count (the old ones may be shared with clones, and are never written).
+      const grow = (old: KvArray, added: KvArray) => {
+        const out = this.newArray(this.length + count);
+        writeSlots(out, this.length + count, 0, old, this.length, this.layout);
+        writeSlots(out, this.length + count, this.length, added, count, this.layout);
+        return out;
+      };
+      this.presentKeys = this.presentKeys.map((a, i) => grow(a, keys[i]!));
+      this.presentValues = this.presentValues.map((a, i) => grow(a, values[i]!));
+    } else {
+      this.reserveSlots(count);
+      for (let i = 0; i < this.layers; i++) this.writeNewSlots(i, keys[i]!, values[i]!, count);
+      this.mask.fill(1, this.length, this.length + count);
+    }
     this.ensurePositionCapacity(this.length + count);
     this.positions.set(positions.subarray(0, count), this.length);
     this.scores.set(scores.subarray(0, count), this.length);
     this.tokens.set(tokens.subarray(0, count), this.length);
-    this.mask.fill(1, this.length, this.length + count);
     this.length += count;
   }
 
