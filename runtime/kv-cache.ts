@@ -295,6 +295,28 @@ export class KvCache {
   }
 
   /**
+   * Shrinks storage only this cache holds to `capacity` slots (>= its first `count` live slots): each
+   * array's heads move down (lowest first, so none overwrites another before it has moved) and its buffer
+   * is resized. The reverse of growInPlace.
+   */
+  private shrinkInPlace(store: KvStore, capacity: number, count: number): void {
+    const { headDim: d } = this;
+    const bytes = this.kvHeads * capacity * d * this.bytesPerElement;
+    const shrunk = [...store.keys, ...store.values].map((view) => {
+      for (let h = 1; h < this.kvHeads; h++) view.copyWithin(h * capacity * d, h * store.capacity * d, (h * store.capacity + count) * d);
+      const buffer = view.buffer as ArrayBuffer;
+      const n = bytes / this.bytesPerElement;
+      if (!buffer.resizable) return view.subarray(0, n);
+      buffer.resize(bytes);
+      return this.dtype === "float16" ? new Uint16Array(buffer, 0, n) : new Float32Array(buffer, 0, n);
+    });
+    store.keys.splice(0, this.layers, ...shrunk.slice(0, this.layers));
+    store.values.splice(0, this.layers, ...shrunk.slice(this.layers));
+    store.capacity = capacity;
+    this.mask = this.mask.slice(0, capacity);
+  }
+
+  /**
    * Gives this cache storage of its own, at the frontier, with room for `needed` slots: grown in place
    * when no other cache holds the current storage, else a copy of this cache's live slots.
    */
@@ -435,6 +457,8 @@ export class KvCache {
       const store = this.store!;
       if (store.refs === 1) {
         for (const a of [...store.keys, ...store.values]) gatherSlots(a, store.capacity, keep, count, a, store.capacity, 0, layout);
+        // Every run computes over the whole capacity: storage far larger than what is left shrinks.
+        if (store.capacity > 2 * capacityFor(count)) this.shrinkInPlace(store, capacityFor(2 * count), count);
       } else {
         const capacity = capacityFor(count);
         const keys = Array.from({ length: this.layers }, () => this.newStorageArray(capacity));

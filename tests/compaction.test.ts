@@ -143,3 +143,40 @@ describe("KV compaction on both graph paths", () => {
     for (const m of models) await m.release();
   }, 120_000);
 });
+
+describe("KvCache compaction storage", () => {
+  test("compacting to far fewer slots shrinks the storage in place and keeps every kept slot's KV, position and token", async () => {
+    const { KvCache } = await import("../runtime/kv-cache.ts");
+    const heads = 2;
+    const d = 4;
+    const cache = new KvCache("float32", 1, heads, d, "inplace");
+    const n = 3000;
+    const valueOf = (slot: number, h: number, j: number) => slot * 100 + h * 10 + j;
+    for (let start = 0; start < n; start += 500) {
+      cache.reserveSlots(500);
+      const block = new Float32Array(heads * 500 * d);
+      for (let h = 0; h < heads; h++) for (let s = 0; s < 500; s++) for (let j = 0; j < d; j++) block[(h * 500 + s) * d + j] = valueOf(start + s, h, j);
+      cache.writeNewSlots(0, block, block.map((x) => -x), 500);
+      cache.appendPositions(500, Array.from({ length: 500 }, (_, i) => 7 + start + i));
+    }
+    const before = cache.capacity;
+    const keep = Int32Array.from({ length: 100 }, (_, i) => i * 29 + 3);
+    cache.compact(keep, keep.length);
+    expect(cache.capacity).toBeLessThan(before / 4);
+    const { keys, values } = cache.readSlots(Int32Array.from({ length: 100 }, (_, i) => i), 100);
+    for (let i = 0; i < 100; i++) {
+      expect(cache.positions[i]).toBe(keep[i]!);
+      expect(cache.tokens[i]).toBe(7 + keep[i]!);
+      for (let h = 0; h < heads; h++) for (let j = 0; j < d; j++) {
+        expect(keys[0]![(h * 100 + i) * d + j]).toBe(valueOf(keep[i]!, h, j));
+        expect(values[0]![(h * 100 + i) * d + j]).toBe(-valueOf(keep[i]!, h, j));
+      }
+    }
+    // It grows again in place as slots are appended.
+    cache.reserveSlots(2000);
+    expect(cache.capacity).toBeGreaterThanOrEqual(2100);
+    const again = cache.readSlots(Int32Array.of(99), 1);
+    expect(again.keys[0]![0]).toBe(valueOf(keep[99]!, 0, 0));
+    expect(again.keys[0]![d]).toBe(valueOf(keep[99]!, 1, 0));
+  });
+});

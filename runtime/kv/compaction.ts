@@ -162,6 +162,7 @@ export class KvCompactor {
   clone(): KvCompactor {
     const copy = new KvCompactor(this.settings, this.shape, this.cold?.clone() ?? null, this.ignoredTokens, this.questionOf);
     Object.assign(copy.stats, this.stats);
+    copy.pinned = this.pinned;
     return copy;
   }
 
@@ -172,9 +173,17 @@ export class KvCompactor {
 
   /** After a run: if the cache passed its budget, archive what left the recent window and compact to budget - slack. */
   maintain(cache: KvCache, attentionKnown: boolean): void {
-    if (cache.length <= this.settings.budget) return;
-    this.compactTo(cache, this.settings.budget - this.settings.slack, attentionKnown);
+    const { budget, slack, policy, sinks, recent } = this.settings;
+    // Nothing is dropped while the cache fits its budget. Once it has not, window keeps only sinks + recent
+    // + pinned, and is cut back as soon as it holds a slack more than that (letting it grow to the budget
+    // again would only make every run read slots it is about to drop).
+    const limit = policy === "window" && this.hasDropped ? Math.min(budget, sinks + recent + this.pinned + slack) : budget;
+    if (cache.length <= limit) return;
+    this.compactTo(cache, budget - slack, attentionKnown);
   }
+
+  /** Slots brought back by the last recall (pinned; window keeps them beside sinks and recent). */
+  private pinned = 0;
 
   private compactTo(cache: KvCache, target: number, attentionKnown: boolean): void {
     const { sinks, recent } = this.settings;
@@ -365,6 +374,7 @@ export class KvCompactor {
     const B = this.settings.blockTokens;
     // Room first: unpin earlier recalls, compact so the blocks and the prompt's last tokens fit the budget.
     for (let i = 0; i < cache.length; i++) if (cache.scores[i]! >= PINNED) cache.scores[i] = 0;
+    this.pinned = 0;
     // Always compacted here, so that a question is answered over the same kind of resident set wherever it
     // falls in the cycle of growing and compacting (window: exactly sinks + recent + these blocks).
     const incoming = chosen.length * B + this.settings.probeTokens;
@@ -388,6 +398,7 @@ export class KvCompactor {
         tokens[j] = block.tokens[take[j]!]!;
       }
       cache.appendSlots(block.keys.map(pick), block.values.map(pick), positions, tokens, new Float32Array(count).fill(PINNED), count);
+      this.pinned += count;
     }
     this.stats.recalls++;
     this.stats.recalledBlocks += chosen.length;
