@@ -14,7 +14,7 @@ import { open, readFile } from "node:fs/promises";
 import { join } from "node:path";
 import type { KvCache } from "./kv-cache.ts";
 import { FileColdStorage } from "./kv/cold-tier.ts";
-import { KvCompactor, compactionSettings, type CompactionPolicyName, type CompactionSettings } from "./kv/compaction.ts";
+import { KvCompactor, compactionSettings, type CompactionPolicyName, type CompactionSettings, type CompactionShape, type CompactionState } from "./kv/compaction.ts";
 import { tmpdir } from "node:os";
 import { KvMemory } from "./kv-memory.ts";
 import { loadModelFolder, variantUsesFloat16, type ModelFolder, type ModelVariant } from "./model-folder.ts";
@@ -370,11 +370,35 @@ export class Engine {
     return { ...DEFAULT_SAMPLING, ...fromModel, ...defined, seed };
   }
 
-  /** A new cache for a request outside a session, compacted under the engine's settings if it has any. */
+  /** A new cache, compacted under the engine's settings if it has any. */
   newCache(): KvCache {
     const cache = this.model.newCache();
-    if (this.compaction) cache.compactor = this.newCompactor(this.compaction);
+    cache.compactor = this.newCompactorIfAny();
     return cache;
+  }
+
+  /** A compactor under the engine's settings, or null when it has none. */
+  newCompactorIfAny(): KvCompactor | null {
+    return this.compaction ? this.newCompactor(this.compaction) : null;
+  }
+
+  /** A compactor as a snapshot recorded it, with an empty archive file of its own (its blocks are added next). */
+  restoreCompactor(state: CompactionState): KvCompactor {
+    return KvCompactor.restore(state, this.compactionShape(), state.settings.recall ? this.coldStorage() : undefined, this.specialIdSet(), (probe) => this.lastSentence(probe));
+  }
+
+  private compactionShape(): CompactionShape {
+    const c = this.model.folder.config;
+    return { layers: c.numLayers, kvHeads: c.numKeyValueHeads, headDim: c.headDim, heads: c.numAttentionHeads, dtype: this.model.io.kvDtype };
+  }
+
+  private coldStorage(): FileColdStorage {
+    return new FileColdStorage(join(this.coldDir, `ultralong-cold-${process.pid}-${++coldFiles}.bin`));
+  }
+
+  private specialIdSet(): Set<number> {
+    this.specialIds ??= new Set(this.tokenizer.specialTokens.map((t) => this.tokenizer.tokenToId(t)).filter((id): id is number => id !== undefined));
+    return this.specialIds;
   }
 
   private specialIds: Set<number> | null = null;
@@ -386,7 +410,7 @@ export class Engine {
    */
   private lastSentence(probe: ArrayLike<number>): number[] {
     const ids = Array.from(probe);
-    const specials = this.specialIds!;
+    const specials = this.specialIdSet();
     const header = this.tokenizer.tokenToId("<|start_header_id|>");
     let piece: number[] = [];
     let current: number[] = [];
@@ -410,11 +434,7 @@ export class Engine {
 
   /** A compactor for a new request's cache under the engine's settings (its archive in a file of its own). */
   private newCompactor(settings: CompactionSettings): KvCompactor {
-    const c = this.model.folder.config;
-    const shape = { layers: c.numLayers, kvHeads: c.numKeyValueHeads, headDim: c.headDim, heads: c.numAttentionHeads, dtype: this.model.io.kvDtype };
-    const storage = settings.recall ? new FileColdStorage(join(this.coldDir, `ultralong-cold-${process.pid}-${++coldFiles}.bin`)) : undefined;
-    this.specialIds ??= new Set(this.tokenizer.specialTokens.map((t) => this.tokenizer.tokenToId(t)).filter((id): id is number => id !== undefined));
-    return KvCompactor.create(settings, shape, storage, this.specialIds, (probe) => this.lastSentence(probe));
+    return KvCompactor.create(settings, this.compactionShape(), settings.recall ? this.coldStorage() : undefined, this.specialIdSet(), (probe) => this.lastSentence(probe));
   }
 
   /** Queues a completion and runs it on job.prepare()'s cache (or a fresh one); text deltas go to onDelta as they are decoded. */
@@ -447,10 +467,16 @@ export class Engine {
         ? this.kvMemory.reserve(slots(promptTokens + wanted) * bytesPerToken, "this request", "max_tokens")
         : this.kvMemory.reserveUpTo(slots(promptTokens + 1) * bytesPerToken, slots(promptTokens + wanted) * bytesPerToken, "this request");
       let cache: KvCache | null = null;
+      // The archive of a compactor attached here ends with the request; a caller's cache (a session's
+      // working copy) keeps its own.
+      let attached = false;
       try {
         const maxTokens = compaction ? wanted : Math.min(wanted, Math.floor(hold.bytes / bytesPerToken) - promptTokens);
         cache = job.prepare ? job.prepare() : this.model.newCache();
-        if (compaction && !cache.compactor) cache.compactor = this.newCompactor(compaction);
+        if (compaction && !cache.compactor) {
+          cache.compactor = this.newCompactor(compaction);
+          attached = true;
+        }
         const result = await generate(
           { model: this.model, tokenizer: this.tokenizer, prefillChunk: this.prefillChunk },
           cache,
@@ -467,7 +493,7 @@ export class Engine {
         };
         return { ...result, kv };
       } finally {
-        await cache?.compactor?.dispose();
+        if (attached) await cache?.compactor?.dispose();
         hold.release();
       }
     }, job.signal);
@@ -494,7 +520,9 @@ export class Engine {
     if (promptIds.length >= this.info.contextLength) {
       throw invalidRequest(`the session would hold ${promptIds.length} tokens but the context holds ${this.info.contextLength}`, "text");
     }
-    const bytes = promptIds.length * this.info.kvBytesPerToken;
+    // A session's cache compacts when the engine does: it never holds more than its budget plus one chunk.
+    const slots = this.compaction ? Math.min(promptIds.length, this.compaction.budget + this.prefillChunk) : promptIds.length;
+    const bytes = slots * this.info.kvBytesPerToken;
     this.kvMemory.assertCanEverFit(bytes, `reading ${promptIds.length} tokens`, "text");
     return this.runQueued(async () => {
       const hold = this.kvMemory.reserve(bytes, "this read", "text");

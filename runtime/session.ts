@@ -17,9 +17,12 @@ export interface SessionInfo {
   updated_at: number;
   /** Tokens the session has read (its history). */
   tokens_read: number;
-  /** KV slots held for it. */
+  /** KV slots held for it (fewer than tokens_read once compaction has dropped some). */
   tokens_resident: number;
   kv_bytes: number;
+  /** KV archived by compaction's recall tier (bytes as stored), and blocks brought back so far. */
+  kv_cold_bytes: number;
+  recalled_blocks: number;
   messages: number;
   /** In memory now (else only in the store, read back on next use). */
   in_memory: boolean;
@@ -50,7 +53,10 @@ export const nextUse = () => ++useCounter;
  * nobody (the session's next turn, another request borrowing its KV) ever sees tokens and KV that disagree.
  */
 export interface SessionState {
-  /** Every token read; the first cache.length of them are the KV's slots. */
+  /**
+   * Every token read. Without compaction the first cache.length of them are the KV's slots; a compacted
+   * cache has read them all (cache.tokensRead) and holds some, by position.
+   */
   tokens: number[];
   cache: KvCache;
   messages: ChatMessage[];
@@ -91,9 +97,17 @@ export class Session {
     return tokens.slice(piece.start, piece.start + piece.count);
   }
 
-  /** A working copy of the cache holding the longest prefix of `promptIds` it already has, leaving at least one token to read. */
-  workingCacheFor(promptIds: number[]): KvCache {
+  /**
+   * A working copy of the cache holding the longest prefix of `promptIds` it already has, leaving at least
+   * one token to read. A compacted cache is not a prefix of anything but all it read: it is continued only
+   * by a prompt that extends the whole history, and otherwise replaced by `fresh()` (everything read again).
+   */
+  workingCacheFor(promptIds: number[], fresh: () => KvCache): KvCache {
     const { tokens, cache } = this.state;
+    if (cache.compactor?.hasDropped) {
+      const extends_ = promptIds.length > tokens.length && commonPrefix(tokens, tokens.length, promptIds) === tokens.length;
+      return extends_ ? cache.clone() : fresh();
+    }
     let keep = commonPrefix(tokens, cache.length, promptIds);
     if (keep >= promptIds.length) keep = promptIds.length - 1;
     return cache.clone(keep);
@@ -117,6 +131,14 @@ export class Session {
       keys: kv.keys,
       values: kv.values,
       arraySlots: kv.slots,
+      compaction: cache.compactor
+        ? {
+            state: cache.compactor.state(),
+            slotTokens: cache.tokens.subarray(0, cache.length),
+            slotScores: cache.scores.subarray(0, cache.length),
+            block: (b) => cache.compactor!.cold!.rawBlock(b),
+          }
+        : null,
       meta: {
         id: this.id,
         createdAt: this.createdAt,
@@ -140,6 +162,8 @@ export class Session {
       tokens_read: tokens.length,
       tokens_resident: cache.length,
       kv_bytes: cache.bytes,
+      kv_cold_bytes: cache.compactor?.cold?.bytes ?? 0,
+      recalled_blocks: cache.compactor?.stats.recalledBlocks ?? 0,
       messages: messages.length,
       in_memory: true,
       busy,

@@ -23,6 +23,7 @@ import { RuntimeError, invalidRequest } from "./errors.ts";
 import type { GenerateResult } from "./generate.ts";
 import type { KvCache } from "./kv-cache.ts";
 import type { KvHold } from "./kv-memory.ts";
+import { ColdTier } from "./kv/cold-tier.ts";
 import { assertTemplateKwargsDepth, storedMessageSchema } from "./message-schema.ts";
 import { decodeSnapshot, encodeSnapshot, readSnapshotHeader, SnapshotError, type ByteSource, type KvOrigin, type SnapshotData, type SnapshotExpectation } from "./snapshot.ts";
 import { assertSessionId, FileByteSource, type SnapshotStore } from "./snapshot-store.ts";
@@ -92,6 +93,12 @@ export class SessionManager {
         ...this.snapshotExpectation(),
         kvArrays: (length) => cache.restoreTarget(length), // the KV is decoded straight into the cache's storage
         ownStore,
+        // A compacted session: its compactor as recorded, its archived blocks into a new archive of its own.
+        onCompaction: (state) => {
+          cache.compactor = this.engine.restoreCompactor(state);
+          const cold = cache.compactor.cold;
+          return (block) => cold!.addRaw(block);
+        },
         reserveKv: (bytes) => {
           try {
             hold = this.engine.kvMemory.reserve(bytes, what);
@@ -105,6 +112,7 @@ export class SessionManager {
       return { data, hold: hold ?? this.engine.kvMemory.reserve(0, what), cache };
     } catch (e) {
       (hold as KvHold | null)?.release();
+      await cache.compactor?.dispose();
       throw e;
     }
   }
@@ -164,6 +172,15 @@ export class SessionManager {
   /** `cache` is the one decode() wrote the KV into (taken without copying). */
   private sessionFromSnapshot(data: SnapshotData, hold: KvHold, tenant: string, id: string, origin: KvOrigin, cache: KvCache): Session {
     cache.assign(data.keys, data.values, data.positions, data.length, data.nextPosition, data.arraySlots);
+    if (data.compaction) {
+      cache.tokens.set(data.compaction.slotTokens);
+      cache.scores.set(data.compaction.slotScores);
+      cache.tokensRead = data.tokens.length;
+    } else {
+      // Every token read is resident, slot i holding token i; compaction (if this server does it) starts now.
+      cache.tokens.set(data.tokens.subarray(0, data.length));
+      cache.compactor = this.engine.newCompactorIfAny();
+    }
     const m = data.meta;
     const state: SessionState = { tokens: Array.from(data.tokens), cache, messages: m.messages as ChatMessage[], updatedAt: m.updatedAt, pieces: m.pieces ?? [] };
     return new Session(tenant, id, m.createdAt, state, m.templateKwargs, origin, hold, m.compaction);
@@ -205,10 +222,10 @@ export class SessionManager {
     work: (prepare: () => KvCache) => Promise<{ result: T; generated: number[]; cancelled: boolean; messages: ChatMessage[] }>,
   ): Promise<T> {
     let working: KvCache | null = null;
-    const { result, generated, cancelled, messages } = await work(() => (working = session.workingCacheFor(promptIds)));
+    const { result, generated, cancelled, messages } = await work(() => (working = session.workingCacheFor(promptIds, () => this.engine.newCache())));
     if (cancelled || !working) return result;
     const cache: KvCache = working;
-    const tokens = [...promptIds, ...generated].slice(0, cache.length);
+    const tokens = [...promptIds, ...generated].slice(0, cache.tokensRead);
     const next: SessionState = { tokens, cache, messages, updatedAt: Date.now(), pieces: pieces.filter((p) => p.start + p.count <= tokens.length) };
     await this.persist(session, next);
     session.state = next;
@@ -288,7 +305,7 @@ export class SessionManager {
       const store = this.storeOf(tenant);
       if (this.resident.has(sessionKey(tenant, id)) || (await store.has(id))) throw invalidRequest(`a session with id ${id} already exists`, "id");
       const now = Date.now();
-      const empty: SessionState = { tokens: [], cache: this.engine.model.newCache(), messages: [], updatedAt: now, pieces: [] };
+      const empty: SessionState = { tokens: [], cache: this.engine.newCache(), messages: [], updatedAt: now, pieces: [] };
       const session = new Session(tenant, id, now, empty, templateKwargs, "computed", this.engine.kvMemory.reserve(0, "a new session"));
       // Nothing is stored or listed until the session's first state is persisted: a failed read leaves no trace.
       try {
@@ -334,8 +351,7 @@ export class SessionManager {
       const promptIds = rendered.ids;
       const { messages: _, tools: __, ...generation } = request;
       return this.change(session, rendered, async (prepare) => {
-        // Sessions keep their whole KV (their history is tied to slots); compaction is for requests outside them.
-        const result = await this.engine.complete({ ...generation, promptIds, prepare, compaction: null }, onDelta);
+        const result = await this.engine.complete({ ...generation, promptIds, prepare }, onDelta);
         const reply: ChatMessage = { role: "assistant", content: result.text };
         return { result, generated: result.tokenIds, cancelled: result.finishReason === "cancelled", messages: [...messages, reply] };
       });
@@ -358,6 +374,8 @@ export class SessionManager {
       tokens_read: h.tokenCount,
       tokens_resident: h.length,
       kv_bytes: h.length * bytesPerSlot,
+      kv_cold_bytes: h.compaction ? h.compaction.blocks * ColdTier.blockBytes(h, h.compaction.settings.coldFormat, h.compaction.settings.blockTokens) : 0,
+      recalled_blocks: h.compaction?.recalledBlocks ?? 0,
       messages: h.meta.messages.length,
       in_memory: false,
       busy,
@@ -492,7 +510,8 @@ export class SessionManager {
     let best: Session | null = null;
     let bestLength = 0;
     for (const s of this.resident.values()) {
-      if (s.tenant !== tenant || s.origin !== "computed") continue;
+      // A compacted cache's slots are no prefix to lend.
+      if (s.tenant !== tenant || s.origin !== "computed" || s.state.cache.compactor?.hasDropped) continue;
       const n = commonPrefix(s.state.tokens, s.state.cache.length, promptIds);
       if (n > bestLength) {
         best = s;

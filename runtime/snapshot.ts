@@ -19,11 +19,15 @@ import { z } from "zod";
 import { sliceSlots, writeSlots, type KvArray } from "../kernels/kv-slots.ts";
 import { RuntimeError } from "./errors.ts";
 import type { KvDtype } from "./kv-cache.ts";
+import { ColdTier, type RawColdBlock } from "./kv/cold-tier.ts";
+import { compactionSettings, compactionStateSchema, PINNED, type CompactionState } from "./kv/compaction.ts";
 import { storedMessageSchema, templateKwargsSchema, SNAPSHOT_NESTING_DEPTH } from "./message-schema.ts";
 import { assertPlainMsgpack } from "./msgpack-guard.ts";
 
 export const SNAPSHOT_MAGIC = new TextEncoder().encode("ULS-SNAP");
-export const SNAPSHOT_VERSION = 1;
+/** Version 2: a compacted cache (its slots' tokens and scores, the compactor's state, the archived blocks); version 1 otherwise. */
+export const SNAPSHOT_VERSION = 2;
+const READABLE_VERSIONS = [1, 2];
 const FRAME_HEAD = 8;
 const MAX_HEADER_BYTES = 256 * 1024 * 1024;
 const MAX_CHUNK_TOKENS = 1 << 16;
@@ -93,6 +97,17 @@ export interface SnapshotData extends SnapshotModel {
   /** Slot dimension of the arrays when they hold spare capacity (runtime-owned storage); default `length`. */
   arraySlots?: number;
   meta: SnapshotMeta;
+  /** A compacted cache: null or absent for one that holds every token it read. */
+  compaction?: SnapshotCompaction | null;
+}
+
+export interface SnapshotCompaction {
+  state: CompactionState;
+  /** Per resident slot: its token id (-1 unknown) and its attention score. */
+  slotTokens: Int32Array;
+  slotScores: Float32Array;
+  /** Writing: archived block b as stored. Reading: unset (blocks go to SnapshotExpectation.coldBlock). */
+  block?: (b: number) => RawColdBlock;
 }
 
 const headerSchema = z.object({
@@ -108,6 +123,7 @@ const headerSchema = z.object({
   length: z.number().int().min(0),
   nextPosition: z.number().int().min(0).max(2 ** 31 - 1),
   chunkTokens: z.number().int().min(1).max(MAX_CHUNK_TOKENS),
+  compaction: compactionStateSchema.nullable().default(null),
   meta: z.object({
     id: z.string().max(256),
     createdAt: z.number(),
@@ -125,7 +141,7 @@ const headerSchema = z.object({
 type Header = z.infer<typeof headerSchema>;
 
 const dataFrameSchema = z.object({
-  t: z.enum(["tokens", "positions", "kv"]),
+  t: z.enum(["tokens", "positions", "kv", "slot_tokens", "slot_scores", "cold"]),
   start: z.number().int().min(0),
   count: z.number().int().min(1),
   layer: z.number().int().min(0).optional(),
@@ -153,8 +169,10 @@ function frameOf(body: Uint8Array): Uint8Array {
   return out;
 }
 
+type FramePlan = { t: "tokens" | "positions" | "kv" | "slot_tokens" | "slot_scores" | "cold"; start: number; count: number; layer?: number; kind?: "key" | "value" };
+
 /** The planned data frames for a header: what the writer writes and the reader expects, in order. */
-function* plan(h: Pick<Header, "tokenCount" | "length" | "chunkTokens" | "layers">): Generator<{ t: "tokens" | "positions" | "kv"; start: number; count: number; layer?: number; kind?: "key" | "value" }> {
+function* plan(h: Pick<Header, "tokenCount" | "length" | "chunkTokens" | "layers" | "compaction">): Generator<FramePlan> {
   for (let start = 0; start < h.tokenCount; start += h.chunkTokens) yield { t: "tokens", start, count: Math.min(h.chunkTokens, h.tokenCount - start) };
   for (let start = 0; start < h.length; start += h.chunkTokens) yield { t: "positions", start, count: Math.min(h.chunkTokens, h.length - start) };
   for (let start = 0; start < h.length; start += h.chunkTokens) {
@@ -164,13 +182,31 @@ function* plan(h: Pick<Header, "tokenCount" | "length" | "chunkTokens" | "layers
       yield { t: "kv", start, count, layer, kind: "value" };
     }
   }
+  const c = h.compaction;
+  if (!c) return;
+  for (let start = 0; start < h.length; start += h.chunkTokens) yield { t: "slot_tokens", start, count: Math.min(h.chunkTokens, h.length - start) };
+  for (let start = 0; start < h.length; start += h.chunkTokens) yield { t: "slot_scores", start, count: Math.min(h.chunkTokens, h.length - start) };
+  // One frame per archived block: its positions, token ids, key summary (per layer mins, then maxs) and bytes.
+  for (let b = 0; b < c.blocks; b++) yield { t: "cold", start: b, count: c.settings.blockTokens };
+}
+
+/** A cold block's frame payload: positions, tokens (int32 each), per layer mins then maxs (float32), then its bytes. */
+function coldPayload(block: RawColdBlock): Uint8Array {
+  const parts = [bytesOf(block.positions), bytesOf(block.tokens), ...block.mins.map(bytesOf), ...block.maxs.map(bytesOf), block.data];
+  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+  let at = 0;
+  for (const p of parts) {
+    out.set(p, at);
+    at += p.length;
+  }
+  return out;
 }
 
 /** Encodes a snapshot as a sequence of byte chunks (the magic, then one frame each). */
 export function* encodeSnapshot(data: SnapshotData, chunkTokens = 4096): Generator<Uint8Array> {
   const header: Header = {
     t: "header",
-    version: SNAPSHOT_VERSION,
+    version: data.compaction ? SNAPSHOT_VERSION : 1,
     fingerprint: data.fingerprint,
     modelId: data.modelId,
     kvDtype: data.kvDtype,
@@ -181,6 +217,7 @@ export function* encodeSnapshot(data: SnapshotData, chunkTokens = 4096): Generat
     length: data.length,
     nextPosition: data.nextPosition,
     chunkTokens,
+    compaction: data.compaction?.state ?? null,
     meta: { ...data.meta, messages: data.meta.messages as Header["meta"]["messages"] },
   };
   // The reader's checks, run on what is about to be written: a snapshot this server writes always loads again.
@@ -200,6 +237,9 @@ export function* encodeSnapshot(data: SnapshotData, chunkTokens = 4096): Generat
     let payload: Uint8Array;
     if (p.t === "tokens") payload = bytesOf(data.tokens.subarray(p.start, p.start + p.count));
     else if (p.t === "positions") payload = bytesOf(data.positions.subarray(p.start, p.start + p.count));
+    else if (p.t === "slot_tokens") payload = bytesOf(data.compaction!.slotTokens.subarray(p.start, p.start + p.count));
+    else if (p.t === "slot_scores") payload = bytesOf(data.compaction!.slotScores.subarray(p.start, p.start + p.count));
+    else if (p.t === "cold") payload = coldPayload(data.compaction!.block!(p.start));
     else {
       const source = (p.kind === "key" ? data.keys : data.values)[p.layer!]!;
       payload = bytesOf(sliceSlots(source, data.arraySlots ?? data.length, p.start, p.count, layout));
@@ -249,6 +289,61 @@ export interface SnapshotExpectation extends SnapshotModel {
    * catches corruption). Never set for an upload.
    */
   ownStore?: boolean;
+  /**
+   * Called once with a compacted snapshot's compaction state (after the header is checked); returns where
+   * its archived blocks go, one at a time, each checked (the reader keeps none).
+   */
+  onCompaction?: (state: CompactionState) => (block: RawColdBlock) => void;
+}
+
+/**
+ * One archived block from its frame: positions strictly increasing and after the previous block's, before
+ * the archive's end; token ids in the vocabulary (or -1); key summaries finite with min <= max; its bytes
+ * (copied out of the read buffer) finite where `checkValues` (int8: the scales; float32: every value).
+ */
+function readColdBlock(payload: Uint8Array, h: Header, c: CompactionState, expect: SnapshotExpectation, checkValues: boolean, what: string, lastArchived: number): RawColdBlock {
+  const B = c.settings.blockTokens;
+  const n = h.kvHeads * h.headDim;
+  const bytes = payload.slice(); // aligned, and owned: the read buffer is reused
+  let at = 0;
+  const ints = (count: number) => {
+    const a = new Int32Array(bytes.buffer, at, count);
+    at += count * 4;
+    return a;
+  };
+  const floats = (count: number) => {
+    const a = new Float32Array(bytes.buffer, at, count);
+    at += count * 4;
+    return a;
+  };
+  const positions = ints(B);
+  const tokens = ints(B);
+  const mins = Array.from({ length: h.layers }, () => floats(n));
+  const maxs = Array.from({ length: h.layers }, () => floats(n));
+  const data = bytes.subarray(at);
+  let previous = lastArchived;
+  for (let i = 0; i < B; i++) {
+    const p = positions[i]!;
+    if (p <= previous || p >= c.archivedUpTo) throw new SnapshotError("malformed", `${what}: position ${p} is out of order or past the archive's end`);
+    previous = p;
+    if (tokens[i]! < -1 || tokens[i]! >= expect.vocabSize) throw new SnapshotError("malformed", `${what}: token id ${tokens[i]} is outside the vocabulary`);
+  }
+  for (let l = 0; l < h.layers; l++) {
+    for (let j = 0; j < n; j++) {
+      if (!(mins[l]![j]! <= maxs[l]![j]!) || !Number.isFinite(mins[l]![j]!) || !Number.isFinite(maxs[l]![j]!)) throw new SnapshotError("malformed", `${what}: its key summary is not finite or min > max`);
+    }
+  }
+  if (checkValues) {
+    const per = h.kvHeads * B * h.headDim;
+    if (c.settings.coldFormat === "int8") {
+      const groups = per / h.headDim;
+      for (let seg = 0; seg < 2 * h.layers; seg++) {
+        const scales = new Float32Array(data.slice(seg * (per + groups * 4) + per, (seg + 1) * (per + groups * 4)).buffer);
+        for (const x of scales) if (!(x >= 0) || !Number.isFinite(x)) throw new SnapshotError("malformed", `${what}: a quantization scale is negative or not finite`);
+      }
+    } else if (!allFinite(new Float32Array(data.slice().buffer))) throw new SnapshotError("malformed", `${what} holds KV values that are not finite`);
+  }
+  return { data: data.slice(), positions: positions.slice(), tokens: tokens.slice(), mins: mins.map((m) => m.slice()), maxs: maxs.map((m) => m.slice()) };
 }
 
 /** Whether every value is finite: float32 directly, float16 by its exponent bits (all ones is Inf or NaN). */
@@ -291,8 +386,8 @@ export async function decodeSnapshot(source: ByteSource, expect: SnapshotExpecta
     throw new SnapshotError("not_a_snapshot", "the data does not start with the snapshot magic bytes");
   }
   const rawHeader = await readFrame(source, 0, MAX_HEADER_BYTES);
-  if (rawHeader.t === "header" && typeof rawHeader.version === "number" && rawHeader.version !== SNAPSHOT_VERSION) {
-    throw new SnapshotError("unsupported_version", `format version ${rawHeader.version}; this server reads version ${SNAPSHOT_VERSION}`);
+  if (rawHeader.t === "header" && typeof rawHeader.version === "number" && !READABLE_VERSIONS.includes(rawHeader.version)) {
+    throw new SnapshotError("unsupported_version", `format version ${rawHeader.version}; this server reads versions ${READABLE_VERSIONS.join(" and ")}`);
   }
   const parsed = headerSchema.safeParse(rawHeader);
   if (!parsed.success) {
@@ -310,12 +405,24 @@ export async function decodeSnapshot(source: ByteSource, expect: SnapshotExpecta
   if (h.length > h.tokenCount || h.tokenCount > expect.maxTokens) {
     throw new SnapshotError("too_large", `it holds ${h.tokenCount} tokens (${h.length} resident); this server takes at most ${expect.maxTokens}`);
   }
+  const c = h.compaction;
+  if (c) {
+    if (h.version < 2) throw new SnapshotError("malformed", "a version 1 snapshot cannot hold a compacted cache");
+    try {
+      compactionSettings(c.settings.policy, c.settings.budget, c.settings);
+    } catch (e) {
+      throw new SnapshotError("malformed", `compaction settings: ${(e as Error).message}`);
+    }
+    if (c.blocks > 0 && !c.settings.recall) throw new SnapshotError("malformed", "archived KV blocks without a recall tier");
+    if (c.archivedUpTo > h.nextPosition || c.pinned > h.length) throw new SnapshotError("malformed", "compaction state is inconsistent with the cache");
+  }
+  const blockBytes = c ? ColdTier.blockBytes({ layers: h.layers, kvHeads: h.kvHeads, headDim: h.headDim }, c.settings.coldFormat, c.settings.blockTokens) : 0;
 
   const bytesPerElement = h.kvDtype === "float16" ? 2 : 4;
   const layout = { heads: h.kvHeads, headDim: h.headDim };
   const slotValues = h.kvHeads * h.headDim;
   // A short file with a header that claims a huge cache must not make us allocate that cache first.
-  const payloadBytes = h.tokenCount * 4 + h.length * 4 + h.length * slotValues * bytesPerElement * h.layers * 2;
+  const payloadBytes = h.tokenCount * 4 + h.length * 4 + h.length * slotValues * bytesPerElement * h.layers * 2 + (c ? h.length * 8 + c.blocks * blockBytes : 0);
   if (source.size !== undefined && source.size < payloadBytes) {
     throw new SnapshotError("truncated", `the header promises ${payloadBytes} bytes of tokens and tensors but the data holds ${source.size} bytes in all`);
   }
@@ -326,7 +433,13 @@ export async function decodeSnapshot(source: ByteSource, expect: SnapshotExpecta
   const target = expect.kvArrays?.(h.length) ?? { keys: Array.from({ length: h.layers }, alloc), values: Array.from({ length: h.layers }, alloc), slots: h.length };
   const { keys, values, slots } = target;
   if (slots < h.length || keys.length !== h.layers || values.length !== h.layers) throw new Error("decodeSnapshot: kvArrays gave arrays that cannot hold the snapshot");
-  const maxFrame = Math.max(h.chunkTokens * slotValues * bytesPerElement, h.chunkTokens * 4) + 256;
+  const coldFrameBytes = c ? c.settings.blockTokens * 8 + 2 * h.layers * slotValues * 4 + blockBytes : 0;
+  const maxFrame = Math.max(h.chunkTokens * slotValues * bytesPerElement, h.chunkTokens * 4, coldFrameBytes) + 256;
+  const slotTokens = new Int32Array(c ? h.length : 0);
+  const slotScores = new Float32Array(c ? h.length : 0);
+  let lastArchived = -1;
+  const coldSink = c ? expect.onCompaction?.(c) : undefined;
+  if (c && c.blocks > 0 && !coldSink) throw new SnapshotError("malformed", "this reader cannot take archived KV blocks");
 
   // KV regions are prefaulted (where the source can) a few frames ahead of the decoder, which waits for a
   // frame's regions before writing them: faulting 33 MB of fresh pages costs ~20 ms on one thread here.
@@ -353,7 +466,7 @@ export async function decodeSnapshot(source: ByteSource, expect: SnapshotExpecta
       throw new SnapshotError("malformed", `${what} is missing or out of order`);
     }
     const { data, count, start } = f.data;
-    const elementBytes = expected.t === "kv" ? slotValues * bytesPerElement : 4;
+    const elementBytes = expected.t === "kv" ? slotValues * bytesPerElement : expected.t === "cold" ? coldFrameBytes / count : 4;
     if (data.byteLength !== count * elementBytes) throw new SnapshotError("malformed", `${what} holds ${data.byteLength} bytes, expected ${count * elementBytes}`);
     // The frame's bytes as they lie in the read buffer when aligned for their element type, else a copy in
     // a buffer reused from frame to frame (fresh memory for every frame costs a page fault per 4 KB).
@@ -366,7 +479,13 @@ export async function decodeSnapshot(source: ByteSource, expect: SnapshotExpecta
     const elements = aligned.byteLength / (expected.t === "kv" ? bytesPerElement : 4);
     if (expected.t === "tokens") tokens.set(new Int32Array(aligned.buffer, aligned.byteOffset, elements), start);
     else if (expected.t === "positions") positions.set(new Int32Array(aligned.buffer, aligned.byteOffset, elements), start);
-    else {
+    else if (expected.t === "slot_tokens") slotTokens.set(new Int32Array(aligned.buffer, aligned.byteOffset, elements), start);
+    else if (expected.t === "slot_scores") slotScores.set(new Float32Array(aligned.buffer, aligned.byteOffset, elements), start);
+    else if (expected.t === "cold") {
+      const block = readColdBlock(aligned, h, c!, expect, !expect.ownStore, what, lastArchived);
+      lastArchived = block.positions[block.positions.length - 1]!;
+      coldSink!(block);
+    } else {
       const block = bytesPerElement === 2 ? new Uint16Array(aligned.buffer, aligned.byteOffset, elements) : new Float32Array(aligned.buffer, aligned.byteOffset, elements);
       prefault(kvFrame + PREFAULT_AHEAD);
       await prefaulted[kvFrame++];
@@ -381,11 +500,30 @@ export async function decodeSnapshot(source: ByteSource, expect: SnapshotExpecta
   for (let i = 0; i < h.tokenCount; i++) {
     if (tokens[i]! < 0 || tokens[i]! >= expect.vocabSize) throw new SnapshotError("malformed", `token ${i} is id ${tokens[i]}, outside the vocabulary (0..${expect.vocabSize - 1})`);
   }
-  if (h.length > 0 && positions[0]! < 0) throw new SnapshotError("malformed", `slot 0 has the negative position ${positions[0]}`);
-  for (let i = 1; i < h.length; i++) {
-    if (positions[i]! <= positions[i - 1]!) throw new SnapshotError("malformed", `slot positions are not increasing at slot ${i}`);
+  if (!c) {
+    if (h.length > 0 && positions[0]! < 0) throw new SnapshotError("malformed", `slot 0 has the negative position ${positions[0]}`);
+    for (let i = 1; i < h.length; i++) {
+      if (positions[i]! <= positions[i - 1]!) throw new SnapshotError("malformed", `slot positions are not increasing at slot ${i}`);
+    }
+    if (h.length > 0 && positions[h.length - 1]! >= h.nextPosition) throw new SnapshotError("malformed", "nextPosition is not past the last slot's position");
+  } else {
+    // A compacted cache's slots are in no particular order (recalled blocks come last), but each position
+    // is one token's: distinct, and before nextPosition.
+    const seen = new Set<number>();
+    let pinned = 0;
+    for (let i = 0; i < h.length; i++) {
+      const p = positions[i]!;
+      if (p < 0 || p >= h.nextPosition || seen.has(p)) throw new SnapshotError("malformed", `slot ${i} has position ${p}, negative, repeated or not before nextPosition`);
+      seen.add(p);
+      const t = slotTokens[i]!;
+      if (t < -1 || t >= expect.vocabSize) throw new SnapshotError("malformed", `slot ${i} has token id ${t}, outside the vocabulary`);
+      const score = slotScores[i]!;
+      if (!(score >= 0 && score <= PINNED)) throw new SnapshotError("malformed", `slot ${i} has the score ${score}`);
+      if (score >= PINNED) pinned++;
+    }
+    if (pinned !== c.pinned) throw new SnapshotError("malformed", `${pinned} slots are pinned, the compaction state says ${c.pinned}`);
+    if (c.blocks > 0 && lastArchived + 1 !== c.archivedUpTo) throw new SnapshotError("malformed", "the archived blocks end elsewhere than the compaction state says");
   }
-  if (h.length > 0 && positions[h.length - 1]! >= h.nextPosition) throw new SnapshotError("malformed", "nextPosition is not past the last slot's position");
 
   return {
     fingerprint: h.fingerprint,
@@ -402,11 +540,12 @@ export async function decodeSnapshot(source: ByteSource, expect: SnapshotExpecta
     values,
     arraySlots: slots,
     meta: h.meta as SnapshotMeta,
+    compaction: c ? { state: c, slotTokens, slotScores } : null,
   };
 }
 
 /** Reads the header only (for listing stored sessions without loading their tensors). */
-export async function readSnapshotHeader(source: ByteSource): Promise<Pick<Header, "modelId" | "tokenCount" | "length" | "meta" | "kvDtype" | "layers" | "kvHeads" | "headDim">> {
+export async function readSnapshotHeader(source: ByteSource): Promise<Pick<Header, "modelId" | "tokenCount" | "length" | "meta" | "kvDtype" | "layers" | "kvHeads" | "headDim" | "compaction">> {
   const magic = await source.read(SNAPSHOT_MAGIC.length);
   if (magic.length < SNAPSHOT_MAGIC.length || magic.some((b, i) => b !== SNAPSHOT_MAGIC[i])) throw new SnapshotError("not_a_snapshot", "bad magic bytes");
   const parsed = headerSchema.safeParse(await readFrame(source, 0, MAX_HEADER_BYTES));

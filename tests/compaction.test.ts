@@ -180,3 +180,94 @@ describe("KvCache compaction storage", () => {
     expect(again.keys[0]![d]).toBe(valueOf(keep[99]!, 1, 0));
   });
 });
+
+describe("compacted sessions", () => {
+  test("a session past its budget answers the same after a restart and after download + upload into another store; its info reports the archive", async () => {
+    const { SessionManager, SnapshotStore } = await import("../runtime/index.ts");
+    const { tempDir } = await import("./helpers/sessions.ts");
+    const options = { memoryBudgetBytes: 2 ** 30, busy: "wait" as const, chunkTokens: 512 };
+    const dir = tempDir("compacted-sessions");
+    const s = tasks.haystack(rngOf(21), { kind: "passkey", exactTokens: 12000, depth: 0.3, dateString: "26 Jul 2024", distractorEvery: 0 });
+    const question = s.content.slice(s.content.lastIndexOf(" What is"));
+    const document = s.content.slice(0, s.content.lastIndexOf(" What is"));
+    const ask = (m: InstanceType<typeof SessionManager>, id: string) =>
+      m.turn("default", id, { messages: (current) => [...current.slice(0, 1), { role: "user", content: question.trim() }], maxTokens: 12, sampling: { temperature: 0 }, stop: [] });
+
+    const first = new SessionManager(windowRecall, new SnapshotStore(dir), options);
+    const created = await first.create({ tenant: "default", id: "doc", messages: [{ role: "user", content: document }], templateKwargs: { date_string: "26 Jul 2024" } });
+    expect(created.tokens_read).toBeGreaterThan(11000);
+    expect(created.tokens_resident).toBeLessThanOrEqual(1024);
+    expect(created.kv_cold_bytes).toBeGreaterThan(0);
+    const a = await ask(first, "doc");
+    expect(answerIsRight(a.text, s.key)).toBe(true);
+    // The same question again on the session as it was (the turn above was saved with its reply: ask a copy).
+    const restarted = new SessionManager(windowRecall, new SnapshotStore(dir), options);
+    const info = await restarted.info("default", "doc");
+    expect(info.in_memory).toBe(false);
+    expect(info.kv_cold_bytes).toBeGreaterThan(0);
+    expect(info.recalled_blocks).toBeGreaterThan(0);
+    const again = await restarted.turn("default", "doc", { messages: (current) => [...current.slice(0, 2), { role: "user", content: "What is the pass key?" }], maxTokens: 12, sampling: { temperature: 0 }, stop: [] });
+    const control = await first.turn("default", "doc", { messages: (current) => [...current.slice(0, 2), { role: "user", content: "What is the pass key?" }], maxTokens: 12, sampling: { temperature: 0 }, stop: [] });
+    expect(again.tokenIds).toEqual(control.tokenIds);
+
+    // Download from one store, upload into another (a new process would do the same), ask there.
+    const { stream } = await first.download("default", "doc");
+    const other = new SessionManager(windowRecall, new SnapshotStore(tempDir("compacted-upload")), options);
+    await other.upload("default", "copy", stream, 2 ** 30);
+    const third = await other.turn("default", "copy", { messages: (current) => [...current, { role: "user", content: "What is the pass key?" }], maxTokens: 12, sampling: { temperature: 0 }, stop: [] });
+    const fourth = await first.turn("default", "doc", { messages: (current) => [...current, { role: "user", content: "What is the pass key?" }], maxTokens: 12, sampling: { temperature: 0 }, stop: [] });
+    expect(third.tokenIds).toEqual(fourth.tokenIds);
+    expect(answerIsRight(third.text, s.key)).toBe(true);
+  }, 300_000);
+});
+
+describe("compacted snapshots from outside", () => {
+  test("a tampered compacted snapshot is refused, naming what is wrong", async () => {
+    const { decodeSnapshot, encodeSnapshot } = await import("../runtime/snapshot.ts");
+    const { SessionManager, SnapshotStore } = await import("../runtime/index.ts");
+    const { tempDir } = await import("./helpers/sessions.ts");
+    const manager = new SessionManager(windowRecall, new SnapshotStore(tempDir("compacted-refusals")), { memoryBudgetBytes: 2 ** 30, busy: "wait", chunkTokens: 512 });
+    const s = tasks.haystack(rngOf(22), { kind: "passkey", exactTokens: 6000, depth: 0.5, dateString: "26 Jul 2024", distractorEvery: 0 });
+    await manager.create({ tenant: "default", id: "doc", messages: [{ role: "user", content: s.content }], templateKwargs: { date_string: "26 Jul 2024" } });
+    const { stream } = await manager.download("default", "doc");
+    const bytes = new Uint8Array(await new Response(stream).arrayBuffer());
+    const source = (b: Uint8Array) => {
+      let at = 0;
+      return { read: async (n: number) => b.slice(at, (at += n) > b.length ? b.length : at) };
+    };
+    const blocks: import("../runtime/kv/cold-tier.ts").RawColdBlock[] = [];
+    const expectation = { ...manager.snapshotExpectation(), onCompaction: () => (block: (typeof blocks)[number]) => void blocks.push(block) };
+    const data = await decodeSnapshot(source(bytes), expectation);
+    expect(data.compaction!.state.blocks).toBeGreaterThan(10);
+    expect(blocks.length).toBe(data.compaction!.state.blocks);
+    const encode = (d: typeof data, bs = blocks) => {
+      const chunks = [...encodeSnapshot({ ...d, compaction: { ...d.compaction!, block: (b) => bs[b]! } }, 512)];
+      const out = new Uint8Array(chunks.reduce((n, c) => n + c.length, 0));
+      let at = 0;
+      for (const c of chunks) {
+        out.set(c, at);
+        at += c.length;
+      }
+      return out;
+    };
+    const refused = async (d: typeof data, message: RegExp, bs = blocks) => {
+      await expect(decodeSnapshot(source(encode(d, bs)), { ...expectation, onCompaction: () => () => {} })).rejects.toThrow(message);
+    };
+    // Re-encoded untouched, it reads back.
+    await decodeSnapshot(source(encode(data)), { ...expectation, onCompaction: () => () => {} });
+    const positions = data.positions.slice();
+    positions[1] = positions[0]!;
+    await refused({ ...data, positions }, /repeated/);
+    await refused({ ...data, compaction: { ...data.compaction!, state: { ...data.compaction!.state, pinned: data.compaction!.state.pinned + 1 } } }, /pinned/);
+    const scores = data.compaction!.slotScores.slice();
+    scores[0] = Number.NaN;
+    await refused({ ...data, compaction: { ...data.compaction!, slotScores: scores } }, /score/);
+    const swapped = blocks.slice();
+    [swapped[2], swapped[3]] = [swapped[3]!, swapped[2]!];
+    await refused(data, /out of order/, swapped);
+    const badScale = blocks.map((b) => ({ ...b, data: b.data.slice() }));
+    new DataView(badScale[0]!.data.buffer).setFloat32(2 * 64 * 32, -1, true); // the first scale of layer 0's keys
+    await refused(data, /quantization scale/, badScale);
+    await refused({ ...data, compaction: { ...data.compaction!, state: { ...data.compaction!.state, settings: { ...data.compaction!.state.settings, recent: 10 ** 6 } } } }, /compaction settings/);
+  }, 120_000);
+});

@@ -47,13 +47,32 @@ export class MemoryColdStorage implements ColdStorage {
   }
 }
 
-/** Appends to a file (created now, removed on dispose); reads with pread. */
+/** Closes the descriptors of file storage nobody disposed (a session state replaced, a dropped clone). */
+const closeLater = new FinalizationRegistry<number>((fd) => {
+  try {
+    closeSync(fd);
+  } catch {
+    // closed already
+  }
+});
+
+/**
+ * Appends to a file, which is unlinked as soon as it is open (nothing is left on disk after a crash, and
+ * only the descriptor keeps it); reads with pread. The descriptor is closed by dispose (once every holder
+ * has disposed), or when the storage is garbage-collected.
+ */
 export class FileColdStorage implements ColdStorage {
   private readonly fd: number;
   bytes = 0;
   private users = 1;
   constructor(readonly path: string) {
     this.fd = openSync(path, "wx+");
+    try {
+      unlinkSync(path);
+    } catch {
+      // a platform that cannot unlink an open file keeps it until dispose
+    }
+    closeLater.register(this, this.fd, this);
   }
   append(data: Uint8Array): number {
     const offset = this.bytes;
@@ -74,13 +93,23 @@ export class FileColdStorage implements ColdStorage {
   }
   dispose(): void {
     if (--this.users > 0) return;
+    closeLater.unregister(this);
     closeSync(this.fd);
     try {
       unlinkSync(this.path);
     } catch {
-      // already gone
+      // already gone (the usual case: unlinked at open)
     }
   }
+}
+
+/** An archived block as stored: its bytes, positions, token ids and, per layer, its key summary. */
+export interface RawColdBlock {
+  data: Uint8Array;
+  positions: Int32Array;
+  tokens: Int32Array;
+  mins: Float32Array[];
+  maxs: Float32Array[];
 }
 
 interface BlockRecord {
@@ -197,17 +226,8 @@ export class ColdTier {
     const per = kvHeads * count * headDim;
     const floats = [...keys, ...values].map((a) => K.toFloat32(a));
     const b = this.blocks.length;
+    this.reserveSummaries(b);
     for (let l = 0; l < layers; l++) {
-      // Summary arrays grow by doubling.
-      if (this.mins[l]!.length < (b + 1) * kvHeads * headDim) {
-        const cap = Math.max(16, 2 * (b + 1)) * kvHeads * headDim;
-        const m = new Float32Array(cap);
-        m.set(this.mins[l]!);
-        const x = new Float32Array(cap);
-        x.set(this.maxs[l]!);
-        this.mins[l] = m;
-        this.maxs[l] = x;
-      }
       K.blockSummary(floats[l]!, count, 0, count, { heads: kvHeads, headDim }, this.mins[l]!, this.maxs[l]!, b * kvHeads * headDim);
     }
     let data: Uint8Array;
@@ -229,6 +249,58 @@ export class ColdTier {
     this.index.add(this.blocks.length, tokens.subarray(0, count));
     this.blocks.push({ offset, bytes: data.length, positions: positions.slice(0, count), tokens: tokens.slice(0, count) });
     this.archivedUpTo = positions[count - 1]! + 1;
+  }
+
+  /** Room in the summary arrays for block b (they grow by doubling). */
+  private reserveSummaries(b: number): void {
+    const n = this.shape.kvHeads * this.shape.headDim;
+    for (let l = 0; l < this.shape.layers; l++) {
+      if (this.mins[l]!.length >= (b + 1) * n) continue;
+      const cap = Math.max(16, 2 * (b + 1)) * n;
+      const m = new Float32Array(cap);
+      m.set(this.mins[l]!);
+      const x = new Float32Array(cap);
+      x.set(this.maxs[l]!);
+      this.mins[l] = m;
+      this.maxs[l] = x;
+    }
+  }
+
+  /** Bytes one block of `count` tokens takes in storage (the snapshot reader checks frames against it). */
+  static blockBytes(shape: Pick<CompactionShape, "layers" | "kvHeads" | "headDim">, format: "int8" | "float32", count: number): number {
+    const per = shape.kvHeads * count * shape.headDim;
+    return 2 * shape.layers * (format === "int8" ? per + (per / shape.headDim) * 4 : per * 4);
+  }
+
+  /** Block b as stored (for snapshots): its bytes, positions, token ids and, per layer, its key summary. */
+  rawBlock(b: number): RawColdBlock {
+    const record = this.blocks[b]!;
+    const data = new Uint8Array(record.bytes);
+    this.storage.read(record.offset, data);
+    const n = this.shape.kvHeads * this.shape.headDim;
+    return {
+      data,
+      positions: record.positions,
+      tokens: record.tokens,
+      mins: this.mins.map((a) => a.subarray(b * n, (b + 1) * n)),
+      maxs: this.maxs.map((a) => a.subarray(b * n, (b + 1) * n)),
+    };
+  }
+
+  /** Appends a block as rawBlock gave it (a restored snapshot, checked by its reader). */
+  addRaw(block: RawColdBlock): void {
+    const { layers, kvHeads, headDim } = this.shape;
+    const b = this.blocks.length;
+    const n = kvHeads * headDim;
+    this.reserveSummaries(b);
+    for (let l = 0; l < layers; l++) {
+      this.mins[l]!.set(block.mins[l]!, b * n);
+      this.maxs[l]!.set(block.maxs[l]!, b * n);
+    }
+    const offset = this.storage.append(block.data);
+    this.index.add(b, block.tokens);
+    this.blocks.push({ offset, bytes: block.data.length, positions: block.positions.slice(), tokens: block.tokens.slice() });
+    this.archivedUpTo = block.positions[block.positions.length - 1]! + 1;
   }
 
   /** Block b's KV, per layer [kvHeads, count, headDim] in the cache's dtype, and its positions. */

@@ -17,6 +17,7 @@
  * Every slot keeps its original position, so recalled and kept slots attend as where they were read.
  * Everything here is deterministic: the same tokens and settings give the same resident set.
  */
+import { z } from "zod";
 import { cpuKernels as K } from "../../kernels/compaction.ts";
 import type { KvArray } from "../../kernels/kv-slots.ts";
 import type { KvCache, KvDtype } from "../kv-cache.ts";
@@ -62,7 +63,34 @@ export interface CompactionSettings {
 }
 
 /** Scores at or above this mark slots that stay for the rest of the request (recalled blocks). */
-const PINNED = 1e30;
+export const PINNED = Math.fround(1e30); // as a Float32Array stores it
+
+const nonNegative = z.number().int().min(0).max(2 ** 31 - 1);
+/** A compactor's state as a snapshot carries it (its archived blocks travel as frames of their own). */
+export const compactionStateSchema = z.object({
+  settings: z.object({
+    policy: z.enum(["window", "attention"]),
+    budget: z.number().int().min(64).max(2 ** 30),
+    sinks: nonNegative,
+    recent: nonNegative,
+    recall: z.boolean(),
+    blockTokens: z.number().int().min(1).max(4096),
+    recallBlocks: z.number().int().min(1).max(65536),
+    recallCutoff: z.number().min(0).max(1),
+    coldFormat: z.enum(["int8", "float32"]),
+    probeTokens: z.number().int().min(0).max(65536),
+    recallScorer: z.enum(["lexical", "keys"]),
+    slack: z.number().int().min(1).max(2 ** 30),
+  }),
+  evicted: nonNegative,
+  compactions: nonNegative,
+  recalls: nonNegative,
+  recalledBlocks: nonNegative,
+  pinned: nonNegative,
+  archivedUpTo: nonNegative,
+  blocks: nonNegative,
+});
+export type CompactionState = z.infer<typeof compactionStateSchema>;
 
 /** Full settings from a policy and budget (and any overrides); throws RangeError on values that cannot work. */
 export function compactionSettings(policy: CompactionPolicyName, budget: number, overrides: Partial<CompactionSettings> = {}): CompactionSettings {
@@ -157,6 +185,38 @@ export class KvCompactor {
   /** A prompt's last tokens should be probed for recall: there are archived blocks to score. */
   get canRecall(): boolean {
     return this.cold !== null && this.cold.blockCount > 0;
+  }
+
+  /** What a snapshot records of this compactor (its archived blocks are written apart: cold.rawBlock). */
+  state(): CompactionState {
+    const { policy } = this.settings;
+    if (policy === "none") throw new Error("state: no compaction");
+    return {
+      settings: { ...this.settings, policy },
+      ...this.stats,
+      pinned: this.pinned,
+      archivedUpTo: this.cold?.archivedUpTo ?? 0,
+      blocks: this.cold?.blockCount ?? 0,
+    };
+  }
+
+  /**
+   * A compactor as a snapshot recorded it, with an empty archive in `storage` that the snapshot's blocks
+   * are then added to (ColdTier.addRaw).
+   */
+  static restore(
+    state: CompactionState,
+    shape: CompactionShape,
+    storage?: ColdStorage,
+    ignoredTokens?: ReadonlySet<number>,
+    questionOf?: (probe: ArrayLike<number>) => number[],
+  ): KvCompactor {
+    const settings = compactionSettings(state.settings.policy, state.settings.budget, state.settings);
+    const compactor = KvCompactor.create(settings, shape, storage, ignoredTokens, questionOf);
+    const { evicted, compactions, recalls, recalledBlocks } = state;
+    Object.assign(compactor.stats, { evicted, compactions, recalls, recalledBlocks });
+    compactor.pinned = state.pinned;
+    return compactor;
   }
 
   clone(): KvCompactor {
