@@ -76,7 +76,7 @@ export interface EngineOptions {
    */
   prefillTargetMs?: number;
   /**
-   * KV compaction for requests that do not belong to a session: at most `budget` slots resident (plus one
+   * KV compaction of every cache (requests and sessions): at most `budget` slots resident (plus one
    * prefill chunk while reading), the rest dropped by `policy` and, with recall, archived in a file under
    * coldDir (default: the system's temporary directory). Undefined or policy "none": every slot stays.
    */
@@ -137,8 +137,6 @@ export interface CompletionJob {
   /** Generate past eos ids (llama.cpp's ignore_eos). */
   ignoreEos?: boolean;
   signal?: AbortSignal;
-  /** null: keep every slot even where the engine compacts (a session's turn: sessions keep their whole KV). */
-  compaction?: null;
 }
 
 /** What compaction did in a request (CompletionResult.kv). */
@@ -186,7 +184,7 @@ export class Engine {
     readonly textLimits: TextLimits,
     /** Plain text (special-token strings are text), and text whose special-token strings are specials (parse_special). */
     private readonly encoders: { plain: ChunkedEncoder; parseSpecial: ChunkedEncoder },
-    /** Compaction of requests outside sessions (null: none), and where their archives go. */
+    /** Compaction of every cache (null: none), and where archives go. */
     readonly compaction: CompactionSettings | null,
     private readonly coldDir: string,
   ) {}
@@ -450,7 +448,7 @@ export class Engine {
     const bytesPerToken = this.info.kvBytesPerToken;
     const explicit = job.maxTokens !== undefined;
     const wanted = Math.min(job.maxTokens ?? room, room);
-    const compaction = job.compaction === null ? null : this.compaction;
+    const compaction = this.compaction;
     // A compacted cache never holds more than its budget plus one prefill chunk, however long the request.
     const cap = compaction ? compaction.budget + this.prefillChunk : Number.POSITIVE_INFINITY;
     const slots = (n: number) => Math.min(n, cap);

@@ -33,8 +33,9 @@ export const configSchema = z.object({
   maxPromptChars: intIn(1, 1 << 30).default(DEFAULT_TEXT_LIMITS.maxPromptChars).describe("characters tokenized for one request (the rendered chat, a session's whole conversation); 400 above"),
   maxRunChars: intIn(16, 1 << 30).default(DEFAULT_TEXT_LIMITS.maxRunChars).describe("longest word, number or run of spaces or symbols accepted (its tokenization cannot pause); 400 above"),
   prefillTargetMs: intIn(0, 60000).default(DEFAULT_PREFILL_TARGET_MS).describe("milliseconds one prefill forward pass aims at (smaller chunks keep the server responsive); 0 = always --prefill-chunk"),
-  kvPolicy: z.enum(["none", "window", "attention"]).default("none").describe("KV compaction of requests outside sessions: none (every slot stays), window (sinks + recent), attention (sinks + recent + most-attended slots, with a recall tier)"),
-  kvBudget: intIn(64, 1 << 30).default(4096).describe("with --kv-policy window or attention: KV slots a request keeps resident (plus one prefill chunk while reading)"),
+  kvPolicy: z.enum(["none", "window", "attention"]).default("none").describe("KV compaction of requests and sessions: none (every slot stays), window (sinks + recent), attention (sinks + recent + most-attended slots, with a recall tier)"),
+  kvBudget: intIn(64, 1 << 30).default(4096).describe("with --kv-policy window or attention: KV slots a request or session keeps resident (plus one prefill chunk while reading)"),
+  kvRecent: intIn(0, 1 << 30).default(0).describe("with --kv-policy: most recent tokens always kept (window keeps only these, the first 64 tokens and recalled blocks); 0 = what fills the budget"),
   kvColdDir: z.string().min(1).optional().describe("where the attention policy's recall tier writes its per-request archive files (default: the system's temporary directory)"),
 });
 
@@ -69,6 +70,7 @@ const NAMES: Record<keyof ServerConfig, { env: string; flag: string }> = {
   prefillTargetMs: { env: "PREFILL_TARGET_MS", flag: "--prefill-target-ms" },
   kvPolicy: { env: "KV_POLICY", flag: "--kv-policy" },
   kvBudget: { env: "KV_BUDGET", flag: "--kv-budget" },
+  kvRecent: { env: "KV_RECENT", flag: "--kv-recent" },
   kvColdDir: { env: "KV_COLD_DIR", flag: "--kv-cold-dir" },
 };
 

@@ -51,7 +51,7 @@ export async function createServer(env: Record<string, string | undefined>, argv
     prefillChunk: config.prefillChunk,
     kvMemoryBytes: config.kvMemoryBytes,
     prefillTargetMs: config.prefillTargetMs,
-    compaction: { policy: config.kvPolicy, budget: config.kvBudget, coldDir: config.kvColdDir },
+    compaction: { policy: config.kvPolicy, budget: config.kvBudget, coldDir: config.kvColdDir, ...(config.kvRecent > 0 ? { recent: config.kvRecent } : {}) },
     textLimits: { maxFieldChars: config.maxFieldChars, maxPromptChars: config.maxPromptChars, maxRunChars: config.maxRunChars },
   });
   const sessions = new SessionManager(engine, new SnapshotStore(config.sessionDir), {

@@ -271,3 +271,22 @@ describe("compacted snapshots from outside", () => {
     await refused({ ...data, compaction: { ...data.compaction!, state: { ...data.compaction!.state, settings: { ...data.compaction!.state.settings, recent: 10 ** 6 } } } }, /compaction settings/);
   }, 120_000);
 });
+
+describe("compaction over HTTP", () => {
+  test("/health reports the policy; a chat request longer than the budget is answered from the recall tier", async () => {
+    const { createApp } = await import("../src/app.ts");
+    const app = createApp({ engine: windowRecall, maxBodyBytes: 16 * 1024 * 1024, log: () => {} });
+    const health = (await (await app.request("/health")).json()) as { kv_compaction: unknown };
+    expect(health.kv_compaction).toEqual({ policy: "window", budget: 1024, recall: true });
+    const s = tasks.haystack(rngOf(23), { kind: "multikey", exactTokens: 8000, depth: 0.4, dateString: "26 Jul 2024", distractorEvery: 0 });
+    const res = await app.request("/v1/chat/completions", {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ messages: [{ role: "user", content: s.content }], chat_template_kwargs: { date_string: "26 Jul 2024" }, temperature: 0, max_tokens: 16 }),
+    });
+    expect(res.status).toBe(200);
+    const body = (await res.json()) as { choices: { message: { content: string } }[]; usage: { prompt_tokens: number } };
+    expect(body.usage.prompt_tokens).toBeGreaterThan(7000);
+    expect(answerIsRight(body.choices[0]!.message.content, s.key)).toBe(true);
+  }, 120_000);
+});

@@ -10,6 +10,13 @@ describe("configuration", () => {
     const c = loadConfig({ PORT: "9000", BACKEND: "wasm", THREADS: "2", MODEL_DIR: "/models/x" }, ["--port", "9100", "--threads=4"]);
     expect(c).toMatchObject({ port: 9100, backend: "wasm", threads: 4, modelDir: "/models/x" });
   });
+  test("KV compaction: none by default; policy, budget, recent window and archive directory from flags or the environment", () => {
+    expect(loadConfig({}, [])).toMatchObject({ kvPolicy: "none", kvBudget: 4096, kvRecent: 0 });
+    expect(loadConfig({ KV_POLICY: "window" }, ["--kv-budget", "1024", "--kv-recent=448", "--kv-cold-dir", "/var/tmp/kv"])).toMatchObject({ kvPolicy: "window", kvBudget: 1024, kvRecent: 448, kvColdDir: "/var/tmp/kv" });
+    expect(() => loadConfig({}, ["--kv-policy", "lru"])).toThrow(/--kv-policy \/ KV_POLICY/);
+    expect(() => loadConfig({}, ["--kv-budget", "32"])).toThrow(/--kv-budget \/ KV_BUDGET/);
+  });
+
   test("invalid values and unknown flags are refused with the flag and variable named", () => {
     expect(() => loadConfig({ BACKEND: "cuda" }, [])).toThrow(/--backend \/ BACKEND/);
     expect(() => loadConfig({}, ["--port", "-1"])).toThrow(/--port \/ PORT/);
