@@ -43,6 +43,8 @@ const { values } = parseArgs({
     model: { type: "string", default: fileURLToPath(new URL("../models/builtin/", import.meta.url)) },
     // One configuration, in this process (what the parent spawns): --one size:policy[:cold]
     one: { type: "string" },
+    // What a session turn writes once the session has read this many tokens (window+recall), "" = skip.
+    "session-sizes": { type: "string", default: "4096,32768,131072" },
   },
 });
 
@@ -177,8 +179,60 @@ const pct = (t: Trial[], kind: string) => {
   return k.length ? `${Math.round((100 * k.filter((x) => x.right).length) / k.length)}%` : "-";
 };
 
+/**
+ * A compacted session per size: read a document of `size` tokens, then one short turn; what that turn
+ * wrote (the snapshot file) and how long the write took. Today the whole snapshot, archive included, is
+ * written again every turn.
+ */
+async function sessionTurns(sizes: number[]): Promise<void> {
+  const { Engine, SessionManager, SnapshotStore } = await import("../runtime/index.ts");
+  const { FixtureTasks, rngOf } = await import("./lib/fixture-tasks.ts");
+  const { mkdtempSync, rmSync, statSync } = await import("node:fs");
+  const { tmpdir } = await import("node:os");
+  const { join } = await import("node:path");
+  const engine = await Engine.load({
+    modelDir: values.model!,
+    variant: "fp32",
+    backend: values.backend as "native",
+    threads: 1,
+    queueLimit: 4,
+    contextLength: 0,
+    prefillChunk: 512,
+    kvMemoryBytes: 2 ** 40,
+    compaction: { policy: "window", budget: Number(values.budget), recall: true, ...(Number(values.recent) > 0 ? { recent: Number(values.recent) } : {}) },
+  });
+  const tasks = new FixtureTasks(engine.tokenizer, engine.template, "eval", { digits: true });
+  console.log(`\nsession turns (window+recall): what one short turn writes once the session has read N tokens`);
+  console.log("tokens  snapshot MB  write ms  turn ms");
+  for (const size of sizes) {
+    const dir = mkdtempSync(join(tmpdir(), "bench-session-"));
+    const store = new SnapshotStore(dir);
+    const manager = new SessionManager(engine, store, { memoryBudgetBytes: 2 ** 40, busy: "wait", chunkTokens: 4096 });
+    const sample = tasks.haystack(rngOf(size), { kind: "passkey", exactTokens: size, depth: 0.5, dateString: "26 Jul 2024" });
+    await manager.create({ tenant: "default", id: "s", messages: [{ role: "user", content: sample.content }], templateKwargs: { date_string: "26 Jul 2024" } });
+    // Time the store's save (the write) inside the turn.
+    const save = store.save.bind(store);
+    let writeMs = 0;
+    store.save = async (id, chunks) => {
+      const t0 = performance.now();
+      const n = await save(id, chunks);
+      writeMs += performance.now() - t0;
+      return n;
+    };
+    const t0 = performance.now();
+    await manager.turn("default", "s", { messages: (m) => [...m, { role: "user", content: "What is the pass key?" }], maxTokens: 8, sampling: { temperature: 0 }, stop: [] });
+    const turnMs = performance.now() - t0;
+    const bytes = statSync(store.path("s")).size;
+    console.log(`${String(size).padStart(6)}  ${(bytes / 2 ** 20).toFixed(1).padStart(11)}  ${writeMs.toFixed(0).padStart(8)}  ${turnMs.toFixed(0).padStart(7)}`);
+    rmSync(dir, { recursive: true, force: true });
+  }
+  await engine.close();
+}
+
 if (values.one) {
   await runOne(values.one);
+} else if (values.sizes === "sessions") {
+  await sessionTurns(values["session-sizes"]!.split(",").filter(Boolean).map(Number));
 } else {
   const sizes = values.sizes!.split(",").map(Number);
   const policies = values.policies!.split(",");
@@ -232,6 +286,7 @@ if (values.one) {
   // The closing lines: the best recall policy at 1M (the largest size run, if 1M was not).
   const at1m = results.filter((r) => r.size === 1048576 && r.policy === (recallPolicy ?? r.policy));
   const best = at1m.sort((a, b) => b.trials.filter((t) => t.right).length - a.trials.filter((t) => t.right).length)[0];
+  if (values["session-sizes"]) await sessionTurns(values["session-sizes"].split(",").filter(Boolean).map(Number));
   console.log(`passkey accuracy at 1M, budget ${budget}: ${best ? pct(best.trials, "passkey") : "not run"}`);
   console.log(`multikey accuracy at 1M, budget ${budget}: ${best ? pct(best.trials, "multikey") : "not run"}`);
 }

@@ -2,18 +2,21 @@
  * Streaming KV compaction: keeps a cache within a budget of resident slots whatever the number of tokens
  * read, and keeps what it drops in a recall tier from which the blocks a new question needs come back.
  *
- * Policies (one interface: which slots stay when the cache passes its budget):
+ * Policies (one interface: which slots stay when the cache passes its budget; nothing is dropped before):
  *   none       every slot stays (no compactor is attached at all)
- *   window     attention sinks (the first tokens) + the most recent tokens (StreamingLLM)
+ *   window     sinks (the first tokens) + the most recent tokens + recalled blocks (StreamingLLM)
  *   attention  sinks + recent tokens + the slots that have received the most attention so far (H2O): the
  *              graph's slot_attention output, summed over runs. Graphs without that output (exported
- *              Optimum graphs) get `window` instead.
+ *              Optimum graphs) keep the most recent slots instead.
  * With recall (the default for `attention`), every token that leaves the recent window is first archived
- * in blocks of consecutive tokens (int8 with a scale per head and slot, or float32), each with a
- * Quest-style summary (per channel min and max of its keys). Before the last tokens of a prompt are read,
- * they are run once as a probe; their queries score every block (an upper bound of q.k per block), and
- * the best blocks are brought back into the resident set (pinned for the rest of the request).
+ * in blocks of consecutive tokens (int8 with a scale per head and slot, or float32), each with its token
+ * ids and a Quest summary (per channel min and max of its keys). Before the last tokens of a prompt are
+ * read, the blocks its question points to are brought back into the resident set (pinned until the next
+ * recall): scored lexically by default (the question's rare tokens each block holds), or by the
+ * question's queries against the summaries and keys (a probe run whose KV is dropped).
  *
+ * A compactor travels with its cache (clones copy it, sharing the append-only archive) and with a
+ * session's snapshot (state(), restore(), the archive's blocks as frames: snapshot.ts).
  * Every slot keeps its original position, so recalled and kept slots attend as where they were read.
  * Everything here is deterministic: the same tokens and settings give the same resident set.
  */
