@@ -100,6 +100,21 @@ describe("KV compaction", () => {
     expect(existsSync(path)).toBe(false);
   });
 
+  test("the keys scorer (a probe run for the question's queries, dropped after) recalls blocks and leaves the cache as reading the prompt once would", async () => {
+    const keys = await load({ policy: "window", budget: 1024, recall: true, recallScorer: "keys", coldDir });
+    const s = tasks.haystack(rngOf(24), { kind: "passkey", exactTokens: 8000, depth: 0.5, dateString: "26 Jul 2024", distractorEvery: 0 });
+    const caches = [keys.newCache(), keys.newCache()];
+    const results = [];
+    for (const cache of caches) results.push(await keys.complete({ promptIds: s.prompt, maxTokens: 8, ...greedy, prepare: () => cache }));
+    expect(results[0]!.kv.recalledBlocks).toBeGreaterThan(0);
+    expect(results[1]!.tokenIds).toEqual(results[0]!.tokenIds);
+    // The probe's slots were dropped: every token was read once, positions are distinct.
+    const c = caches[0]!;
+    expect(c.tokensRead).toBe(s.prompt.length + results[0]!.completionTokens - 1);
+    expect(new Set(c.positions.subarray(0, c.length)).size).toBe(c.length);
+    await keys.close();
+  }, 120_000);
+
   test("settings that cannot work are refused", () => {
     expect(() => compactionSettings("window", 32)).toThrow(RangeError);
     expect(() => compactionSettings("attention", 4096, { recallBlocks: 64 })).toThrow(RangeError);

@@ -413,6 +413,10 @@ export class KvCompactor {
     vote(exact, candidates.length, fine);
     const scores = new Float32Array(blocks).fill(-1);
     candidates.forEach((b, c) => (scores[b] = fine[c]!));
+    // Blocks that are resident already (the sinks, above all, which draw attention from every row) are
+    // in the rows' normalization; as candidates they would only set the cutoff.
+    const residentPositions = new Set(cache.positions.subarray(0, cache.length));
+    for (const b of candidates) if (cold.blockPositions(b).every((p) => residentPositions.has(p))) scores[b] = -1;
     return scores;
   }
 
