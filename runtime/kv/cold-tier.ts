@@ -119,24 +119,41 @@ interface BlockRecord {
   tokens: Int32Array;
 }
 
+/** Token ids are below 2^17 (Llama-3's 128,256); a pair of them is one number past every id. */
+const PAIR_BASE = 2 ** 34;
+export const bigramKey = (a: number, b: number) => PAIR_BASE + a * 2 ** 17 + b;
+
 /**
- * Which archived blocks hold which token ids (an inverted index), for lexical recall: a question's rare
- * tokens point to the blocks that contain them. Append-only like the blocks.
+ * Which archived blocks hold which token ids and which adjacent pairs of them (an inverted index), for
+ * lexical recall: a question's rare tokens and its word pairs ("for table") point to the blocks that hold
+ * them. A pair that spans two blocks belongs to the second. Append-only like the blocks.
  */
 class TokenIndex {
-  /** token id -> ascending block numbers holding it. */
+  /** token id or bigramKey -> ascending block numbers holding it. */
   postings = new Map<number, number[]>();
+  /** The last token of the last block added (-1: none), for the pair that spans into the next block. */
+  private lastToken = -1;
   add(block: number, tokens: Int32Array): void {
-    for (const t of new Set(tokens)) {
-      if (t < 0) continue;
-      const list = this.postings.get(t);
+    const keys = new Set<number>();
+    let previous = this.lastToken;
+    for (const t of tokens) {
+      if (t >= 0) {
+        keys.add(t);
+        if (previous >= 0) keys.add(bigramKey(previous, t));
+      }
+      previous = t;
+    }
+    this.lastToken = previous;
+    for (const key of keys) {
+      const list = this.postings.get(key);
       if (list) list.push(block);
-      else this.postings.set(t, [block]);
+      else this.postings.set(key, [block]);
     }
   }
   clone(): TokenIndex {
     const copy = new TokenIndex();
     for (const [t, list] of this.postings) copy.postings.set(t, [...list]);
+    copy.lastToken = this.lastToken;
     return copy;
   }
 }
@@ -197,12 +214,13 @@ export class ColdTier {
   }
 
   /**
-   * Scores every block by the probe's tokens it and the block before it hold, each weighted by its rarity
-   * among the blocks (BM25's idf, log((N + 1) / (df + 0.5))), each distinct token once: out[b] for block b.
+   * Scores every block by the probe's tokens (and `pairs`: bigramKey of its adjacent tokens) it and the
+   * block before it hold, each weighted by its rarity among the blocks (BM25's idf, log((N + 1) / (df +
+   * 0.5))), each distinct token or pair once: out[b] for block b.
    */
-  lexicalScores(probe: ArrayLike<number>, out: Float32Array): void {
+  lexicalScores(probe: ArrayLike<number>, out: Float32Array, pairs: ArrayLike<number> = []): void {
     const n = this.blocks.length;
-    for (const t of new Set(Array.from(probe))) {
+    for (const t of new Set([...Array.from(probe), ...Array.from(pairs)])) {
       const list = this.index.postings.get(t);
       if (!list) continue;
       const idf = Math.log((n + 1) / (list.length + 0.5));

@@ -24,7 +24,7 @@ import { z } from "zod";
 import { cpuKernels as K } from "../../kernels/compaction.ts";
 import type { KvArray } from "../../kernels/kv-slots.ts";
 import type { KvCache, KvDtype } from "../kv-cache.ts";
-import { ColdTier, type ColdStorage } from "./cold-tier.ts";
+import { bigramKey, ColdTier, type ColdStorage } from "./cold-tier.ts";
 
 export type CompactionPolicyName = "none" | "window" | "attention";
 
@@ -339,9 +339,16 @@ export class KvCompactor {
    * follows); special tokens (the chat template's structure) are never searched for.
    */
   private lexicalScores(cold: ColdTier, probe: ArrayLike<number>): Float32Array {
-    const wanted = this.questionOf(probe).filter((t) => !this.ignoredTokens.has(t));
+    const question = this.questionOf(probe);
+    const wanted = question.filter((t) => !this.ignoredTokens.has(t));
+    // Adjacent pairs too: a needle shares "for table" with its question, where a distractor needle beside a
+    // filler sentence about a table shares each word alone (at 1M tokens such blocks tied with the needle).
+    const pairs: number[] = [];
+    for (let i = 1; i < question.length; i++) {
+      if (!this.ignoredTokens.has(question[i - 1]!) && !this.ignoredTokens.has(question[i]!)) pairs.push(bigramKey(question[i - 1]!, question[i]!));
+    }
     const scores = new Float32Array(cold.blockCount);
-    cold.lexicalScores(wanted, scores);
+    cold.lexicalScores(wanted, scores, pairs);
     for (let b = 0; b < scores.length; b++) if (scores[b]! <= 0) scores[b] = -1;
     return scores;
   }
