@@ -138,7 +138,7 @@ describe("KV compaction on both graph paths", () => {
     // Words repeat, so the last tokens' words are in archived blocks and recall brings some back.
     const prompt = Array.from({ length: 2000 }, (_, i) => 1000 + ((i * 7919) % 300));
     // float32 archives: int8 would round the two paths' (1e-6 apart) keys to different steps now and then.
-    const settings = compactionSettings("window", 256, { recall: true, recallBlocks: 2, coldFormat: "float32" });
+    const settings = compactionSettings("window", 512, { recall: true, recallBlocks: 2, coldFormat: "float32" });
     const runs = [];
     for (const model of models) {
       const cache = model.newCache();
@@ -148,9 +148,9 @@ describe("KV compaction on both graph paths", () => {
       runs.push({ cache, logits });
     }
     const [a, b] = runs;
-    expect(a!.cache.compactor!.stats.evicted).toBeGreaterThan(1500);
+    expect(a!.cache.compactor!.stats.evicted).toBeGreaterThan(1200);
     expect(a!.cache.compactor!.stats.recalledBlocks).toBeGreaterThan(0);
-    expect(a!.cache.length).toBeLessThanOrEqual(256);
+    expect(a!.cache.length).toBeLessThanOrEqual(512);
     expect(Array.from(b!.cache.positions.subarray(0, b!.cache.length))).toEqual(Array.from(a!.cache.positions.subarray(0, a!.cache.length)));
     let diff = 0;
     for (let i = 0; i < a!.logits.length; i++) diff = Math.max(diff, Math.abs(a!.logits[i]! - b!.logits[i]!));

@@ -104,13 +104,15 @@ export function compactionSettings(policy: CompactionPolicyName, budget: number,
   // At least 4: a single best block loses to a filler block that shares a rare word with the question.
   const recallBlocks = overrides.recallBlocks ?? Math.max(Math.min(4, Math.floor(budget / 4 / blockTokens)), Math.floor(budget / 16 / blockTokens));
   const probeTokens = overrides.probeTokens ?? 16;
-  // A recalled block comes with the block before it (a needle can straddle the boundary).
-  const recalled = recall ? 2 * recallBlocks * blockTokens : 0;
+  const slack = overrides.slack ?? Math.max(1, Math.min(256, Math.floor(budget / 16)));
+  // What a compaction can never drop besides the recent tokens: the sinks, recalled blocks (each with the
+  // block before it: a needle can straddle the boundary) and the tokens not archived yet (under a block).
+  const kept = sinks + (recall ? 2 * recallBlocks * blockTokens + blockTokens : 0);
   const s: CompactionSettings = {
     policy,
     budget,
     sinks,
-    recent: overrides.recent ?? (attention ? Math.floor(budget / 4) : budget - sinks - recalled - probeTokens),
+    recent: overrides.recent ?? Math.min(attention ? Math.floor(budget / 4) : budget, budget - slack - kept),
     recall,
     blockTokens,
     recallBlocks,
@@ -118,14 +120,20 @@ export function compactionSettings(policy: CompactionPolicyName, budget: number,
     coldFormat: overrides.coldFormat ?? "int8",
     probeTokens,
     recallScorer: overrides.recallScorer ?? "lexical",
-    slack: overrides.slack ?? Math.max(1, Math.min(256, Math.floor(budget / 16))),
+    slack,
   };
   if (!Number.isInteger(s.budget) || s.budget < 64) throw new RangeError(`the KV budget must be at least 64 slots, got ${budget}`);
-  if (s.sinks + s.recent > s.budget) throw new RangeError(`sinks (${s.sinks}) + recent (${s.recent}) exceed the budget (${s.budget})`);
-  if (s.recall && 2 * s.recallBlocks * s.blockTokens + s.sinks + s.recent + s.probeTokens > s.budget) {
-    throw new RangeError(`recalled blocks (${s.recallBlocks} x 2 x ${s.blockTokens}) + sinks + recent + probe tokens exceed the budget (${s.budget})`);
-  }
   if (s.slack >= s.budget) throw new RangeError("slack must be below the budget");
+  if (s.recent < 0 || !Number.isInteger(s.recent)) throw new RangeError(`the budget (${s.budget}) is too small for the sinks and recalled blocks asked for (recent window ${s.recent})`);
+  // Then a compaction always gets back under the budget less its slack, whatever is pinned.
+  if (kept + s.recent > s.budget - s.slack) {
+    throw new RangeError(
+      `sinks (${s.sinks}) + recent (${s.recent})` +
+        (s.recall ? ` + recalled blocks (${s.recallBlocks} x 2 x ${s.blockTokens}) + one block not archived yet` : "") +
+        ` exceed the budget less its slack (${s.budget} - ${s.slack})`,
+    );
+  }
+  if (s.recall && s.probeTokens > s.recent) throw new RangeError(`the probe (${s.probeTokens} tokens) must lie within the recent window (${s.recent})`);
   return s;
 }
 
