@@ -33,8 +33,6 @@ const PRESENT = /^present\.(\d+)\.(key|value)$/;
 const INPLACE_INPUTS = new Set(["input_ids", "slot_mask", "position_ids", "num_logits_to_keep", "rows_per_matmul"]);
 const CACHE = /^cache\.(\d+)\.(key|value)$/;
 const NEW = /^new\.(\d+)\.(key|value)$/;
-/** Optional outputs of an in-place graph that compaction reads (see scripts/lib/onnx-llama.ts). */
-const COMPACTION_OUTPUTS = /^(slot_attention|query\.\d+)$/;
 
 type Metadata = InferenceSession["inputMetadata"][number];
 function tensorType(meta: readonly Metadata[], name: string): string | null {
@@ -56,13 +54,13 @@ function inspectInplaceGraph(session: InferenceSession, folder: ModelFolder, fil
     }
   }
   const missing = [...expectedInputs.filter((n) => !inputs.includes(n)), ...expectedOutputs.filter((n) => !outputs.includes(n))];
-  const optional = outputs.filter((n) => COMPACTION_OUTPUTS.test(n));
+  // Compaction's outputs are optional (see scripts/lib/onnx-llama.ts): slot_attention, and query.N for all layers or none.
   const queries = Array.from({ length: layers }, (_, i) => `query.${i}`);
+  if (outputs.some((n) => queries.includes(n))) missing.push(...queries.filter((n) => !outputs.includes(n)));
   const extra = [
     ...inputs.filter((n) => !expectedInputs.includes(n)),
-    ...outputs.filter((n) => !expectedOutputs.includes(n) && !(n === "slot_attention" || queries.includes(n))),
+    ...outputs.filter((n) => !expectedOutputs.includes(n) && n !== "slot_attention" && !queries.includes(n)),
   ];
-  if (optional.some((n) => n !== "slot_attention") && !queries.every((n) => outputs.includes(n))) missing.push(...queries.filter((n) => !outputs.includes(n)));
   if (missing.length || extra.length || !inputs.every((n) => INPLACE_INPUTS.has(n) || CACHE.test(n))) {
     throw new ModelFolderError(
       `${file}: not an in-place KV graph for ${layers} layers` + (missing.length ? `; missing: ${missing.join(", ")}` : "") + (extra.length ? `; unexpected: ${extra.join(", ")}` : ""),
