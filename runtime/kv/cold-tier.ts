@@ -238,16 +238,6 @@ export class ColdTier {
     }
   }
 
-  /** Blocks holding the rarest of `terms` (token ids or bigramKeys) that any block holds; empty if none does. */
-  rarestBlocks(terms: ArrayLike<number>): number[] {
-    let best: number[] = [];
-    for (const t of Array.from(terms)) {
-      const list = this.index.postings.get(t);
-      if (list && (best.length === 0 || list.length < best.length)) best = list;
-    }
-    return best;
-  }
-
   /** Archives one block: per layer [kvHeads, count, headDim] keys and values (cache dtype), their positions and token ids. */
   add(keys: KvArray[], values: KvArray[], positions: Int32Array, tokens: Int32Array, count: number): void {
     const { layers, kvHeads, headDim } = this.shape;

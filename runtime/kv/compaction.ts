@@ -357,14 +357,6 @@ export class KvCompactor {
     }
     const scores = new Float32Array(cold.blockCount);
     cold.lexicalScores(wanted, scores, pairs);
-    // The question's most specific term (its rarest token or pair: "pass key", "for table") marks its
-    // block as good as the best, so that it passes the cutoff even where common question words ("What is
-    // the") make a filler block score higher.
-    let best = 0;
-    for (const x of scores) best = Math.max(best, x);
-    for (const b of cold.rarestBlocks([...wanted, ...pairs])) {
-      for (const end of [b, b + 1]) if (end < scores.length) scores[end] = Math.max(scores[end]!, best);
-    }
     for (let b = 0; b < scores.length; b++) if (scores[b]! <= 0) scores[b] = -1;
     return scores;
   }
