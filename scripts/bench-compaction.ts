@@ -21,6 +21,7 @@
 import { spawn } from "node:child_process";
 import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
+import type { EngineOptions } from "../runtime/index.ts";
 
 const { values } = parseArgs({
   options: {
@@ -79,15 +80,10 @@ const POLICIES: Record<string, { policy: "none" | "window" | "attention"; recall
   full: { policy: "none", recall: false },
 };
 
-async function runOne(spec: string): Promise<void> {
+/** The built-in model on --backend, one thread, with `compaction` (the --recent override added). */
+async function loadEngine(compaction: EngineOptions["compaction"]) {
   const { Engine } = await import("../runtime/index.ts");
-  const { FixtureTasks, answerIsRight, rngOf } = await import("./lib/fixture-tasks.ts");
-  const [sizeText, policyName, cold = "int8"] = spec.split(":");
-  const size = Number(sizeText);
-  const p = POLICIES[policyName!];
-  if (!p) throw new Error(`unknown policy ${policyName}`);
-  const budget = Number(values.budget);
-  const engine = await Engine.load({
+  return Engine.load({
     modelDir: values.model!,
     variant: "fp32",
     backend: values.backend as "native",
@@ -96,20 +92,30 @@ async function runOne(spec: string): Promise<void> {
     contextLength: 0,
     prefillChunk: 512,
     kvMemoryBytes: 2 ** 40,
-    compaction:
-      p.policy === "none"
-        ? undefined
-        : {
-            policy: p.policy,
-            budget,
-            recall: p.recall,
-            coldFormat: cold as "int8",
-            ...(Number(values.recent) > 0 ? { recent: Number(values.recent) } : {}),
-            ...(Number(values["recall-blocks"]) > 0 ? { recallBlocks: Number(values["recall-blocks"]) } : {}),
-            ...(values["recall-cutoff"] ? { recallCutoff: Number(values["recall-cutoff"]) } : {}),
-            ...(values.sinks ? { sinks: Number(values.sinks) } : {}),
-          },
+    compaction: compaction && { ...compaction, ...(Number(values.recent) > 0 ? { recent: Number(values.recent) } : {}) },
   });
+}
+
+async function runOne(spec: string): Promise<void> {
+  const { FixtureTasks, answerIsRight, rngOf } = await import("./lib/fixture-tasks.ts");
+  const [sizeText, policyName, cold = "int8"] = spec.split(":");
+  const size = Number(sizeText);
+  const p = POLICIES[policyName!];
+  if (!p) throw new Error(`unknown policy ${policyName}`);
+  const budget = Number(values.budget);
+  const engine = await loadEngine(
+    p.policy === "none"
+      ? undefined
+      : {
+          policy: p.policy,
+          budget,
+          recall: p.recall,
+          coldFormat: cold as "int8",
+          ...(Number(values["recall-blocks"]) > 0 ? { recallBlocks: Number(values["recall-blocks"]) } : {}),
+          ...(values["recall-cutoff"] ? { recallCutoff: Number(values["recall-cutoff"]) } : {}),
+          ...(values.sinks ? { sinks: Number(values.sinks) } : {}),
+        },
+  );
   const tasks = new FixtureTasks(engine.tokenizer, engine.template, "eval", { digits: true });
   const depths = Number(values.depths);
   const trials: Trial[] = [];
@@ -185,22 +191,12 @@ const pct = (t: Trial[], kind: string) => {
  * written again every turn.
  */
 async function sessionTurns(sizes: number[]): Promise<void> {
-  const { Engine, SessionManager, SnapshotStore } = await import("../runtime/index.ts");
+  const { SessionManager, SnapshotStore } = await import("../runtime/index.ts");
   const { FixtureTasks, rngOf } = await import("./lib/fixture-tasks.ts");
   const { mkdtempSync, rmSync, statSync } = await import("node:fs");
   const { tmpdir } = await import("node:os");
   const { join } = await import("node:path");
-  const engine = await Engine.load({
-    modelDir: values.model!,
-    variant: "fp32",
-    backend: values.backend as "native",
-    threads: 1,
-    queueLimit: 4,
-    contextLength: 0,
-    prefillChunk: 512,
-    kvMemoryBytes: 2 ** 40,
-    compaction: { policy: "window", budget: Number(values.budget), recall: true, ...(Number(values.recent) > 0 ? { recent: Number(values.recent) } : {}) },
-  });
+  const engine = await loadEngine({ policy: "window", budget: Number(values.budget), recall: true });
   const tasks = new FixtureTasks(engine.tokenizer, engine.template, "eval", { digits: true });
   console.log(`\nsession turns (window+recall): what one short turn writes once the session has read N tokens`);
   console.log("tokens  snapshot MB  write ms  turn ms");

@@ -19,17 +19,10 @@ import {
   topK,
 } from "../kernels/compaction.ts";
 import type { KvArray } from "../kernels/kv-slots.ts";
+import { createRng } from "../runtime/sampling.ts";
 
-function mulberry32(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+// The runtime's seeded PRNG (mulberry32).
+const mulberry32 = createRng;
 
 function randomF32(rng: () => number, n: number, scale = 1): Float32Array {
   const out = new Float32Array(n);

@@ -243,11 +243,9 @@ export class ColdTier {
     const { layers, kvHeads, headDim } = this.shape;
     const per = kvHeads * count * headDim;
     const floats = [...keys, ...values].map((a) => K.toFloat32(a));
-    const b = this.blocks.length;
-    this.reserveSummaries(b);
-    for (let l = 0; l < layers; l++) {
-      K.blockSummary(floats[l]!, count, 0, count, { heads: kvHeads, headDim }, this.mins[l]!, this.maxs[l]!, b * kvHeads * headDim);
-    }
+    const mins = Array.from({ length: layers }, () => new Float32Array(kvHeads * headDim));
+    const maxs = Array.from({ length: layers }, () => new Float32Array(kvHeads * headDim));
+    for (let l = 0; l < layers; l++) K.blockSummary(floats[l]!, count, 0, count, { heads: kvHeads, headDim }, mins[l]!, maxs[l]!);
     let data: Uint8Array;
     if (this.format === "int8") {
       const groups = per / headDim;
@@ -263,10 +261,7 @@ export class ColdTier {
       data = new Uint8Array(floats.length * per * 4);
       floats.forEach((f, i) => data.set(new Uint8Array(f.buffer, f.byteOffset, per * 4), i * per * 4));
     }
-    const offset = this.storage.append(data);
-    this.index.add(this.blocks.length, tokens.subarray(0, count));
-    this.blocks.push({ offset, bytes: data.length, positions: positions.slice(0, count), tokens: tokens.slice(0, count) });
-    this.archivedUpTo = positions[count - 1]! + 1;
+    this.addRaw({ data, positions: positions.subarray(0, count), tokens: tokens.subarray(0, count), mins, maxs });
   }
 
   /** Room in the summary arrays for block b (they grow by doubling). */
@@ -305,7 +300,7 @@ export class ColdTier {
     };
   }
 
-  /** Appends a block as rawBlock gave it (a restored snapshot, checked by its reader). */
+  /** Appends a block as rawBlock gave it (add's quantized block, or a restored snapshot's, checked by its reader). */
   addRaw(block: RawColdBlock): void {
     const { layers, kvHeads, headDim } = this.shape;
     const b = this.blocks.length;
