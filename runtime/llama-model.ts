@@ -228,7 +228,9 @@ export class LlamaModel {
     readonly backend: Backend,
     private readonly session: InferenceSession,
     readonly io: GraphIo,
-  ) {}
+  ) {
+    this.baseOutputs = session.outputNames.filter((n) => n !== "slot_attention" && !n.startsWith("query."));
+  }
 
   /** Opens the folder's in-place KV graph when it has one (folder.kvOnnxFile), else its Optimum graph. */
   static async load(folder: ModelFolder, backend: Backend): Promise<LlamaModel> {
@@ -329,7 +331,7 @@ export class LlamaModel {
       feeds[`past_key_values.${i}.key`] = new ort.Tensor(cache.dtype, layer.keys, pastDims);
       feeds[`past_key_values.${i}.value`] = new ort.Tensor(cache.dtype, layer.values, pastDims);
     }
-    const out = await this.run(feeds, this.baseOutputs);
+    const out = await this.run(feeds, [...this.baseOutputs]);
     for (let i = 0; i < this.io.layers; i++) cache.setPresentLayer(i, kvArray(out[`present.${i}.key`]!), kvArray(out[`present.${i}.value`]!));
     cache.appendPositions(seq, ids);
     const logits = this.readLogits(out.logits!, options.allLogits === true);
@@ -338,9 +340,7 @@ export class LlamaModel {
   }
 
   /** The outputs every run fetches (logits and the KV), not the compaction outputs, which cost time at long contexts. */
-  private get baseOutputs(): string[] {
-    return this.session.outputNames.filter((n) => n !== "slot_attention" && !n.startsWith("query."));
-  }
+  private readonly baseOutputs: readonly string[];
 
   /**
    * How many query rows of a kv head go into one matmul against the cache (the in-place graph's
