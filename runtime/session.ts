@@ -8,7 +8,7 @@ import type { ChatMessage } from "./chat-template.ts";
 import type { Engine, TokenizedPiece } from "./engine.ts";
 import type { KvCache } from "./kv-cache.ts";
 import type { KvHold } from "./kv-memory.ts";
-import type { KvOrigin, SnapshotData } from "./snapshot.ts";
+import type { KvOrigin, SnapshotData, SnapshotLog } from "./snapshot.ts";
 
 export interface SessionInfo {
   id: string;
@@ -68,6 +68,8 @@ export interface SessionState {
 export class Session {
   /** Order of last use, for LRU eviction. */
   lastUsed = nextUse();
+  /** The snapshot log in the store as it holds `state` (a compacted session's), or null: write it whole next. */
+  log: SnapshotLog | null = null;
   constructor(
     readonly tenant: string,
     readonly id: string,
@@ -137,6 +139,7 @@ export class Session {
             slotTokens: cache.tokens.subarray(0, cache.length),
             slotScores: cache.scores.subarray(0, cache.length),
             block: (b) => cache.compactor!.cold!.rawBlock(b),
+            archiveId: cache.compactor.cold?.archiveId,
           }
         : null,
       meta: {

@@ -25,8 +25,19 @@ import type { KvCache } from "./kv-cache.ts";
 import type { KvHold } from "./kv-memory.ts";
 import { ColdTier } from "./kv/cold-tier.ts";
 import { assertTemplateKwargsDepth, storedMessageSchema } from "./message-schema.ts";
-import { decodeSnapshot, encodeSnapshot, readSnapshotHeader, SnapshotError, type ByteSource, type KvOrigin, type SnapshotData, type SnapshotExpectation } from "./snapshot.ts";
-import { assertSessionId, FileByteSource, type SnapshotStore } from "./snapshot-store.ts";
+import {
+  decodeSnapshot,
+  encodeSnapshot,
+  encodeSnapshotDelta,
+  planSnapshotDelta,
+  SnapshotError,
+  SnapshotLogTail,
+  type ByteSource,
+  type KvOrigin,
+  type SnapshotData,
+  type SnapshotExpectation,
+} from "./snapshot.ts";
+import { assertSessionId, StaleLog, type FileByteSource, type SnapshotStore } from "./snapshot-store.ts";
 import { commonPrefix, nextUse, Session, sessionKey, templateDate, type SessionInfo, type SessionState } from "./session.ts";
 import { SessionLocks, type BusyPolicy } from "./session-locks.ts";
 
@@ -85,7 +96,7 @@ export class SessionManager {
   }
 
   /** Decodes a snapshot for this server, holding its KV in the memory budget (released if decoding fails). */
-  private async decode(source: ByteSource, what: string, ownStore: boolean): Promise<{ data: SnapshotData; hold: KvHold; cache: KvCache }> {
+  private async decode(source: ByteSource, what: string, ownStore: boolean, limitBytes?: number): Promise<{ data: SnapshotData; hold: KvHold; cache: KvCache }> {
     let hold: KvHold | null = null;
     const cache = this.engine.model.newCache();
     try {
@@ -93,14 +104,20 @@ export class SessionManager {
         ...this.snapshotExpectation(),
         kvArrays: (length) => cache.restoreTarget(length), // the KV is decoded straight into the cache's storage
         ownStore,
-        // A compacted session: its compactor as recorded, its archived blocks into a new archive of its own.
+        limitBytes,
+        // A compacted session: its compactor as recorded (then as each delta of its log says), its archived
+        // blocks into a new archive of its own.
         onCompaction: (state) => {
-          cache.compactor = this.engine.restoreCompactor(state);
+          if (cache.compactor) cache.compactor.adopt(state);
+          else cache.compactor = this.engine.restoreCompactor(state);
           const cold = cache.compactor.cold;
           return (block) => cold!.addRaw(block);
         },
+        // A log's deltas each bring a resident set: the hold follows the latest.
         reserveKv: (bytes) => {
           try {
+            (hold as KvHold | null)?.release();
+            hold = null;
             hold = this.engine.kvMemory.reserve(bytes, what);
           } catch (e) {
             // A snapshot larger than the whole budget can never be loaded here: say so as a size refusal.
@@ -192,18 +209,57 @@ export class SessionManager {
     let session = this.resident.get(key);
     if (!session) {
       await this.assertExists(tenant, id);
-      const { data, hold, cache } = await this.storeOf(tenant).read(id, (source) => this.decode(source, `reading session ${id} back`, true));
+      const store = this.storeOf(tenant);
+      const what = `reading session ${id} back`;
+      const read = (limitBytes?: number) => store.read(id, async (source) => ({ ...(await this.decode(source, what, true, limitBytes)), inode: (source as FileByteSource).inode }));
+      let decoded: Awaited<ReturnType<typeof read>>;
+      try {
+        decoded = await read();
+      } catch (e) {
+        if (!(e instanceof SnapshotLogTail)) throw e;
+        // A turn whose append did not finish (the process died): the session is as it was before that turn.
+        console.warn(`session ${id}: ${e.message}; the log is cut back to its ${e.validBytes} whole bytes`);
+        decoded = await read(e.validBytes);
+        await store.truncate(id, e.validBytes);
+      }
+      const { data, hold, cache, inode } = decoded;
       session = this.sessionFromSnapshot(data, hold, tenant, id, data.meta.origin, cache);
+      if (data.log) {
+        // The store's file, which the next turn may append to.
+        session.log = data.log;
+        store.recordCommitted(id, inode, data.log.bytes);
+      }
       this.resident.set(key, session);
     }
     session.lastUsed = nextUse();
     return session;
   }
 
-  /** Writes `state` as the session's snapshot; the session in memory is not touched. */
+  /**
+   * Writes `state` as the session's snapshot; the session in memory is not touched, but for its log's
+   * record. A compacted session whose log holds its current state gets a delta appended (what changed),
+   * until the deltas outweigh the whole snapshot they follow: then the log is written again whole, as
+   * one segment (so what a turn writes stays proportional to what it changed, over any number of turns).
+   */
   private async persist(session: Session, state: SessionState): Promise<void> {
+    const store = this.storeOf(session.tenant);
+    const next = session.toSnapshot(this.engine, state);
+    const log = session.log;
     try {
-      await this.storeOf(session.tenant).save(session.id, encodeSnapshot(session.toSnapshot(this.engine, state), this.options.chunkTokens));
+      if (log && log.bytes - log.baseBytes <= log.baseBytes) {
+        const plan = planSnapshotDelta(session.toSnapshot(this.engine, session.state), next);
+        try {
+          if (plan) {
+            const bytes = await store.append(session.id, encodeSnapshotDelta(next, plan, log.deltas + 1, log.bytes, this.options.chunkTokens), log.bytes);
+            session.log = { bytes, baseBytes: log.baseBytes, deltas: log.deltas + 1 };
+            return;
+          }
+        } catch (e) {
+          if (!(e instanceof StaleLog)) throw e; // another writer replaced the file: write it whole
+        }
+      }
+      const bytes = await store.save(session.id, encodeSnapshot(next, this.options.chunkTokens));
+      session.log = next.compaction ? { bytes, baseBytes: bytes, deltas: 0 } : null;
     } catch (e) {
       if (e instanceof RuntimeError) throw e;
       // The disk said no (full, read-only, gone): the client learns that the change did not happen; the log gets the cause.
@@ -364,19 +420,19 @@ export class SessionManager {
     const busy = this.locks.isHeld(sessionKey(tenant, id));
     if (session) return session.info(busy);
     await this.assertExists(tenant, id);
-    const h = await this.storeOf(tenant).read(id, readSnapshotHeader);
+    const h = await this.storeOf(tenant).summary(id);
     const bytesPerSlot = h.layers * 2 * h.kvHeads * h.headDim * (h.kvDtype === "float16" ? 2 : 4);
     return {
       id,
       object: "session",
-      created_at: Math.floor(h.meta.createdAt / 1000),
-      updated_at: Math.floor(h.meta.updatedAt / 1000),
+      created_at: Math.floor(h.createdAt / 1000),
+      updated_at: Math.floor(h.updatedAt / 1000),
       tokens_read: h.tokenCount,
       tokens_resident: h.length,
       kv_bytes: h.length * bytesPerSlot,
       kv_cold_bytes: h.compaction ? h.compaction.blocks * ColdTier.blockBytes(h, h.compaction.settings.coldFormat, h.compaction.settings.blockTokens) : 0,
       recalled_blocks: h.compaction?.recalledBlocks ?? 0,
-      messages: h.meta.messages.length,
+      messages: h.messages,
       in_memory: false,
       busy,
     };
@@ -413,8 +469,9 @@ export class SessionManager {
 
   /**
    * Streams the session's stored snapshot, which is always current (a change is persisted before it takes
-   * effect). The open file is the version current when the download began: a later turn renames a new file
-   * over it without touching what is being read, so no lock is held while a slow client reads.
+   * effect). The open file is the version current when the download began, up to its committed bytes: a
+   * later turn renames a new file over it, or appends a delta past those bytes, without touching what is
+   * being read, so no lock is held while a slow client reads.
    */
   async download(tenant: string, id: string): Promise<{ stream: ReadableStream<Uint8Array>; bytes: number }> {
     assertSessionId(id);
@@ -423,7 +480,7 @@ export class SessionManager {
     let source: FileByteSource;
     try {
       // A buffer of one chunk: each chunk is read straight into the bytes sent, not through a larger buffer.
-      source = await FileByteSource.open(this.storeOf(tenant).path(id), CHUNK);
+      source = await this.storeOf(tenant).open(id, CHUNK);
     } catch (e) {
       if ((e as NodeJS.ErrnoException).code === "ENOENT") throw new RuntimeError("not_found", `no session with id ${id}`);
       throw e;

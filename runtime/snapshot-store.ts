@@ -1,15 +1,18 @@
 /**
  * Where snapshots live between requests, restarts and machines: one file per session in a directory, and
  * one directory per tenant (the default tenant's is the root, so a single-tenant store keeps its layout).
- * Writes go to a temporary file that is synced and then renamed over the old one, and the directory is
- * synced after the rename, so a crash leaves either the previous snapshot or the new one, never half of
- * one. Temporary files carry the writing process's id; those of processes that no longer run (a crash)
- * are removed when the store is first used.
+ * A whole snapshot is written to a temporary file that is synced and then renamed over the old one, and
+ * the directory is synced after the rename, so a crash leaves either the previous snapshot or the new one,
+ * never half of one. A compacted session's snapshot is a log that a turn appends a delta to (append());
+ * a crash in the middle of an append leaves an unfinished delta at the end, which the next read finds
+ * (SnapshotLogTail) and cuts off (truncate()). Readers of a file being appended to (a download) read only
+ * its committed bytes (committedSize()). Temporary files carry the writing process's id; those of
+ * processes that no longer run (a crash) are removed when the store is first used.
  */
-import { mkdir, open, readdir, rename, rm, stat, type FileHandle } from "node:fs/promises";
+import { mkdir, open, readdir, rename, rm, stat, truncate, type FileHandle } from "node:fs/promises";
 import { join } from "node:path";
 import { invalidRequest } from "./errors.ts";
-import { SnapshotError, type ByteSource } from "./snapshot.ts";
+import { readSnapshotSummary, SnapshotError, type ByteSource, type SnapshotSummary } from "./snapshot.ts";
 
 const SUFFIX = ".ulsnap";
 /** The alphabet of session ids and tenant names: safe as file and folder names, and in logs unescaped. */
@@ -31,14 +34,21 @@ export class FileByteSource implements ByteSource {
     private readonly handle: FileHandle,
     readonly size: number,
     bufferBytes: number,
+    /** The file read (its inode): SnapshotStore.recordCommitted names the file a log was read from. */
+    readonly inode: number,
   ) {
     this.buffer = new Uint8Array(Math.max(16, Math.min(size, bufferBytes)));
   }
 
-  /** The default buffer (8 MB) is large enough that most snapshot frames (a chunk of one layer's keys or values) lie in it whole. */
-  static async open(path: string, bufferBytes = 8 << 20): Promise<FileByteSource> {
+  /**
+   * The default buffer (8 MB) is large enough that most snapshot frames (a chunk of one layer's keys or
+   * values) lie in it whole. `limit(inode, size)` may cut what is read to fewer bytes than the file has
+   * (its committed bytes, while an append may be under way).
+   */
+  static async open(path: string, bufferBytes = 8 << 20, limit?: (inode: number, size: number) => number): Promise<FileByteSource> {
     const handle = await open(path, "r");
-    return new FileByteSource(handle, (await handle.stat()).size, bufferBytes);
+    const { ino, size } = await handle.stat();
+    return new FileByteSource(handle, limit ? Math.min(size, limit(ino, size)) : size, bufferBytes, ino);
   }
 
   private zero: Promise<FileHandle | null> | null = null;
@@ -72,7 +82,7 @@ export class FileByteSource implements ByteSource {
         this.end -= this.start;
         this.start = 0;
         while (this.end < n) {
-          const { bytesRead } = await this.handle.read(this.buffer, this.end, this.buffer.length - this.end, this.position);
+          const { bytesRead } = await this.handle.read(this.buffer, this.end, Math.min(this.buffer.length - this.end, this.size - this.position), this.position);
           if (bytesRead === 0) break;
           this.position += bytesRead;
           this.end += bytesRead;
@@ -93,13 +103,13 @@ export class FileByteSource implements ByteSource {
       if (this.start === this.end) {
         if (n - filled >= this.buffer.length) {
           // Large reads go straight into the destination.
-          const { bytesRead } = await this.handle.read(out, filled, n - filled, this.position);
+          const { bytesRead } = await this.handle.read(out, filled, Math.min(n - filled, this.size - this.position), this.position);
           this.position += bytesRead;
           filled += bytesRead;
           if (bytesRead === 0) break;
           continue;
         }
-        const { bytesRead } = await this.handle.read(this.buffer, 0, this.buffer.length, this.position);
+        const { bytesRead } = await this.handle.read(this.buffer, 0, Math.min(this.buffer.length, this.size - this.position), this.position);
         this.position += bytesRead;
         this.start = 0;
         this.end = bytesRead;
@@ -116,6 +126,14 @@ export class FileByteSource implements ByteSource {
   async close(): Promise<void> {
     await this.handle.close();
     await (await this.zero)?.close();
+  }
+}
+
+/** An append refused because the file is not the log this store holds (see SnapshotStore.append). */
+export class StaleLog extends Error {
+  constructor(id: string) {
+    super(`the snapshot of ${id} is not the log this store last wrote`);
+    this.name = "StaleLog";
   }
 }
 
@@ -138,6 +156,8 @@ function processAlive(pid: number): boolean {
 export class SnapshotStore {
   private ready: Promise<void> | null = null;
   private readonly tenants = new Map<string, SnapshotStore>();
+  /** Per session id: the file (inode) this store last wrote and its bytes once that write was whole. */
+  private readonly committed = new Map<string, { inode: number; bytes: number }>();
 
   constructor(readonly dir: string) {}
 
@@ -243,19 +263,109 @@ export class SnapshotStore {
   async save(id: string, chunks: Iterable<Uint8Array>): Promise<number> {
     const target = this.path(id);
     const { path, bytes } = await this.writeTemp(id, chunks);
+    let inode: number;
     try {
+      inode = (await stat(path)).ino;
       await rename(path, target);
     } catch (e) {
       await rm(path, { force: true });
       throw e;
     }
+    this.committed.set(id, { inode, bytes });
     await this.syncDir();
     return bytes;
   }
 
-  /** Opens the session's snapshot for reading, runs `fn`, and closes it. */
-  read<T>(id: string, fn: (source: ByteSource) => Promise<T>): Promise<T> {
-    return this.readFile(this.path(id), fn);
+  /**
+   * Appends the chunks to the session's snapshot, whose committed length is `at` (bytes past it, left by
+   * an append that failed, are cut off first), and syncs it; returns the new length. On failure the file
+   * is cut back to `at` (if that fails too, the next read finds an unfinished segment and cuts it off).
+   * Throws StaleLog, writing nothing, unless the file is the one this store last wrote or read (another
+   * writer replaced it): the caller writes the snapshot whole instead.
+   */
+  async append(id: string, chunks: Iterable<Uint8Array>, at: number): Promise<number> {
+    const handle = await open(this.path(id), "r+");
+    let bytes = at;
+    try {
+      const { size, ino } = await handle.stat();
+      const known = this.committed.get(id);
+      if (!known || known.inode !== ino || known.bytes !== at || size < at) {
+        await handle.close();
+        throw new StaleLog(id);
+      }
+      if (size > at) await handle.truncate(at);
+      for (const chunk of chunks) {
+        await handle.write(chunk, 0, chunk.length, bytes);
+        bytes += chunk.length;
+      }
+      await handle.sync();
+      this.committed.set(id, { inode: ino, bytes });
+    } catch (e) {
+      if (e instanceof StaleLog) throw e;
+      await handle.truncate(at).catch(() => {});
+      throw e;
+    } finally {
+      await handle.close().catch(() => {});
+    }
+    return bytes;
+  }
+
+  /** Records that the session's file `inode` holds `bytes` whole bytes (a log just read back: its next turn appends). */
+  recordCommitted(id: string, inode: number, bytes: number): void {
+    this.committed.set(id, { inode, bytes });
+  }
+
+  /** Cuts the session's snapshot to its first `bytes` (a log's unfinished last segment: SnapshotLogTail). */
+  async truncate(id: string, bytes: number): Promise<void> {
+    await truncate(this.path(id), bytes);
+    const ino = (await stat(this.path(id))).ino;
+    this.committed.set(id, { inode: ino, bytes });
+  }
+
+  /**
+   * How much of a file of the session's that a reader opened (`inode`, `size` bytes now) is whole: all of
+   * it, unless it is the file an append may be extending now, whose bytes past the last commit are not.
+   */
+  committedSize(id: string, inode: number, size: number): number {
+    const c = this.committed.get(id);
+    return c && c.inode === inode ? Math.min(c.bytes, size) : size;
+  }
+
+  /** Opens the session's snapshot for reading (its committed bytes), runs `fn`, and closes it. */
+  async read<T>(id: string, fn: (source: ByteSource) => Promise<T>): Promise<T> {
+    const source = await this.open(id);
+    try {
+      return await fn(source);
+    } finally {
+      await source.close();
+    }
+  }
+
+  /** The session's snapshot as a source of its committed bytes (the caller closes it). */
+  open(id: string, bufferBytes?: number): Promise<FileByteSource> {
+    return FileByteSource.open(this.path(id), bufferBytes, (inode, size) => this.committedSize(id, inode, size));
+  }
+
+  /** The headers of the session's snapshot (a listing), without reading its tensors. */
+  async summary(id: string): Promise<SnapshotSummary> {
+    const handle = await open(this.path(id), "r");
+    try {
+      const { ino, size: fileSize } = await handle.stat();
+      const size = this.committedSize(id, ino, fileSize);
+      const readAt = async (offset: number, n: number) => {
+        const out = new Uint8Array(Math.max(0, Math.min(n, size - offset)));
+        let done = 0;
+        while (done < out.length) {
+          const { bytesRead } = await handle.read(out, done, out.length - done, offset + done);
+          if (bytesRead === 0) break;
+          done += bytesRead;
+        }
+        return out.subarray(0, done);
+      };
+      return await readSnapshotSummary(readAt, size);
+    } finally {
+      await handle.close();
+    }
   }
 
   async size(id: string): Promise<number> {
@@ -265,6 +375,7 @@ export class SnapshotStore {
   /** Deletes the session's snapshot; throws if it exists and cannot be deleted. */
   async remove(id: string): Promise<void> {
     await rm(this.path(id), { force: true });
+    this.committed.delete(id);
     await this.syncDir();
   }
 

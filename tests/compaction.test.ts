@@ -3,7 +3,7 @@
  * model, so retrieval means something), real tokenizer and template, real archive files.
  */
 import { describe, expect, test } from "bun:test";
-import { existsSync, mkdtempSync, readdirSync, rmSync } from "node:fs";
+import { appendFileSync, cpSync, existsSync, mkdtempSync, readdirSync, rmSync, statSync, truncateSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { Engine } from "../runtime/index.ts";
@@ -303,5 +303,178 @@ describe("compaction over HTTP", () => {
     const body = (await res.json()) as { choices: { message: { content: string } }[]; usage: { prompt_tokens: number } };
     expect(body.usage.prompt_tokens).toBeGreaterThan(7000);
     expect(answerIsRight(body.choices[0]!.message.content, s.key)).toBe(true);
+  }, 120_000);
+});
+
+describe("compacted sessions' snapshot log", () => {
+  const options = { memoryBudgetBytes: 2 ** 30, busy: "wait" as const, chunkTokens: 512 };
+  const askTurn = (content: string) => ({ messages: (current: { role: string; content: unknown }[]) => [...current, { role: "user", content }], maxTokens: 8, ...greedy });
+  const sizeOf = (store: { path(id: string): string }, id: string) => statSync(store.path(id)).size;
+
+  test("a turn appends what changed: after 12K tokens read it writes about what one after 2K does; the log reads back (restart, listing, download + upload) and answers the same", async () => {
+    const { SessionManager, SnapshotStore } = await import("../runtime/index.ts");
+    const { tempDir } = await import("./helpers/sessions.ts");
+    const written: Record<number, { base: number; turn: number }> = {};
+    for (const size of [2000, 12000]) {
+      const dir = tempDir("session-log");
+      const store = new SnapshotStore(dir);
+      const manager = new SessionManager(windowRecall, store, options);
+      const s = tasks.haystack(rngOf(31), { kind: "passkey", exactTokens: size, depth: 0.4, dateString: "26 Jul 2024", distractorEvery: 0 });
+      await manager.create({ tenant: "default", id: "doc", messages: [{ role: "user", content: s.content.slice(0, s.content.lastIndexOf(" What is")) }], templateKwargs: { date_string: "26 Jul 2024" } });
+      const base = sizeOf(store, "doc");
+      const first = await manager.turn("default", "doc", askTurn("What is the pass key?"));
+      written[size] = { base, turn: sizeOf(store, "doc") - base };
+      if (size !== 12000) continue;
+      expect(answerIsRight(first.text, s.key)).toBe(true);
+      const before = await manager.info("default", "doc");
+
+      // A restart on a copy of the store: the listing reads the log's last state; the next turn answers as
+      // the session that never left memory does.
+      const copyDir = tempDir("session-log-copy");
+      cpSync(dir, copyDir, { recursive: true });
+      const restarted = new SessionManager(windowRecall, new SnapshotStore(copyDir), options);
+      const listed = await restarted.info("default", "doc");
+      expect(listed.in_memory).toBe(false);
+      expect({ ...listed, in_memory: true }).toEqual(before);
+      const [a, b] = [await restarted.turn("default", "doc", askTurn("And the pass key again?")), await manager.turn("default", "doc", askTurn("And the pass key again?"))];
+      expect(a.tokenIds).toEqual(b.tokenIds);
+      expect(await restarted.info("default", "doc")).toEqual(await manager.info("default", "doc"));
+
+      // Downloaded (two deltas now) and uploaded into another store, it answers as the original.
+      const { stream } = await manager.download("default", "doc");
+      const other = new SessionManager(windowRecall, new SnapshotStore(tempDir("session-log-upload")), options);
+      await other.upload("default", "copy", stream, 2 ** 30);
+      const [c, d] = [await other.turn("default", "copy", askTurn("What is the pass key?")), await manager.turn("default", "doc", askTurn("What is the pass key?"))];
+      expect(c.tokenIds).toEqual(d.tokenIds);
+      expect(answerIsRight(c.text, s.key)).toBe(true);
+    }
+    // The 12K session's archive and tokens were written once, with its first segment: its turn writes what
+    // the 2K session's does (the resident set and the new tokens), not its history again.
+    expect(written[12000]!.base).toBeGreaterThan(3 * written[2000]!.base);
+    expect(written[12000]!.turn).toBeLessThan(written[12000]!.base / 4);
+    expect(written[12000]!.turn).toBeLessThan(2 * written[2000]!.turn);
+  }, 300_000);
+
+  test("a turn whose append did not finish (a crash) is cut off when the session is read back: it is as it was before that turn", async () => {
+    const { SessionManager, SnapshotStore } = await import("../runtime/index.ts");
+    const { tempDir } = await import("./helpers/sessions.ts");
+    const dir = tempDir("session-log-torn");
+    const store = new SnapshotStore(dir);
+    const manager = new SessionManager(windowRecall, store, options);
+    const s = tasks.haystack(rngOf(32), { kind: "passkey", exactTokens: 3000, depth: 0.5, dateString: "26 Jul 2024", distractorEvery: 0 });
+    await manager.create({ tenant: "default", id: "doc", messages: [{ role: "user", content: s.content }], templateKwargs: { date_string: "26 Jul 2024" } });
+    await manager.turn("default", "doc", askTurn("What is the pass key?"));
+    const committed = sizeOf(store, "doc");
+    const asBefore = await manager.info("default", "doc");
+    const beforeDir = tempDir("session-log-before");
+    cpSync(dir, beforeDir, { recursive: true });
+    await manager.turn("default", "doc", askTurn("What is the pass key?"));
+    const full = sizeOf(store, "doc");
+    expect(full).toBeGreaterThan(committed);
+    // The process died halfway through writing the second turn's delta.
+    truncateSync(store.path("doc"), committed + Math.floor((full - committed) / 2));
+    const restarted = new SessionManager(windowRecall, new SnapshotStore(dir), options);
+    const control = new SessionManager(windowRecall, new SnapshotStore(beforeDir), options);
+    const [a, b] = [await restarted.turn("default", "doc", askTurn("What is the pass key?")), await control.turn("default", "doc", askTurn("What is the pass key?"))];
+    expect(a.tokenIds).toEqual(b.tokenIds);
+    expect(a.promptTokens).toBe(b.promptTokens);
+    expect((await restarted.info("default", "doc")).messages).toBe(asBefore.messages + 2);
+    // The unfinished bytes are gone: the log holds the first turn, then the turn just answered.
+    expect(sizeOf(new SnapshotStore(dir), "doc")).toBe(sizeOf(new SnapshotStore(beforeDir), "doc"));
+  }, 300_000);
+
+  test("the log is written whole again once its deltas outweigh it, and a download never includes an append under way", async () => {
+    const { SessionManager, SnapshotStore } = await import("../runtime/index.ts");
+    const { tempDir } = await import("./helpers/sessions.ts");
+    const dir = tempDir("session-log-rewrite");
+    const store = new SnapshotStore(dir);
+    const manager = new SessionManager(windowRecall, store, options);
+    const s = tasks.haystack(rngOf(33), { kind: "passkey", exactTokens: 1500, depth: 0.5, dateString: "26 Jul 2024", distractorEvery: 0 });
+    await manager.create({ tenant: "default", id: "doc", messages: [{ role: "user", content: s.content }], templateKwargs: { date_string: "26 Jul 2024" } });
+    const base = sizeOf(store, "doc");
+    let largest = base;
+    let rewritten = false;
+    for (let turn = 0; turn < 12 && !rewritten; turn++) {
+      const before = sizeOf(store, "doc");
+      await manager.turn("default", "doc", askTurn(`Question ${turn}: what is the pass key?`));
+      const after = sizeOf(store, "doc");
+      largest = Math.max(largest, after);
+      rewritten = after < before;
+    }
+    expect(rewritten).toBe(true);
+    // Deltas stop once they outweigh the segment they follow: the file stays within about twice its whole size.
+    expect(largest).toBeLessThan(3 * base);
+
+    // Bytes past the committed end (an append in progress) are not part of a download.
+    const committed = sizeOf(store, "doc");
+    appendFileSync(store.path("doc"), new Uint8Array(1000).fill(7));
+    const { stream, bytes } = await manager.download("default", "doc");
+    expect(bytes).toBe(committed);
+    const other = new SessionManager(windowRecall, new SnapshotStore(tempDir("session-log-rewrite-up")), options);
+    await other.upload("default", "copy", stream, 2 ** 30);
+    const [a, b] = [await other.turn("default", "copy", askTurn("What is the pass key?")), await manager.turn("default", "doc", askTurn("What is the pass key?"))];
+    expect(a.tokenIds).toEqual(b.tokenIds);
+  }, 300_000);
+});
+
+describe("compacted snapshot logs from outside", () => {
+  test("a delta that does not fit the state before it is refused, naming what is wrong; an unfinished one in an upload is refused, not cut off", async () => {
+    const { decodeSnapshot, encodeSnapshotDelta, planSnapshotDelta } = await import("../runtime/snapshot.ts");
+    const { SessionManager, SnapshotStore } = await import("../runtime/index.ts");
+    const { tempDir } = await import("./helpers/sessions.ts");
+    const manager = new SessionManager(windowRecall, new SnapshotStore(tempDir("delta-refusals")), { memoryBudgetBytes: 2 ** 30, busy: "wait", chunkTokens: 512 });
+    const s = tasks.haystack(rngOf(34), { kind: "passkey", exactTokens: 3000, depth: 0.5, dateString: "26 Jul 2024", distractorEvery: 0 });
+    await manager.create({ tenant: "default", id: "doc", messages: [{ role: "user", content: s.content }], templateKwargs: { date_string: "26 Jul 2024" } });
+    const download = async () => new Uint8Array(await new Response((await manager.download("default", "doc")).stream).arrayBuffer());
+    const before = await download();
+    // A long turn: tokens leave the recent window, so the delta carries newly archived blocks too.
+    await manager.turn("default", "doc", { messages: (m) => [...m, { role: "user", content: `${s.content.slice(0, 2000)} What is the pass key?` }], maxTokens: 8, ...greedy });
+    const after = await download();
+    // The first segment is not written again: the turn's bytes follow it.
+    expect(after.length).toBeGreaterThan(before.length);
+    expect(Buffer.compare(after.subarray(0, before.length), before)).toBe(0);
+
+    const source = (b: Uint8Array) => {
+      let at = 0;
+      return { read: async (n: number) => b.slice(at, (at += n) > b.length ? b.length : at) };
+    };
+    const read = async (bytes: Uint8Array) => {
+      const blocks: import("../runtime/kv/cold-tier.ts").RawColdBlock[] = [];
+      const data = await decodeSnapshot(source(bytes), { ...manager.snapshotExpectation(), onCompaction: () => (block) => void blocks.push(block) });
+      return { ...data, compaction: { ...data.compaction!, block: (b: number) => blocks[b]!, archiveId: "one archive" } };
+    };
+    const previous = await read(before);
+    const next = await read(after);
+    expect(next.log).toEqual({ bytes: after.length, baseBytes: before.length, deltas: 1 });
+    expect(next.compaction.state.blocks).toBeGreaterThan(previous.compaction.state.blocks);
+    const plan = planSnapshotDelta(previous, next)!;
+    expect(plan.newSlots).toBeLessThan(next.length);
+    const withDelta = (p: typeof plan, seq = 1, at = before.length) => Buffer.concat([before, ...encodeSnapshotDelta(next, p, seq, at, 512)]);
+    // Written again from the decoded states, the delta reads back to the same state.
+    const again = await read(withDelta(plan));
+    expect(Array.from(again.tokens)).toEqual(Array.from(next.tokens));
+    expect(Array.from(again.positions.subarray(0, again.length))).toEqual(Array.from(next.positions.subarray(0, next.length)));
+    expect(again.meta.messages).toEqual(next.meta.messages);
+    for (let l = 0; l < next.layers; l++) {
+      const slots = (d: typeof next, a: import("../kernels/kv-slots.ts").KvArray) => Array.from({ length: d.kvHeads }, (_, h) => Array.from(a.subarray(h * d.arraySlots! * d.headDim, (h * d.arraySlots! + d.length) * d.headDim)));
+      expect(slots(again, again.keys[l]!)).toEqual(slots(next, next.keys[l]!));
+      expect(slots(again, again.values[l]!)).toEqual(slots(next, next.values[l]!));
+    }
+
+    const refused = (bytes: Uint8Array, message: RegExp) => expect(decodeSnapshot(source(bytes), { ...manager.snapshotExpectation(), onCompaction: () => () => {} })).rejects.toThrow(message);
+    const map = (edit: (m: Int32Array) => void) => {
+      const slotMap = plan.slotMap.slice();
+      edit(slotMap);
+      return { ...plan, slotMap };
+    };
+    const reused = plan.slotMap.findIndex((j) => j >= 0);
+    await refused(withDelta(map((m) => (m[reused] = previous.length + 3))), /refers to slot/);
+    await refused(withDelta(plan, 2), /numbered 2/);
+    await refused(withDelta({ ...plan, tokensKeep: previous.tokens.length + 1 }), /keeps \d+ tokens/);
+    await refused(withDelta({ ...plan, messagesKeep: previous.meta.messages.length + 1 }), /keeps \d+ messages/);
+    await refused(withDelta(map((m) => (m[reused] = -1))), /new slots/);
+    await refused(withDelta(plan, 1, 12), /trailer/);
+    // An upload is read strictly: an unfinished delta is a truncated file.
+    await refused(withDelta(plan).subarray(0, before.length + 100), /truncated/);
   }, 120_000);
 });

@@ -223,7 +223,7 @@ describe("uploads that must be refused, each with its cause, leaving the target 
 
   test("another format version: unsupported_version", async () => {
     const header = unpackr.unpack(frames(good)[0]!.payload) as Record<string, unknown>;
-    await refused(replaceFrame(good, 0, packr.pack({ ...header, version: 3 })), 400, "unsupported_version", /format version 3; this server reads versions 1 and 2/);
+    await refused(replaceFrame(good, 0, packr.pack({ ...header, version: 4 })), 400, "unsupported_version", /format version 4; this server reads versions 1, 2, 3/);
   });
 
   test("another model's snapshot: model_mismatch", async () => {

@@ -166,6 +166,11 @@ export class ColdTier {
   maxs: Float32Array[];
   /** Every token before this position is archived. */
   archivedUpTo = 0;
+  /**
+   * Names the archive: clones share it (and its first blocks), a new tier gets a new one. A session's
+   * snapshot log appends a turn's new blocks only to the archive it already holds.
+   */
+  archiveId: string = crypto.randomUUID();
 
   constructor(
     private readonly shape: CompactionShape,
@@ -206,6 +211,7 @@ export class ColdTier {
     copy.mins = this.mins.map((a) => a.slice());
     copy.maxs = this.maxs.map((a) => a.slice());
     copy.archivedUpTo = this.archivedUpTo;
+    copy.archiveId = this.archiveId;
     return copy;
   }
 

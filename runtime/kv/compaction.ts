@@ -224,10 +224,18 @@ export class KvCompactor {
   ): KvCompactor {
     const settings = compactionSettings(state.settings.policy, state.settings.budget, state.settings);
     const compactor = KvCompactor.create(settings, shape, storage, ignoredTokens, questionOf);
-    const { evicted, compactions, recalls, recalledBlocks } = state;
-    Object.assign(compactor.stats, { evicted, compactions, recalls, recalledBlocks });
-    compactor.pinned = state.pinned;
+    compactor.adopt(state);
     return compactor;
+  }
+
+  /**
+   * Takes a later state of the same compactor (a snapshot log's delta): its counters and pinned slots. Its
+   * archive grows by the blocks that follow it in the log.
+   */
+  adopt(state: CompactionState): void {
+    const { evicted, compactions, recalls, recalledBlocks } = state;
+    Object.assign(this.stats, { evicted, compactions, recalls, recalledBlocks });
+    this.pinned = state.pinned;
   }
 
   clone(): KvCompactor {
