@@ -21,7 +21,7 @@
 import { spawn } from "node:child_process";
 import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
-import type { EngineOptions } from "../runtime/index.ts";
+import type { EngineOptions, TurnRequest } from "../runtime/index.ts";
 
 const { values } = parseArgs({
   options: {
@@ -44,8 +44,12 @@ const { values } = parseArgs({
     model: { type: "string", default: fileURLToPath(new URL("../models/builtin/", import.meta.url)) },
     // One configuration, in this process (what the parent spawns): --one size:policy[:cold]
     one: { type: "string" },
-    // What a session turn writes once the session has read this many tokens (window+recall), "" = skip.
-    "session-sizes": { type: "string", default: "4096,32768,131072" },
+    // What a session turn writes once the session has read this many tokens (window+recall), "" = skip;
+    // the largest is also downloaded and uploaded into a new process, which must answer the same.
+    "session-sizes": { type: "string", default: "4096,32768,131072,1048576" },
+    // The new process's side of that (internal).
+    restore: { type: "string" },
+    question: { type: "string" },
   },
 });
 
@@ -186,47 +190,114 @@ const pct = (t: Trial[], kind: string) => {
 };
 
 /**
- * A compacted session per size: read a document of `size` tokens, then one short turn; what that turn
- * wrote (the snapshot file) and how long the write took. Today the whole snapshot, archive included, is
- * written again every turn.
+ * A compacted session per size: read a document of `size` tokens (its snapshot log's first segment), then
+ * two short turns; what each turn wrote to the store (bytes appended, or the whole file when it was
+ * rewritten) and how long the write took. Then the largest session is downloaded, uploaded into a new
+ * process (--restore), and asked the same question there as here: the answers must be the same tokens.
  */
 async function sessionTurns(sizes: number[]): Promise<void> {
   const { SessionManager, SnapshotStore } = await import("../runtime/index.ts");
-  const { FixtureTasks, rngOf } = await import("./lib/fixture-tasks.ts");
-  const { mkdtempSync, rmSync, statSync } = await import("node:fs");
+  const { FixtureTasks, answerIsRight, rngOf } = await import("./lib/fixture-tasks.ts");
+  const { mkdtempSync, rmSync, statSync, createWriteStream } = await import("node:fs");
   const { tmpdir } = await import("node:os");
   const { join } = await import("node:path");
+  const { pipeline } = await import("node:stream/promises");
+  const { Readable } = await import("node:stream");
   const engine = await loadEngine({ policy: "window", budget: Number(values.budget), recall: true });
   const tasks = new FixtureTasks(engine.tokenizer, engine.template, "eval", { digits: true });
-  console.log(`\nsession turns (window+recall): what one short turn writes once the session has read N tokens`);
-  console.log("tokens  snapshot MB  write ms  turn ms");
+  console.log(`\nsession turns (window+recall, budget ${values.budget}): what a short turn writes once the session has read N tokens`);
+  console.log("tokens  first segment MB  turn 1 KB  write ms  turn 2 KB  write ms  right");
+  const question = (content: string): TurnRequest => ({ messages: (m) => [...m, { role: "user", content }], maxTokens: 8, sampling: { temperature: 0 }, stop: [] });
+  const largest = Math.max(...sizes);
   for (const size of sizes) {
     const dir = mkdtempSync(join(tmpdir(), "bench-session-"));
     const store = new SnapshotStore(dir);
     const manager = new SessionManager(engine, store, { memoryBudgetBytes: 2 ** 40, busy: "wait", chunkTokens: 4096 });
     const sample = tasks.haystack(rngOf(size), { kind: "passkey", exactTokens: size, depth: 0.5, dateString: "26 Jul 2024" });
-    await manager.create({ tenant: "default", id: "s", messages: [{ role: "user", content: sample.content }], templateKwargs: { date_string: "26 Jul 2024" } });
-    // Time the store's save (the write) inside the turn.
-    const save = store.save.bind(store);
+    const document = sample.content.slice(0, sample.content.lastIndexOf(" What is"));
+    await manager.create({ tenant: "default", id: "s", messages: [{ role: "user", content: document }], templateKwargs: { date_string: "26 Jul 2024" } });
+    const base = statSync(store.path("s")).size;
+    // Time the store's writes (a whole snapshot or an appended delta) inside each turn.
     let writeMs = 0;
-    store.save = async (id, chunks) => {
+    for (const method of ["save", "append"] as const) {
+      const original = store[method].bind(store) as (...args: unknown[]) => Promise<number>;
+      (store as unknown as Record<string, unknown>)[method] = async (...args: unknown[]) => {
+        const t0 = performance.now();
+        try {
+          return await original(...args);
+        } finally {
+          writeMs += performance.now() - t0;
+        }
+      };
+    }
+    const cells: string[] = [];
+    let right = false;
+    let before = base;
+    for (const ask of ["What is the pass key?", "Thanks. What is the pass key again?"]) {
+      writeMs = 0;
+      const answer = await manager.turn("default", "s", question(ask));
+      right ||= answerIsRight(answer.text, sample.key);
+      const now = statSync(store.path("s")).size;
+      // A rewrite shows as the whole file; an append as the bytes it added.
+      cells.push((((now > before ? now - before : now) / 1024).toFixed(0)).padStart(9), writeMs.toFixed(0).padStart(8));
+      before = now;
+    }
+    console.log(`${String(size).padStart(7)}  ${(base / 2 ** 20).toFixed(1).padStart(16)}  ${cells.join("  ")}  ${right ? "yes" : "no"}`);
+    if (size === largest) {
+      // Download, upload in a new process, ask the same next question in both.
+      const file = join(dir, "download.ulsnap");
+      const { stream, bytes } = await manager.download("default", "s");
+      await pipeline(Readable.fromWeb(stream as unknown as import("node:stream/web").ReadableStream), createWriteStream(file));
+      const next = "One more time: what is the pass key?";
+      const here = await manager.turn("default", "s", question(next));
       const t0 = performance.now();
-      const n = await save(id, chunks);
-      writeMs += performance.now() - t0;
-      return n;
-    };
-    const t0 = performance.now();
-    await manager.turn("default", "s", { messages: (m) => [...m, { role: "user", content: "What is the pass key?" }], maxTokens: 8, sampling: { temperature: 0 }, stop: [] });
-    const turnMs = performance.now() - t0;
-    const bytes = statSync(store.path("s")).size;
-    console.log(`${String(size).padStart(6)}  ${(bytes / 2 ** 20).toFixed(1).padStart(11)}  ${writeMs.toFixed(0).padStart(8)}  ${turnMs.toFixed(0).padStart(7)}`);
+      const there = await restoreElsewhere(file, next);
+      console.log(
+        `session of ${size} tokens: snapshot download ${(bytes / 2 ** 20).toFixed(1)} MB; uploaded and answered in a new process in ${((performance.now() - t0) / 1000).toFixed(1)} s; same tokens as here: ${JSON.stringify(there) === JSON.stringify(here.tokenIds) ? "yes" : "NO"} (${JSON.stringify(here.text)})`,
+      );
+    }
     rmSync(dir, { recursive: true, force: true });
   }
   await engine.close();
 }
 
+/** Spawns this script with --restore: upload `file` into a fresh store there, ask `question`, return its tokens. */
+function restoreElsewhere(file: string, question: string): Promise<number[]> {
+  return new Promise((resolve, reject) => {
+    const args = [fileURLToPath(import.meta.url), "--restore", file, "--question", question];
+    for (const k of ["budget", "backend", "model", "recent"] as const) args.push(`--${k}`, values[k]!);
+    const proc = spawn(process.execPath, args, { stdio: ["ignore", "pipe", "inherit"] });
+    let out = "";
+    proc.stdout.on("data", (d: Buffer) => (out += d.toString()));
+    proc.on("close", (code) => {
+      const line = out.split("\n").find((l) => l.startsWith("TOKENS "));
+      if (code !== 0 || !line) reject(new Error(`restoring in a new process failed (exit ${code})`));
+      else resolve(JSON.parse(line.slice(7)) as number[]);
+    });
+  });
+}
+
+/** The --restore side: a new engine and store, the snapshot uploaded as a client would, one turn. */
+async function restore(file: string, question: string): Promise<void> {
+  const { SessionManager, SnapshotStore } = await import("../runtime/index.ts");
+  const { mkdtempSync, createReadStream, rmSync } = await import("node:fs");
+  const { tmpdir } = await import("node:os");
+  const { join } = await import("node:path");
+  const { Readable } = await import("node:stream");
+  const engine = await loadEngine({ policy: "window", budget: Number(values.budget), recall: true });
+  const dir = mkdtempSync(join(tmpdir(), "bench-restore-"));
+  const manager = new SessionManager(engine, new SnapshotStore(dir), { memoryBudgetBytes: 2 ** 40, busy: "wait", chunkTokens: 4096 });
+  await manager.upload("default", "copy", Readable.toWeb(createReadStream(file)) as unknown as ReadableStream<Uint8Array>, 2 ** 40);
+  const answer = await manager.turn("default", "copy", { messages: (m) => [...m, { role: "user", content: question }], maxTokens: 8, sampling: { temperature: 0 }, stop: [] });
+  console.log(`TOKENS ${JSON.stringify(answer.tokenIds)}`);
+  rmSync(dir, { recursive: true, force: true });
+  await engine.close();
+}
+
 if (values.one) {
   await runOne(values.one);
+} else if (values.restore) {
+  await restore(values.restore, values.question!);
 } else if (values.sizes === "sessions") {
   await sessionTurns(values["session-sizes"]!.split(",").filter(Boolean).map(Number));
 } else {

@@ -308,7 +308,7 @@ describe("compaction over HTTP", () => {
 
 describe("compacted sessions' snapshot log", () => {
   const options = { memoryBudgetBytes: 2 ** 30, busy: "wait" as const, chunkTokens: 512 };
-  const askTurn = (content: string) => ({ messages: (current: { role: string; content: unknown }[]) => [...current, { role: "user", content }], maxTokens: 8, ...greedy });
+  const askTurn = (content: string): import("../runtime/index.ts").TurnRequest => ({ messages: (current) => [...current, { role: "user", content }], maxTokens: 8, ...greedy });
   const sizeOf = (store: { path(id: string): string }, id: string) => statSync(store.path(id)).size;
 
   test("a turn appends what changed: after 12K tokens read it writes about what one after 2K does; the log reads back (restart, listing, download + upload) and answers the same", async () => {
