@@ -213,7 +213,8 @@ async function sessionTurns(sizes: number[]): Promise<void> {
     const dir = mkdtempSync(join(tmpdir(), "bench-session-"));
     const store = new SnapshotStore(dir);
     const manager = new SessionManager(engine, store, { memoryBudgetBytes: 2 ** 40, busy: "wait", chunkTokens: 4096 });
-    const sample = tasks.haystack(rngOf(size), { kind: "passkey", exactTokens: size, depth: 0.5, dateString: "26 Jul 2024" });
+    // Room for the turns within the context (1,048,576 positions for the fixture).
+    const sample = tasks.haystack(rngOf(size), { kind: "passkey", exactTokens: Math.min(size, engine.info.contextLength - 2048), depth: 0.5, dateString: "26 Jul 2024" });
     const document = sample.content.slice(0, sample.content.lastIndexOf(" What is"));
     await manager.create({ tenant: "default", id: "s", messages: [{ role: "user", content: document }], templateKwargs: { date_string: "26 Jul 2024" } });
     const base = statSync(store.path("s")).size;

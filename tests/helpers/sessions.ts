@@ -1,12 +1,20 @@
 /** An app with sessions on a fresh temporary snapshot store. */
-import { mkdtempSync } from "node:fs";
+import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { createApp } from "../../src/app.ts";
 import { SessionManager, SnapshotStore, type BusyPolicy, type Engine } from "../../runtime/index.ts";
 
+const made: string[] = [];
+process.on("exit", () => {
+  for (const dir of made) rmSync(dir, { recursive: true, force: true });
+});
+
+/** A new temporary directory, removed when the test process exits. */
 export function tempDir(label: string): string {
-  return mkdtempSync(join(tmpdir(), `${label}-`));
+  const dir = mkdtempSync(join(tmpdir(), `${label}-`));
+  made.push(dir);
+  return dir;
 }
 
 export function sessionApp(engine: Engine, options: { dir?: string; busy?: BusyPolicy; memoryBudgetBytes?: number; maxSnapshotBytes?: number; chunkTokens?: number } = {}) {
