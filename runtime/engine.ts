@@ -12,9 +12,10 @@ import { LlamaModel } from "./llama-model.ts";
 import { createHash } from "node:crypto";
 import { open, readFile } from "node:fs/promises";
 import { join } from "node:path";
+import { eng as stopwords } from "stopword";
 import type { KvCache } from "./kv-cache.ts";
 import { FileColdStorage } from "./kv/cold-tier.ts";
-import { KvCompactor, compactionSettings, type CompactionPolicyName, type CompactionSettings, type CompactionShape, type CompactionState } from "./kv/compaction.ts";
+import { KvCompactor, compactionSettings, type CompactionPolicyName, type CompactionSettings, type CompactionShape, type CompactionState, type Lexicon } from "./kv/compaction.ts";
 import { tmpdir } from "node:os";
 import { KvMemory } from "./kv-memory.ts";
 import { loadModelFolder, variantUsesFloat16, type ModelFolder, type ModelVariant } from "./model-folder.ts";
@@ -382,7 +383,7 @@ export class Engine {
 
   /** A compactor as a snapshot recorded it, with an empty archive file of its own (its blocks are added next). */
   restoreCompactor(state: CompactionState): KvCompactor {
-    return KvCompactor.restore(state, this.compactionShape(), state.settings.recall ? this.coldStorage() : undefined, this.specialIdSet(), (probe) => this.lastSentence(probe));
+    return KvCompactor.restore(state, this.compactionShape(), state.settings.recall ? this.coldStorage() : undefined, this.lexicon());
   }
 
   private compactionShape(): CompactionShape {
@@ -400,6 +401,26 @@ export class Engine {
   }
 
   private specialIds: Set<number> | null = null;
+
+  /** Lexical recall's view of this model's tokenizer: its special tokens, the question of a probe, English function words. */
+  lexicon(): Lexicon {
+    if (!this.lexiconOf) {
+      const functionWords = new Set(stopwords);
+      const known = new Map<number, boolean>();
+      this.lexiconOf = {
+        ignored: this.specialIdSet(),
+        questionOf: (probe) => this.lastSentence(probe),
+        isFunctionWord: (id) => {
+          let is = known.get(id);
+          if (is === undefined) known.set(id, (is = functionWords.has(this.tokenizer.decode([id]).trim().toLowerCase())));
+          return is;
+        },
+      };
+    }
+    return this.lexiconOf;
+  }
+
+  private lexiconOf: Lexicon | null = null;
 
   /**
    * The last sentence of a prompt's tail: of the text between special tokens (not a header's role name,
@@ -432,7 +453,7 @@ export class Engine {
 
   /** A compactor for a new request's cache under the engine's settings (its archive in a file of its own). */
   private newCompactor(settings: CompactionSettings): KvCompactor {
-    return KvCompactor.create(settings, this.compactionShape(), settings.recall ? this.coldStorage() : undefined, this.specialIdSet(), (probe) => this.lastSentence(probe));
+    return KvCompactor.create(settings, this.compactionShape(), settings.recall ? this.coldStorage() : undefined, this.lexicon());
   }
 
   /** Queues a completion and runs it on job.prepare()'s cache (or a fresh one); text deltas go to onDelta as they are decoded. */

@@ -115,6 +115,39 @@ describe("KV compaction", () => {
     await keys.close();
   }, 120_000);
 
+  test("lexical recall: question words alone ('What is the ...') do not outrank the needle that shares the question's content", async () => {
+    const { KvCompactor } = await import("../runtime/kv/compaction.ts");
+    const c = plain.model.folder.config;
+    const shape = { layers: c.numLayers, kvHeads: c.numKeyValueHeads, headDim: c.headDim, heads: c.numAttentionHeads, dtype: plain.model.io.kvDtype };
+    const filler = tasks.haystack(rngOf(41), { kind: "multikey", exactTokens: 20000, depth: 0.5, dateString: "26 Jul 2024" });
+    const B = 64;
+    const block = (text: string) => {
+      const ids = plain.tokenizer.encode(text).slice(0, B);
+      return [...ids, ...filler.prompt.slice(1000, 1000 + B - ids.length)];
+    };
+    // What a 1M-token haystack held: filler asking a question beside the words "pass" and (in the block
+    // before, which a block's score includes) "key", and the needle.
+    const beforeDecoy = block(" He turned the key in the lock and went in.");
+    const decoy = block(" What is the common man's complaint? Let's take a look back. Beckworth handed his pass to the colonel.");
+    const needle = block(" The pass key is 58231. Remember it.");
+    const probe = plain.tokenizer.encode(" What is the pass key?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n");
+    const ranked = (lexicon: import("../runtime/kv/compaction.ts").Lexicon) => {
+      const compactor = KvCompactor.create(windowRecall.compaction!, shape, undefined, lexicon);
+      const kv = Array.from({ length: shape.layers }, () => new Float32Array(shape.kvHeads * B * shape.headDim));
+      const fill = (from: number, to: number) => Array.from({ length: to - from }, (_, b) => filler.prompt.slice(B * (from + b), B * (from + b + 1)));
+      const blocks = [...fill(0, 120), beforeDecoy, decoy, ...fill(120, 249), needle];
+      blocks.forEach((tokens, b) => compactor.cold!.add(kv, kv, Int32Array.from({ length: B }, (_, j) => b * B + j), Int32Array.from(tokens), B));
+      const scores = compactor.lexicalScores(compactor.cold!, probe);
+      return { needle: scores[251]!, decoy: scores[121]!, best: Math.max(...scores) };
+    };
+    const engineRule = ranked(windowRecall.lexicon());
+    expect(engineRule.needle).toBe(engineRule.best);
+    expect(engineRule.decoy).toBeLessThan(windowRecall.compaction!.recallCutoff * engineRule.needle);
+    // Counted like content words, the question's function words ranked the decoy first.
+    const everyToken = ranked({ ...windowRecall.lexicon(), isFunctionWord: () => false });
+    expect(everyToken.decoy).toBeGreaterThan(everyToken.needle);
+  });
+
   test("settings that cannot work are refused", () => {
     expect(() => compactionSettings("window", 32)).toThrow(RangeError);
     expect(() => compactionSettings("attention", 4096, { recallBlocks: 64 })).toThrow(RangeError);
@@ -143,7 +176,7 @@ describe("KV compaction on both graph paths", () => {
     for (const model of models) {
       const cache = model.newCache();
       const c = model.folder.config;
-      cache.compactor = KvCompactor.create(settings, { layers: c.numLayers, kvHeads: c.numKeyValueHeads, headDim: c.headDim, heads: c.numAttentionHeads, dtype: cache.dtype }, undefined, new Set(), (p) => Array.from(p).slice(-4));
+      cache.compactor = KvCompactor.create(settings, { layers: c.numLayers, kvHeads: c.numKeyValueHeads, headDim: c.headDim, heads: c.numAttentionHeads, dtype: cache.dtype }, undefined, { ignored: new Set(), questionOf: (p) => Array.from(p).slice(-4), isFunctionWord: () => false });
       const logits = await model.prefill(cache, prompt, 64);
       runs.push({ cache, logits });
     }
@@ -394,9 +427,10 @@ describe("compacted sessions' snapshot log", () => {
     const base = sizeOf(store, "doc");
     let largest = base;
     let rewritten = false;
-    for (let turn = 0; turn < 12 && !rewritten; turn++) {
+    // Turns that each add a few hundred tokens, until the deltas outweigh the first segment.
+    for (let turn = 0; turn < 40 && !rewritten; turn++) {
       const before = sizeOf(store, "doc");
-      await manager.turn("default", "doc", askTurn(`Question ${turn}: what is the pass key?`));
+      await manager.turn("default", "doc", askTurn(`${s.content.slice(400 * turn, 400 * turn + 1200)} What is the pass key?`));
       const after = sizeOf(store, "doc");
       largest = Math.max(largest, after);
       rewritten = after < before;

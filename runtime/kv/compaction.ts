@@ -155,6 +155,26 @@ export interface CompactionStats {
   recalledBlocks: number;
 }
 
+/** What lexical recall knows of the tokenizer (the engine gives the model's; the default searches every token of the probe). */
+export interface Lexicon {
+  /** Token ids never searched for (the model's special tokens). */
+  readonly ignored: ReadonlySet<number>;
+  /**
+   * The part of the probe searched for: the engine gives the last sentence of the text before the chat
+   * template's closing tokens (the question, not the text it follows).
+   */
+  questionOf(probe: ArrayLike<number>): number[];
+  /**
+   * Function words ("what", "is", "the", "for": a standard English stop list): alone they are no evidence
+   * and count only in a pair with a content word ("for table", "the pass"); two of them in a row ("what
+   * is") count not at all. Without this, at 1M tokens a filler sentence asking "What is the ..." beside
+   * the word "pass" outranked the pass-key needle (1 question in 20 on held-out haystacks, none with it).
+   */
+  isFunctionWord(id: number): boolean;
+}
+
+const EVERY_TOKEN: Lexicon = { ignored: new Set(), questionOf: (probe) => Array.from(probe), isFunctionWord: () => false };
+
 export class KvCompactor {
   readonly stats: CompactionStats = { evicted: 0, compactions: 0, recalls: 0, recalledBlocks: 0 };
 
@@ -163,24 +183,12 @@ export class KvCompactor {
     readonly shape: CompactionShape,
     /** Archived blocks (null without recall). */
     readonly cold: ColdTier | null,
-    /** Token ids lexical recall never searches for (the model's special tokens). */
-    readonly ignoredTokens: ReadonlySet<number> = new Set(),
-    /**
-     * The part of the probe lexical recall searches for: by default all of it; the engine gives the last
-     * sentence of the text before the chat template's closing tokens (the question, not the text it follows).
-     */
-    readonly questionOf: (probe: ArrayLike<number>) => number[] = (probe) => Array.from(probe),
+    readonly lexicon: Lexicon = EVERY_TOKEN,
   ) {}
 
   /** A compactor for a new cache; `storage` holds its archived blocks (default: memory). */
-  static create(
-    settings: CompactionSettings,
-    shape: CompactionShape,
-    storage?: ColdStorage,
-    ignoredTokens?: ReadonlySet<number>,
-    questionOf?: (probe: ArrayLike<number>) => number[],
-  ): KvCompactor {
-    return new KvCompactor(settings, shape, settings.recall ? new ColdTier(shape, settings.coldFormat, storage) : null, ignoredTokens, questionOf);
+  static create(settings: CompactionSettings, shape: CompactionShape, storage?: ColdStorage, lexicon?: Lexicon): KvCompactor {
+    return new KvCompactor(settings, shape, settings.recall ? new ColdTier(shape, settings.coldFormat, storage) : null, lexicon);
   }
 
   /** Whether slots have been dropped (then slot i no longer holds token i). */
@@ -219,11 +227,10 @@ export class KvCompactor {
     state: CompactionState,
     shape: CompactionShape,
     storage?: ColdStorage,
-    ignoredTokens?: ReadonlySet<number>,
-    questionOf?: (probe: ArrayLike<number>) => number[],
+    lexicon?: Lexicon,
   ): KvCompactor {
     const settings = compactionSettings(state.settings.policy, state.settings.budget, state.settings);
-    const compactor = KvCompactor.create(settings, shape, storage, ignoredTokens, questionOf);
+    const compactor = KvCompactor.create(settings, shape, storage, lexicon);
     compactor.adopt(state);
     return compactor;
   }
@@ -239,7 +246,7 @@ export class KvCompactor {
   }
 
   clone(): KvCompactor {
-    const copy = new KvCompactor(this.settings, this.shape, this.cold?.clone() ?? null, this.ignoredTokens, this.questionOf);
+    const copy = new KvCompactor(this.settings, this.shape, this.cold?.clone() ?? null, this.lexicon);
     Object.assign(copy.stats, this.stats);
     copy.pinned = this.pinned;
     return copy;
@@ -350,18 +357,21 @@ export class KvCompactor {
   }
 
   /**
-   * Blocks scored by the question's tokens they hold (rare ones weigh most); blocks holding none score -1.
-   * The question is what questionOf takes from the probe (the engine: its last sentence, not the text it
-   * follows); special tokens (the chat template's structure) are never searched for.
+   * Blocks scored by the question's tokens and pairs they hold (rare ones weigh most); blocks holding none
+   * score -1. The question is what the lexicon takes from the probe (the engine: its last sentence, not the
+   * text it follows); special tokens (the chat template's structure) are never searched for, function
+   * words only beside a content word (see Lexicon).
    */
-  private lexicalScores(cold: ColdTier, probe: ArrayLike<number>): Float32Array {
-    const question = this.questionOf(probe);
-    const wanted = question.filter((t) => !this.ignoredTokens.has(t));
+  lexicalScores(cold: ColdTier, probe: ArrayLike<number>): Float32Array {
+    const { ignored, isFunctionWord } = this.lexicon;
+    const question = this.lexicon.questionOf(probe);
+    const wanted = question.filter((t) => !ignored.has(t) && !isFunctionWord(t));
     // Adjacent pairs too: a needle shares "for table" with its question, where a distractor needle beside a
     // filler sentence about a table shares each word alone (at 1M tokens such blocks tied with the needle).
     const pairs: number[] = [];
     for (let i = 1; i < question.length; i++) {
-      if (!this.ignoredTokens.has(question[i - 1]!) && !this.ignoredTokens.has(question[i]!)) pairs.push(bigramKey(question[i - 1]!, question[i]!));
+      const [a, b] = [question[i - 1]!, question[i]!];
+      if (!ignored.has(a) && !ignored.has(b) && !(isFunctionWord(a) && isFunctionWord(b))) pairs.push(bigramKey(a, b));
     }
     const scores = new Float32Array(cold.blockCount);
     cold.lexicalScores(wanted, scores, pairs);
