@@ -126,8 +126,10 @@ async function runOne(spec: string): Promise<void> {
   for (const kind of values.kinds!.split(",") as ("passkey" | "multikey")[]) {
     for (let d = 0; d < depths; d++) {
       const depth = depths === 1 ? 0.5 : d / (depths - 1);
-      // The same haystack for every policy: the seed depends on size, kind and depth only.
-      const sample = tasks.haystack(rngOf(size + 7919 * d + (kind === "passkey" ? 0 : 104729)), {
+      // The same haystack for every policy: the seed depends on size, kind and depth only. Only what the
+      // trial uses is kept: the sample's text (several MB at 1M tokens; the request reads the ids) is
+      // garbage before the prompt is read.
+      const { prompt, answer, key, needleStart } = tasks.haystack(rngOf(size + 7919 * d + (kind === "passkey" ? 0 : 104729)), {
         kind,
         exactTokens: Math.min(size, engine.info.contextLength - 64),
         depth,
@@ -135,16 +137,16 @@ async function runOne(spec: string): Promise<void> {
         distractorEvery: Number(values["distractor-every"]),
       });
       const cache = engine.newCache();
-      const r = await engine.complete({ promptIds: sample.prompt, maxTokens: sample.answer.length + 4, sampling: { temperature: 0 }, stop: [], prepare: () => cache });
+      const r = await engine.complete({ promptIds: prompt, maxTokens: answer.length + 4, sampling: { temperature: 0 }, stop: [], prepare: () => cache });
       const resident = new Set(cache.positions.subarray(0, cache.length));
-      const needleLength = sample.answer.length - 1; // the reply restates the needle line (minus its last words)
+      const needleLength = answer.length - 1; // the reply restates the needle line (minus its last words)
       let needleResident = true;
-      for (let i = 0; i < Math.min(needleLength, 8); i++) if (!resident.has(sample.needleStart + i)) needleResident = false;
+      for (let i = 0; i < Math.min(needleLength, 8); i++) if (!resident.has(needleStart + i)) needleResident = false;
       trials.push({
         kind,
         depth,
-        right: answerIsRight(r.text, sample.key),
-        promptTokens: sample.prompt.length,
+        right: answerIsRight(r.text, key),
+        promptTokens: prompt.length,
         prefillMs: r.prefillMs,
         decodeTokS: r.completionTokens > 1 ? ((r.completionTokens - 1) * 1000) / (r.decodeMs - (r.firstTokenMs - r.prefillMs)) : 0,
         resident: r.kv.residentSlots,
@@ -152,7 +154,7 @@ async function runOne(spec: string): Promise<void> {
         needleResident,
       });
       const t = trials.at(-1)!;
-      process.stderr.write(`  ${size} ${policyName} ${cold} ${kind} depth ${depth.toFixed(2)}: ${t.right ? "right" : "wrong"} (${JSON.stringify(r.text)}, key ${sample.key}; needle ${t.needleResident ? "resident" : "not resident"}) ${(r.prefillMs / 1000).toFixed(1)} s\n`);
+      process.stderr.write(`  ${size} ${policyName} ${cold} ${kind} depth ${depth.toFixed(2)}: ${t.right ? "right" : "wrong"} (${JSON.stringify(r.text)}, key ${key}; needle ${t.needleResident ? "resident" : "not resident"}) ${(r.prefillMs / 1000).toFixed(1)} s\n`);
     }
   }
   const result: ConfigResult = {

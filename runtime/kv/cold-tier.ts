@@ -112,54 +112,158 @@ export interface RawColdBlock {
   maxs: Float32Array[];
 }
 
+/** Where an archived block is: its bytes in storage, its positions and then its token ids in the tier's Int32Pages. */
 interface BlockRecord {
   offset: number;
   bytes: number;
-  positions: Int32Array;
-  tokens: Int32Array;
+  page: number;
+  at: number;
+  count: number;
+}
+
+/**
+ * Append-only int32 storage in pages of fixed size, for the archive's positions and token ids: a million
+ * tokens take two flat arrays' worth instead of two small typed arrays per block, and growing never copies.
+ * A run of values lies in one page. Stored values never change, so a clone shares the full pages and
+ * copies only the one still being filled (which both sides go on appending to).
+ */
+class Int32Pages {
+  private static readonly PAGE = 1 << 16;
+  private pages: Int32Array[] = [];
+  /** Values used in the last page. */
+  private used = 0;
+
+  /** Room for `count` consecutive values: the page and index they start at. */
+  alloc(count: number): { page: number; at: number } {
+    const last = this.pages.length - 1;
+    if (last < 0 || this.used + count > this.pages[last]!.length) {
+      this.pages.push(new Int32Array(Math.max(Int32Pages.PAGE, count)));
+      this.used = 0;
+    }
+    const at = this.used;
+    this.used += count;
+    return { page: this.pages.length - 1, at };
+  }
+
+  view(page: number, at: number, count: number): Int32Array {
+    return this.pages[page]!.subarray(at, at + count);
+  }
+
+  get byteLength(): number {
+    return this.pages.length * Int32Pages.PAGE * 4;
+  }
+
+  clone(): Int32Pages {
+    const copy = new Int32Pages();
+    copy.pages = this.pages.map((p, i) => (i === this.pages.length - 1 ? p.slice() : p));
+    copy.used = this.used;
+    return copy;
+  }
 }
 
 /** Token ids are below 2^17 (Llama-3's 128,256); a pair of them is one number past every id. */
 const PAIR_BASE = 2 ** 34;
-export const bigramKey = (a: number, b: number) => PAIR_BASE + a * 2 ** 17 + b;
+const PAIR_SHIFT = 2 ** 17;
+export const bigramKey = (a: number, b: number) => PAIR_BASE + a * PAIR_SHIFT + b;
 
 /**
  * Which archived blocks hold which token ids and which adjacent pairs of them (an inverted index), for
  * lexical recall: a question's rare tokens and its word pairs ("for table") point to the blocks that hold
  * them. A pair that spans two blocks belongs to the second. Append-only like the blocks.
+ *
+ * Only token ids have posting lists (one Int32Array per id, grown by doubling). A million tokens hold
+ * hundreds of thousands of distinct pairs, most of them once, and a list per pair took more memory than
+ * everything else the tier keeps; a pair's blocks are found instead among those holding its second token,
+ * by reading their token ids (kept in memory anyway), which gives the same blocks in the same order.
  */
 class TokenIndex {
-  /** token id or bigramKey -> ascending block numbers holding it. */
-  postings = new Map<number, number[]>();
+  /** Per token id: ascending numbers of the blocks holding it, the first counts[id] entries of lists[id]. */
+  private lists: (Int32Array | undefined)[] = [];
+  private counts = new Int32Array(0);
+  /** Per block: the token before its first one (the last token of the blocks before it; -1: none). */
+  private before = new Int32Array(0);
   /** The last token of the last block added (-1: none), for the pair that spans into the next block. */
   private lastToken = -1;
+
   add(block: number, tokens: Int32Array): void {
-    const keys = new Set<number>();
-    let previous = this.lastToken;
+    if (block >= this.before.length) this.before = grown(this.before, block + 1);
+    this.before[block] = this.lastToken;
     for (const t of tokens) {
-      if (t >= 0) {
-        keys.add(t);
-        if (previous >= 0) keys.add(bigramKey(previous, t));
+      if (t < 0) continue;
+      if (t >= this.counts.length) {
+        this.counts = grown(this.counts, t + 1);
+        while (this.lists.length < this.counts.length) this.lists.push(undefined);
       }
-      previous = t;
+      const n = this.counts[t]!;
+      let list = this.lists[t];
+      if (list && n > 0 && list[n - 1] === block) continue; // counted for this block already
+      if (!list || n === list.length) this.lists[t] = list = grown(list ?? new Int32Array(0), n + 1);
+      list[n] = block;
+      this.counts[t] = n + 1;
     }
-    this.lastToken = previous;
-    for (const key of keys) {
-      const list = this.postings.get(key);
-      if (list) list.push(block);
-      else this.postings.set(key, [block]);
-    }
+    if (tokens.length > 0) this.lastToken = tokens[tokens.length - 1]!;
   }
+
+  /**
+   * Ascending numbers of the blocks holding `key` (a token id or a bigramKey), or null if none does.
+   * `tokensOf(b)` gives block b's token ids.
+   */
+  blocksWith(key: number, tokensOf: (b: number) => Int32Array): Int32Array | null {
+    if (!Number.isInteger(key) || key < 0) return null;
+    if (key < PAIR_BASE) return this.blocksWithToken(key);
+    const a = Math.floor((key - PAIR_BASE) / PAIR_SHIFT);
+    const b = key - PAIR_BASE - a * PAIR_SHIFT;
+    const candidates = this.blocksWithToken(b);
+    if (!candidates || this.blocksWithToken(a) === null) return null;
+    const out = new Int32Array(candidates.length);
+    let n = 0;
+    for (const block of candidates) {
+      const tokens = tokensOf(block);
+      let previous = this.before[block]!;
+      for (const t of tokens) {
+        if (t === b && previous === a) {
+          out[n++] = block;
+          break;
+        }
+        previous = t;
+      }
+    }
+    return n > 0 ? out.subarray(0, n) : null;
+  }
+
+  private blocksWithToken(t: number): Int32Array | null {
+    const n = t < this.counts.length ? this.counts[t]! : 0;
+    return n > 0 ? this.lists[t]!.subarray(0, n) : null;
+  }
+
+  /** Bytes of the lists and tables (about). */
+  get byteLength(): number {
+    let n = this.counts.byteLength + this.before.byteLength + 8 * this.lists.length;
+    for (const list of this.lists) if (list) n += list.byteLength + 64;
+    return n;
+  }
+
   clone(): TokenIndex {
     const copy = new TokenIndex();
-    for (const [t, list] of this.postings) copy.postings.set(t, [...list]);
+    copy.lists = this.lists.map((list) => list?.slice());
+    copy.counts = this.counts.slice();
+    copy.before = this.before.slice();
     copy.lastToken = this.lastToken;
     return copy;
   }
 }
 
+/** A copy of `a` with room for at least `length` values (twice as many as before, at least 4). */
+function grown(a: Int32Array, length: number): Int32Array<ArrayBuffer> {
+  const out = new Int32Array(Math.max(length, 2 * a.length, 4));
+  out.set(a);
+  return out;
+}
+
 export class ColdTier {
   private blocks: BlockRecord[] = [];
+  /** Every block's positions and token ids (BlockRecord.page and .at). */
+  private ids = new Int32Pages();
   private index = new TokenIndex();
   /** Per layer: [blocks, kvHeads, headDim] mins and maxs of each block's keys. */
   mins: Float32Array[];
@@ -194,19 +298,24 @@ export class ColdTier {
 
   /** Bytes of the summaries, token index and block records kept in memory (about). */
   get summaryBytes(): number {
-    let postings = 0;
-    for (const list of this.index.postings.values()) postings += 8 * list.length + 16;
-    return this.mins.reduce((n, a) => n + a.byteLength * 2, 0) + this.blocks.length * (16 + (this.blocks[0]?.positions.byteLength ?? 0)) + postings;
+    return this.mins.reduce((n, a) => n + a.byteLength * 2, 0) + this.blocks.length * 48 + this.ids.byteLength + this.index.byteLength;
   }
 
   blockPositions(b: number): Int32Array {
-    return this.blocks[b]!.positions;
+    const r = this.blocks[b]!;
+    return this.ids.view(r.page, r.at, r.count);
+  }
+
+  private blockTokens(b: number): Int32Array {
+    const r = this.blocks[b]!;
+    return this.ids.view(r.page, r.at + r.count, r.count);
   }
 
   clone(): ColdTier {
     const storage = this.storage instanceof FileColdStorage ? this.storage.share() : this.storage;
     const copy = new ColdTier(this.shape, this.format, storage);
     copy.blocks = [...this.blocks];
+    copy.ids = this.ids.clone();
     copy.index = this.index.clone();
     copy.mins = this.mins.map((a) => a.slice());
     copy.maxs = this.maxs.map((a) => a.slice());
@@ -226,8 +335,9 @@ export class ColdTier {
    */
   lexicalScores(probe: ArrayLike<number>, out: Float32Array, pairs: ArrayLike<number> = []): void {
     const n = this.blocks.length;
+    const tokensOf = (b: number) => this.blockTokens(b);
     for (const t of new Set([...Array.from(probe), ...Array.from(pairs)])) {
-      const list = this.index.postings.get(t);
+      const list = this.index.blocksWith(t, tokensOf);
       if (!list) continue;
       const idf = Math.log((n + 1) / (list.length + 0.5));
       // Block b stands for itself and the block before it (recall brings both: a needle may straddle
@@ -299,8 +409,8 @@ export class ColdTier {
     const n = this.shape.kvHeads * this.shape.headDim;
     return {
       data,
-      positions: record.positions,
-      tokens: record.tokens,
+      positions: this.blockPositions(b),
+      tokens: this.blockTokens(b),
       mins: this.mins.map((a) => a.subarray(b * n, (b + 1) * n)),
       maxs: this.maxs.map((a) => a.subarray(b * n, (b + 1) * n)),
     };
@@ -318,7 +428,11 @@ export class ColdTier {
     }
     const offset = this.storage.append(block.data);
     this.index.add(b, block.tokens);
-    this.blocks.push({ offset, bytes: block.data.length, positions: block.positions.slice(), tokens: block.tokens.slice() });
+    const count = block.positions.length;
+    const { page, at } = this.ids.alloc(2 * count);
+    this.ids.view(page, at, count).set(block.positions);
+    this.ids.view(page, at + count, count).set(block.tokens);
+    this.blocks.push({ offset, bytes: block.data.length, page, at, count });
     this.archivedUpTo = block.positions[block.positions.length - 1]! + 1;
   }
 
@@ -326,7 +440,7 @@ export class ColdTier {
   read(b: number): { keys: KvArray[]; values: KvArray[]; positions: Int32Array; tokens: Int32Array } {
     const { layers, kvHeads, headDim, dtype } = this.shape;
     const record = this.blocks[b]!;
-    const count = record.positions.length;
+    const count = record.count;
     const per = kvHeads * count * headDim;
     const data = new Uint8Array(record.bytes);
     this.storage.read(record.offset, data);
@@ -344,6 +458,6 @@ export class ColdTier {
       }
       arrays.push(dtype === "float16" ? K.toFloat16Bits(f) : f);
     }
-    return { keys: arrays.slice(0, layers), values: arrays.slice(layers), positions: record.positions, tokens: record.tokens };
+    return { keys: arrays.slice(0, layers), values: arrays.slice(layers), positions: this.blockPositions(b), tokens: this.blockTokens(b) };
   }
 }
