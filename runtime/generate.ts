@@ -85,7 +85,8 @@ export async function generate(
   // The cache may already hold a prefix of the prompt (a session's earlier turns, a reused prefix).
   const cachedTokens = cache.tokensRead; // not cache.length: a compacted cache holds fewer slots than it read
   if (cachedTokens >= req.promptIds.length) throw new Error("generate needs at least one prompt token beyond the cache");
-  let logits = await model.prefill(cache, req.promptIds.slice(cachedTokens), ctx.prefillChunk, req.signal);
+  // The prompt's tokens from the history (a view: a million-token prompt is not copied again).
+  let logits = await model.prefill(cache, history.subarray(cachedTokens, req.promptIds.length), ctx.prefillChunk, req.signal);
   const prefillMs = performance.now() - t0;
   while (tokenIds.length < req.maxTokens) {
     if (req.signal?.aborted) {

@@ -263,7 +263,10 @@ function* plan(h: Pick<Header, "tokenCount" | "length" | "chunkTokens" | "layers
   yield* coldFrames(0, c);
 }
 
-/** One frame per archived block from `first` on: its positions, token ids, key summary (per layer mins, then maxs) and bytes. */
+/**
+ * One frame per archived block from `first` on: its positions, token ids, key summary (per layer mins,
+ * then maxs; in version 3 only under the keys scorer, which reads them: hasSummaries) and bytes.
+ */
 function* coldFrames(first: number, c: CompactionState): Generator<FramePlan> {
   for (let b = first; b < c.blocks; b++) yield { t: "cold", start: b, count: c.settings.blockTokens };
 }
@@ -293,7 +296,12 @@ export function parseTrailer(bytes: Uint8Array): number | null {
   return at <= BigInt(Number.MAX_SAFE_INTEGER) ? Number(at) : null;
 }
 
-/** A cold block's frame payload: positions, tokens (int32 each), per layer mins then maxs (float32), then its bytes. */
+/** Whether a snapshot's archived blocks carry key summaries: always before version 3, then only where the keys scorer reads them. */
+function hasSummaries(version: number, c: CompactionState): boolean {
+  return version < 3 || c.settings.recallScorer === "keys";
+}
+
+/** A cold block's frame payload: positions, tokens (int32 each), per layer mins then maxs (float32) if kept, then its bytes. */
 function coldPayload(block: RawColdBlock): Uint8Array {
   const parts = [bytesOf(block.positions), bytesOf(block.tokens), ...block.mins.map(bytesOf), ...block.maxs.map(bytesOf), block.data];
   const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
@@ -565,8 +573,9 @@ function readColdBlock(payload: Uint8Array, h: Header, c: CompactionState, expec
   };
   const positions = ints(B);
   const tokens = ints(B);
-  const mins = Array.from({ length: h.layers }, () => floats(n));
-  const maxs = Array.from({ length: h.layers }, () => floats(n));
+  const summaryLayers = hasSummaries(h.version, c) ? h.layers : 0;
+  const mins = Array.from({ length: summaryLayers }, () => floats(n));
+  const maxs = Array.from({ length: summaryLayers }, () => floats(n));
   const data = bytes.subarray(at);
   let previous = lastArchived;
   for (let i = 0; i < B; i++) {
@@ -575,7 +584,7 @@ function readColdBlock(payload: Uint8Array, h: Header, c: CompactionState, expec
     previous = p;
     if (tokens[i]! < -1 || tokens[i]! >= expect.vocabSize) throw new SnapshotError("malformed", `${what}: token id ${tokens[i]} is outside the vocabulary`);
   }
-  for (let l = 0; l < h.layers; l++) {
+  for (let l = 0; l < summaryLayers; l++) {
     for (let j = 0; j < n; j++) {
       if (!(mins[l]![j]! <= maxs[l]![j]!) || !Number.isFinite(mins[l]![j]!) || !Number.isFinite(maxs[l]![j]!)) throw new SnapshotError("malformed", `${what}: its key summary is not finite or min > max`);
     }
@@ -699,7 +708,7 @@ export async function decodeSnapshot(input: ByteSource, expect: SnapshotExpectat
   let meta = h.meta as SnapshotMeta;
   let lastArchived = -1;
   let coldSink = c ? expect.onCompaction?.(c) : undefined;
-  const coldFrameBytes = c ? c.settings.blockTokens * 8 + 2 * h.layers * slotValues * 4 + blockBytes : 0;
+  const coldFrameBytes = c ? c.settings.blockTokens * 8 + (hasSummaries(h.version, c) ? 2 * h.layers * slotValues * 4 : 0) + blockBytes : 0;
   const maxFrame = (chunkTokens: number) => Math.max(chunkTokens * slotValues * bytesPerElement, chunkTokens * 4, coldFrameBytes) + 256;
   const checkSink = () => {
     if (c && c.blocks > 0 && !coldSink) throw new SnapshotError("malformed", "this reader cannot take archived KV blocks");

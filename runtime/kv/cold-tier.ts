@@ -103,7 +103,7 @@ export class FileColdStorage implements ColdStorage {
   }
 }
 
-/** An archived block as stored: its bytes, positions, token ids and, per layer, its key summary. */
+/** An archived block as stored: its bytes, positions, token ids and, per layer, its key summary (none where the tier keeps none). */
 export interface RawColdBlock {
   data: Uint8Array;
   positions: Int32Array;
@@ -265,7 +265,11 @@ export class ColdTier {
   /** Every block's positions and token ids (BlockRecord.page and .at). */
   private ids = new Int32Pages();
   private index = new TokenIndex();
-  /** Per layer: [blocks, kvHeads, headDim] mins and maxs of each block's keys. */
+  /**
+   * Per layer: [blocks, kvHeads, headDim] mins and maxs of each block's keys (Quest's summary), kept only
+   * with `summaries` (the keys scorer reads them; lexical recall does not, and at 1M tokens they would be
+   * 16 MB on the fixture, 4 GiB on an 8B model): else empty.
+   */
   mins: Float32Array[];
   maxs: Float32Array[];
   /** Every token before this position is archived. */
@@ -280,6 +284,7 @@ export class ColdTier {
     private readonly shape: CompactionShape,
     readonly format: "int8" | "float32",
     private readonly storage: ColdStorage = new MemoryColdStorage(),
+    readonly summaries = true,
   ) {
     this.mins = Array.from({ length: shape.layers }, () => new Float32Array(0));
     this.maxs = Array.from({ length: shape.layers }, () => new Float32Array(0));
@@ -313,7 +318,7 @@ export class ColdTier {
 
   clone(): ColdTier {
     const storage = this.storage instanceof FileColdStorage ? this.storage.share() : this.storage;
-    const copy = new ColdTier(this.shape, this.format, storage);
+    const copy = new ColdTier(this.shape, this.format, storage, this.summaries);
     copy.blocks = [...this.blocks];
     copy.ids = this.ids.clone();
     copy.index = this.index.clone();
@@ -359,9 +364,9 @@ export class ColdTier {
     const { layers, kvHeads, headDim } = this.shape;
     const per = kvHeads * count * headDim;
     const floats = [...keys, ...values].map((a) => K.toFloat32(a));
-    const mins = Array.from({ length: layers }, () => new Float32Array(kvHeads * headDim));
-    const maxs = Array.from({ length: layers }, () => new Float32Array(kvHeads * headDim));
-    for (let l = 0; l < layers; l++) K.blockSummary(floats[l]!, count, 0, count, { heads: kvHeads, headDim }, mins[l]!, maxs[l]!);
+    const summary = () => Array.from({ length: this.summaries ? layers : 0 }, () => new Float32Array(kvHeads * headDim));
+    const [mins, maxs] = [summary(), summary()];
+    for (let l = 0; l < mins.length; l++) K.blockSummary(floats[l]!, count, 0, count, { heads: kvHeads, headDim }, mins[l]!, maxs[l]!);
     let data: Uint8Array;
     if (this.format === "int8") {
       const groups = per / headDim;
@@ -401,7 +406,7 @@ export class ColdTier {
     return 2 * shape.layers * (format === "int8" ? per + (per / shape.headDim) * 4 : per * 4);
   }
 
-  /** Block b as stored (for snapshots): its bytes, positions, token ids and, per layer, its key summary. */
+  /** Block b as stored (for snapshots): its bytes, positions, token ids and, per layer, its key summary (if kept). */
   rawBlock(b: number): RawColdBlock {
     const record = this.blocks[b]!;
     const data = new Uint8Array(record.bytes);
@@ -411,8 +416,8 @@ export class ColdTier {
       data,
       positions: this.blockPositions(b),
       tokens: this.blockTokens(b),
-      mins: this.mins.map((a) => a.subarray(b * n, (b + 1) * n)),
-      maxs: this.maxs.map((a) => a.subarray(b * n, (b + 1) * n)),
+      mins: this.summaries ? this.mins.map((a) => a.subarray(b * n, (b + 1) * n)) : [],
+      maxs: this.summaries ? this.maxs.map((a) => a.subarray(b * n, (b + 1) * n)) : [],
     };
   }
 
@@ -421,10 +426,13 @@ export class ColdTier {
     const { layers, kvHeads, headDim } = this.shape;
     const b = this.blocks.length;
     const n = kvHeads * headDim;
-    this.reserveSummaries(b);
-    for (let l = 0; l < layers; l++) {
-      this.mins[l]!.set(block.mins[l]!, b * n);
-      this.maxs[l]!.set(block.maxs[l]!, b * n);
+    if (this.summaries) {
+      if (block.mins.length !== layers) throw new Error("addRaw: the block has no key summary, and this tier keeps them");
+      this.reserveSummaries(b);
+      for (let l = 0; l < layers; l++) {
+        this.mins[l]!.set(block.mins[l]!, b * n);
+        this.maxs[l]!.set(block.maxs[l]!, b * n);
+      }
     }
     const offset = this.storage.append(block.data);
     this.index.add(b, block.tokens);

@@ -188,7 +188,8 @@ export class KvCompactor {
 
   /** A compactor for a new cache; `storage` holds its archived blocks (default: memory). */
   static create(settings: CompactionSettings, shape: CompactionShape, storage?: ColdStorage, lexicon?: Lexicon): KvCompactor {
-    return new KvCompactor(settings, shape, settings.recall ? new ColdTier(shape, settings.coldFormat, storage) : null, lexicon);
+    const cold = settings.recall ? new ColdTier(shape, settings.coldFormat, storage, settings.recallScorer === "keys") : null;
+    return new KvCompactor(settings, shape, cold, lexicon);
   }
 
   /** Whether slots have been dropped (then slot i no longer holds token i). */
