@@ -208,7 +208,7 @@ async function sessionTurns(sizes: number[]): Promise<void> {
   const engine = await loadEngine({ policy: "window", budget: Number(values.budget), recall: true });
   const tasks = new FixtureTasks(engine.tokenizer, engine.template, "eval", { digits: true });
   console.log(`\nsession turns (window+recall, budget ${values.budget}): what a short turn writes once the session has read N tokens`);
-  console.log("tokens  first segment MB  turn 1 KB  write ms  turn 2 KB  write ms  right");
+  console.log("  asked  read after  first segment MB  turn 1 KB  write ms  turn 2 KB  write ms  right");
   const question = (content: string): TurnRequest => ({ messages: (m) => [...m, { role: "user", content }], maxTokens: 8, sampling: { temperature: 0 }, stop: [] });
   const largest = Math.max(...sizes);
   for (const size of sizes) {
@@ -245,7 +245,8 @@ async function sessionTurns(sizes: number[]): Promise<void> {
       cells.push((((now > before ? now - before : now) / 1024).toFixed(0)).padStart(9), writeMs.toFixed(0).padStart(8));
       before = now;
     }
-    console.log(`${String(size).padStart(7)}  ${(base / 2 ** 20).toFixed(1).padStart(16)}  ${cells.join("  ")}  ${right ? "yes" : "no"}`);
+    const read = (await manager.info("default", "s")).tokens_read;
+    console.log(`${String(size).padStart(7)}  ${String(read).padStart(10)}  ${(base / 2 ** 20).toFixed(1).padStart(16)}  ${cells.join("  ")}  ${right ? "yes" : "no"}`);
     if (size === largest) {
       // Download, upload in a new process, ask the same next question in both.
       const file = join(dir, "download.ulsnap");

@@ -21,6 +21,11 @@ const windowRecall = await load({ policy: "window", budget: 1024, recall: true, 
 const attention = await load({ policy: "attention", budget: 256, coldDir }, 64);
 const tasks = new FixtureTasks(plain.tokenizer, plain.template, "eval");
 const greedy = { sampling: { temperature: 0 }, stop: [] };
+/** A snapshot's bytes as a ByteSource. */
+const source = (b: Uint8Array) => {
+  let at = 0;
+  return { read: async (n: number) => b.slice(at, (at += n) > b.length ? b.length : at) };
+};
 
 describe("KV compaction", () => {
   test("a request that fits its budget drops nothing: the same tokens as without compaction", async () => {
@@ -279,10 +284,6 @@ describe("compacted snapshots from outside", () => {
     await manager.create({ tenant: "default", id: "doc", messages: [{ role: "user", content: s.content }], templateKwargs: { date_string: "26 Jul 2024" } });
     const { stream } = await manager.download("default", "doc");
     const bytes = new Uint8Array(await new Response(stream).arrayBuffer());
-    const source = (b: Uint8Array) => {
-      let at = 0;
-      return { read: async (n: number) => b.slice(at, (at += n) > b.length ? b.length : at) };
-    };
     const blocks: import("../runtime/kv/cold-tier.ts").RawColdBlock[] = [];
     const expectation = { ...manager.snapshotExpectation(), onCompaction: () => (block: (typeof blocks)[number]) => void blocks.push(block) };
     const data = await decodeSnapshot(source(bytes), expectation);
@@ -468,10 +469,6 @@ describe("compacted snapshot logs from outside", () => {
     expect(after.length).toBeGreaterThan(before.length);
     expect(Buffer.compare(after.subarray(0, before.length), before)).toBe(0);
 
-    const source = (b: Uint8Array) => {
-      let at = 0;
-      return { read: async (n: number) => b.slice(at, (at += n) > b.length ? b.length : at) };
-    };
     const read = async (bytes: Uint8Array) => {
       const blocks: import("../runtime/kv/cold-tier.ts").RawColdBlock[] = [];
       const data = await decodeSnapshot(source(bytes), { ...manager.snapshotExpectation(), onCompaction: () => (block) => void blocks.push(block) });
@@ -510,5 +507,51 @@ describe("compacted snapshot logs from outside", () => {
     await refused(withDelta(plan, 1, 12), /trailer/);
     // An upload is read strictly: an unfinished delta is a truncated file.
     await refused(withDelta(plan).subarray(0, before.length + 100), /truncated/);
+  }, 120_000);
+});
+
+describe("archived blocks' key summaries in snapshots", () => {
+  test("under the keys scorer a session's blocks carry them and it answers the same after download + upload; a version-2 file (always with them) still reads", async () => {
+    const { decodeSnapshot } = await import("../runtime/snapshot.ts");
+    const { SessionManager, SnapshotStore } = await import("../runtime/index.ts");
+    const { tempDir } = await import("./helpers/sessions.ts");
+    const { Packr, Unpackr } = await import("msgpackr");
+    const { crc32 } = await import("node:zlib");
+    const keys = await load({ policy: "window", budget: 1024, recall: true, recallScorer: "keys", coldDir });
+    const options = { memoryBudgetBytes: 2 ** 30, busy: "wait" as const, chunkTokens: 512 };
+    const manager = new SessionManager(keys, new SnapshotStore(tempDir("keys-summaries")), options);
+    const s = tasks.haystack(rngOf(35), { kind: "passkey", exactTokens: 4000, depth: 0.5, dateString: "26 Jul 2024", distractorEvery: 0 });
+    await manager.create({ tenant: "default", id: "doc", messages: [{ role: "user", content: s.content }], templateKwargs: { date_string: "26 Jul 2024" } });
+    const bytes = new Uint8Array(await new Response((await manager.download("default", "doc")).stream).arrayBuffer());
+    const read = async (b: Uint8Array) => {
+      const blocks: import("../runtime/kv/cold-tier.ts").RawColdBlock[] = [];
+      const data = await decodeSnapshot(source(b), { ...manager.snapshotExpectation(), onCompaction: () => (block) => void blocks.push(block) });
+      return { data, blocks };
+    };
+    const v3 = await read(bytes);
+    expect(v3.blocks.length).toBeGreaterThan(10);
+    expect(v3.blocks.every((b) => b.mins.length === keys.model.folder.config.numLayers && b.maxs.length === b.mins.length)).toBe(true);
+
+    // The same file as version 2 wrote it: that header version, no trailer.
+    const length = new DataView(bytes.buffer, bytes.byteOffset + 8, 4).getUint32(0, true);
+    const unpackr = new Unpackr({ useRecords: false, mapsAsObjects: true });
+    const header = unpackr.unpack(bytes.subarray(16, 16 + length)) as Record<string, unknown>;
+    expect(header.version).toBe(3);
+    const body = new Packr({ useRecords: false }).pack({ ...header, version: 2 });
+    const head = new Uint8Array(8);
+    new DataView(head.buffer).setUint32(0, body.length, true);
+    new DataView(head.buffer).setUint32(4, crc32(body), true);
+    const v2bytes = Buffer.concat([bytes.subarray(0, 8), head, body, bytes.subarray(16 + length, bytes.length - 16)]);
+    const v2 = await read(v2bytes);
+    expect(v2.data.log).toBeNull();
+    expect(Array.from(v2.data.tokens)).toEqual(Array.from(v3.data.tokens));
+    expect(v2.blocks.map((b) => Array.from(b.maxs[0]!))).toEqual(v3.blocks.map((b) => Array.from(b.maxs[0]!)));
+
+    const other = new SessionManager(keys, new SnapshotStore(tempDir("keys-summaries-up")), options);
+    await other.upload("default", "copy", new Response(v2bytes).body!, 2 ** 30);
+    const ask = { messages: (m: import("../runtime/index.ts").ChatMessage[]) => [...m, { role: "user" as const, content: "What is the pass key?" }], maxTokens: 8, ...greedy };
+    const [a, b] = [await other.turn("default", "copy", ask), await manager.turn("default", "doc", ask)];
+    expect(a.tokenIds).toEqual(b.tokenIds);
+    await keys.close();
   }, 120_000);
 });
