@@ -237,19 +237,21 @@ export class SessionManager {
 
   /**
    * Writes `state` as the session's snapshot; the session in memory is not touched, but for its log's
-   * record. A compacted session whose log holds its current state gets a delta appended (what changed),
-   * until the deltas outweigh the whole snapshot they follow: then the log is written again whole, as
-   * one segment (so what a turn writes stays proportional to what it changed, over any number of turns).
+   * record. A compacted session whose log holds its current state gets a delta appended (what changed)
+   * while the deltas, this one included, stay within the size of the whole snapshot they follow; else
+   * the log is written again whole, as one segment. So the file stays within twice the session's size,
+   * and what turns write stays proportional to what they changed (a document appended to an empty
+   * session becomes the log's first segment at once, not a delta that a later turn must rewrite).
    */
   private async persist(session: Session, state: SessionState): Promise<void> {
     const store = this.storeOf(session.tenant);
     const next = session.toSnapshot(this.engine, state);
     const log = session.log;
     try {
-      if (log && log.bytes - log.baseBytes <= log.baseBytes) {
+      if (log) {
         const plan = planSnapshotDelta(session.toSnapshot(this.engine, session.state), next);
         try {
-          if (plan) {
+          if (plan && log.bytes - log.baseBytes + plan.bytes <= log.baseBytes) {
             const bytes = await store.append(session.id, encodeSnapshotDelta(next, plan, log.deltas + 1, log.bytes, this.options.chunkTokens), log.bytes);
             session.log = { bytes, baseBytes: log.baseBytes, deltas: log.deltas + 1 };
             return;

@@ -376,6 +376,8 @@ export interface SnapshotDeltaPlan {
   /** Per slot of the new state: the slot of the state before that holds the same position and bytes, or -1. */
   slotMap: Int32Array;
   newSlots: number;
+  /** About what the delta will take (its tensors, tokens and blocks; not its messages). */
+  bytes: number;
 }
 
 const sameJson = (a: unknown, b: unknown) => a === b || JSON.stringify(a) === JSON.stringify(b);
@@ -427,7 +429,11 @@ export function planSnapshotDelta(previous: SnapshotData, next: SnapshotData): S
     if (same) slotMap[i] = j!;
     else newSlots++;
   }
-  return { tokensKeep, messagesKeep, blocksBefore, slotMap, newSlots };
+  const c = nc.state.settings;
+  const blockFrame = c.blockTokens * 8 + ColdTier.blockBytes(next, c.coldFormat, c.blockTokens);
+  const slotBytes = 2 * next.layers * next.kvHeads * d * (next.kvDtype === "float16" ? 2 : 4);
+  const bytes = (next.tokens.length - tokensKeep) * 4 + next.length * 16 + newSlots * slotBytes + (nc.state.blocks - blocksBefore) * blockFrame;
+  return { tokensKeep, messagesKeep, blocksBefore, slotMap, newSlots, bytes };
 }
 
 /**

@@ -389,6 +389,25 @@ describe("compacted sessions' snapshot log", () => {
     expect(written[12000]!.turn).toBeLessThan(2 * written[2000]!.turn);
   }, 300_000);
 
+  test("a document appended to an empty session is written whole (not as a delta a later turn must rewrite); the turn after it appends", async () => {
+    const { SessionManager, SnapshotStore } = await import("../runtime/index.ts");
+    const { decodeSnapshot } = await import("../runtime/snapshot.ts");
+    const { tempDir } = await import("./helpers/sessions.ts");
+    const store = new SnapshotStore(tempDir("session-log-append"));
+    const manager = new SessionManager(windowRecall, store, options);
+    const s = tasks.haystack(rngOf(36), { kind: "passkey", exactTokens: 3000, depth: 0.5, dateString: "26 Jul 2024", distractorEvery: 0 });
+    await manager.create({ tenant: "default", id: "doc", templateKwargs: { date_string: "26 Jul 2024" } });
+    const empty = sizeOf(store, "doc");
+    await manager.append("default", "doc", { role: "user", content: s.content });
+    const whole = sizeOf(store, "doc");
+    const log = async () => (await store.read("doc", (src) => decodeSnapshot(src, { ...manager.snapshotExpectation(), onCompaction: () => () => {} }))).log;
+    expect(await log()).toEqual({ bytes: whole, baseBytes: whole, deltas: 0 });
+    await manager.turn("default", "doc", askTurn("What is the pass key?"));
+    expect(await log()).toMatchObject({ baseBytes: whole, deltas: 1 });
+    expect(sizeOf(store, "doc") - whole).toBeLessThan(whole / 4);
+    expect(empty).toBeLessThan(whole / 100);
+  }, 120_000);
+
   test("a turn whose append did not finish (a crash) is cut off when the session is read back: it is as it was before that turn", async () => {
     const { SessionManager, SnapshotStore } = await import("../runtime/index.ts");
     const { tempDir } = await import("./helpers/sessions.ts");
