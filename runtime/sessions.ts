@@ -478,6 +478,12 @@ export class SessionManager {
   async download(tenant: string, id: string): Promise<{ stream: ReadableStream<Uint8Array>; bytes: number }> {
     assertSessionId(id);
     await this.assertExists(tenant, id);
+    // A log that ends in an unfinished delta (the process died while appending it) is read back first,
+    // which cuts the delta off: a download is always a snapshot that uploads.
+    if (!this.resident.has(sessionKey(tenant, id))) {
+      const summary = await this.storeOf(tenant).summary(id).catch(() => null);
+      if (summary && !summary.whole) await this.locked(tenant, id, async () => void (await this.load(tenant, id)));
+    }
     const CHUNK = 1 << 20;
     let source: FileByteSource;
     try {

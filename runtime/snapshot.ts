@@ -998,6 +998,8 @@ export interface SnapshotSummary {
   createdAt: number;
   updatedAt: number;
   messages: number;
+  /** False when the file ends in an unfinished delta (a crash while appending: the next read cuts it off). */
+  whole: boolean;
 }
 
 /**
@@ -1019,14 +1021,15 @@ export async function readSnapshotSummary(readAt: (offset: number, n: number) =>
   const parsed = headerSchema.safeParse(await readFrame(base, 0, MAX_HEADER_BYTES));
   if (!parsed.success) throw new SnapshotError("malformed", "unreadable header");
   const h = parsed.data;
-  const summary: SnapshotSummary = { ...h, createdAt: h.meta.createdAt, updatedAt: h.meta.updatedAt, messages: h.meta.messages.length };
-  if (h.version < 3 || size < TRAILER_BYTES) return summary;
-  const last = parseTrailer(await readAt(size - TRAILER_BYTES, TRAILER_BYTES));
-  if (last === null || last === SNAPSHOT_MAGIC.length || last >= size) return summary;
+  const summary: SnapshotSummary = { ...h, createdAt: h.meta.createdAt, updatedAt: h.meta.updatedAt, messages: h.meta.messages.length, whole: true };
+  if (h.version < 3) return summary;
+  const last = size >= TRAILER_BYTES ? parseTrailer(await readAt(size - TRAILER_BYTES, TRAILER_BYTES)) : null;
+  if (last === SNAPSHOT_MAGIC.length) return summary;
+  if (last === null || last >= size) return { ...summary, whole: false };
   try {
     const d = deltaSchema.parse(await readFrame(at(last), 0, MAX_HEADER_BYTES));
     return { ...summary, tokenCount: d.tokenCount, length: d.length, compaction: d.compaction, updatedAt: d.meta.updatedAt, messages: d.meta.messagesKeep + d.meta.messages.length };
   } catch {
-    return summary;
+    return { ...summary, whole: false };
   }
 }

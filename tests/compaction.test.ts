@@ -426,6 +426,14 @@ describe("compacted sessions' snapshot log", () => {
     expect(full).toBeGreaterThan(committed);
     // The process died halfway through writing the second turn's delta.
     truncateSync(store.path("doc"), committed + Math.floor((full - committed) / 2));
+    // Downloaded before anything reads it back, it is the session before that turn (and uploads).
+    const downloader = new SessionManager(windowRecall, new SnapshotStore(dir), options);
+    expect((await new SnapshotStore(dir).summary("doc")).whole).toBe(false);
+    const { stream, bytes } = await downloader.download("default", "doc");
+    expect(bytes).toBe(committed);
+    const uploaded = new SessionManager(windowRecall, new SnapshotStore(tempDir("session-log-torn-up")), options);
+    expect((await uploaded.upload("default", "doc", stream, 2 ** 30)).messages).toBe(asBefore.messages);
+    truncateSync(store.path("doc"), committed + Math.floor((full - committed) / 2));
     const restarted = new SessionManager(windowRecall, new SnapshotStore(dir), options);
     const control = new SessionManager(windowRecall, new SnapshotStore(beforeDir), options);
     const [a, b] = [await restarted.turn("default", "doc", askTurn("What is the pass key?")), await control.turn("default", "doc", askTurn("What is the pass key?"))];
