@@ -356,8 +356,8 @@ if (values.one) {
     const ratio = median(f32.trials.map((x) => x.coldBytes)) / Math.max(1, median(int8.trials.map((x) => x.coldBytes)));
     console.log(`  float32 / int8 cold bytes: ${ratio.toFixed(2)}x`);
   }
-  // The closing lines: the best recall policy at 1M (the largest size run, if 1M was not).
-  const at1m = results.filter((r) => r.size === 1048576 && r.policy === (recallPolicy ?? r.policy));
+  // The closing lines: the best recall policy run at 1M; "not run" when none was (e.g. `window` alone).
+  const at1m = results.filter((r) => r.size === 1048576 && r.policy.endsWith("+recall"));
   const best = at1m.sort((a, b) => b.trials.filter((t) => t.right).length - a.trials.filter((t) => t.right).length)[0];
   if (values["session-sizes"]) await sessionTurns(values["session-sizes"].split(",").filter(Boolean).map(Number));
   console.log(`passkey accuracy at 1M, budget ${budget}: ${best ? pct(best.trials, "passkey") : "not run"}`);
