@@ -211,7 +211,7 @@ export class SessionManager {
       await this.assertExists(tenant, id);
       const store = this.storeOf(tenant);
       const what = `reading session ${id} back`;
-      const read = (limitBytes?: number) => store.read(id, async (source) => ({ ...(await this.decode(source, what, true, limitBytes)), inode: (source as FileByteSource).inode }));
+      const read = (limitBytes?: number) => store.read(id, async (source) => ({ ...(await this.decode(source, what, true, limitBytes)), inode: source.inode }));
       let decoded: Awaited<ReturnType<typeof read>>;
       try {
         decoded = await read();

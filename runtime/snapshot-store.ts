@@ -129,6 +129,16 @@ export class FileByteSource implements ByteSource {
   }
 }
 
+/** Runs `fn` on the source once it is open, and closes it however `fn` ends. */
+async function withSource<T>(opening: Promise<FileByteSource>, fn: (source: FileByteSource) => Promise<T>): Promise<T> {
+  const source = await opening;
+  try {
+    return await fn(source);
+  } finally {
+    await source.close();
+  }
+}
+
 /** An append refused because the file is not the log this store holds (see SnapshotStore.append). */
 export class StaleLog extends Error {
   constructor(id: string) {
@@ -332,13 +342,8 @@ export class SnapshotStore {
   }
 
   /** Opens the session's snapshot for reading (its committed bytes), runs `fn`, and closes it. */
-  async read<T>(id: string, fn: (source: ByteSource) => Promise<T>): Promise<T> {
-    const source = await this.open(id);
-    try {
-      return await fn(source);
-    } finally {
-      await source.close();
-    }
+  read<T>(id: string, fn: (source: FileByteSource) => Promise<T>): Promise<T> {
+    return withSource(this.open(id), fn);
   }
 
   /** The session's snapshot as a source of its committed bytes (the caller closes it). */
@@ -400,13 +405,8 @@ export class SnapshotStore {
   }
 
   /** Opens any snapshot file (e.g. a received upload) for reading, runs `fn`, and closes it. */
-  async readFile<T>(path: string, fn: (source: ByteSource) => Promise<T>): Promise<T> {
-    const source = await FileByteSource.open(path);
-    try {
-      return await fn(source);
-    } finally {
-      await source.close();
-    }
+  readFile<T>(path: string, fn: (source: FileByteSource) => Promise<T>): Promise<T> {
+    return withSource(FileByteSource.open(path), fn);
   }
 
   async discard(tempPath: string): Promise<void> {

@@ -763,6 +763,28 @@ export async function decodeSnapshot(input: ByteSource, expect: SnapshotExpectat
     lastArchived = block.positions[block.positions.length - 1]!;
     coldSink!(block);
   };
+  /**
+   * Stores a frame of per-token or per-slot values into the arrays of the state being read (a segment's or
+   * a delta's), or takes an archived block; false for a KV frame, which the caller places.
+   */
+  const storeFrame = (
+    f: FramePlan,
+    frame: { data: Uint8Array; elements: number; what: string },
+    into: { tokens: Int32Array; positions: Int32Array; slotTokens: Int32Array; slotScores: Float32Array; slotMap?: Int32Array },
+  ): boolean => {
+    const { data, elements, what } = frame;
+    if (f.t === "tokens") {
+      const ids = ints(data, elements);
+      checkTokens(ids, f.start);
+      into.tokens.set(ids, f.start);
+    } else if (f.t === "positions") into.positions.set(ints(data, elements), f.start);
+    else if (f.t === "slot_map") into.slotMap!.set(ints(data, elements), f.start);
+    else if (f.t === "slot_tokens") into.slotTokens.set(ints(data, elements), f.start);
+    else if (f.t === "slot_scores") into.slotScores.set(new Float32Array(data.buffer, data.byteOffset, elements), f.start);
+    else if (f.t === "cold") coldBlock(data, what);
+    else return false;
+    return true;
+  };
   const endSegment = async (frames: number, segmentStart: number | null) => {
     const end = endFrameSchema.safeParse(await readFrame(source, index, 1024));
     if (!end.success || end.data.frames !== frames) throw new SnapshotError("malformed", `frame ${index} should end the segment after ${frames} data frames`);
@@ -789,20 +811,12 @@ export async function decodeSnapshot(input: ByteSource, expect: SnapshotExpectat
 
   let frames = 0;
   for (const expected of plan(h)) {
-    const { data, elements, what } = await nextFrame(expected, h.chunkTokens);
-    const { start, count } = expected;
-    if (expected.t === "tokens") {
-      const ids = ints(data, elements);
-      checkTokens(ids, start);
-      tokens.set(ids, start);
-    } else if (expected.t === "positions") positions.set(ints(data, elements), start);
-    else if (expected.t === "slot_tokens") slotTokens.set(ints(data, elements), start);
-    else if (expected.t === "slot_scores") slotScores.set(new Float32Array(data.buffer, data.byteOffset, elements), start);
-    else if (expected.t === "cold") coldBlock(data, what);
-    else {
+    const frame = await nextFrame(expected, h.chunkTokens);
+    if (!storeFrame(expected, frame, { tokens, positions, slotTokens, slotScores })) {
       prefault(kvFrame + PREFAULT_AHEAD);
       await prefaulted[kvFrame++];
-      writeSlots((expected.kind === "key" ? keys : values)[expected.layer!]!, slots, start, kvBlock(data, elements, what), count, layout);
+      const block = kvBlock(frame.data, frame.elements, frame.what);
+      writeSlots((expected.kind === "key" ? keys : values)[expected.layer!]!, slots, expected.start, block, expected.count, layout);
     }
     frames++;
   }
@@ -858,27 +872,19 @@ export async function decodeSnapshot(input: ByteSource, expect: SnapshotExpectat
       return fresh;
     };
     let deltaFrames = 0;
+    const into = { tokens: nextTokens, positions: nextPositions, slotTokens: nextSlotTokens, slotScores: nextSlotScores, slotMap };
     for (const expected of deltaPlan(d, blocksBefore, h.layers)) {
-      const { data, elements, what } = await nextFrame(expected, d.chunkTokens);
-      const { start, count } = expected;
-      if (expected.t === "tokens") {
-        const ids = ints(data, elements);
-        checkTokens(ids, start);
-        nextTokens.set(ids, start);
-      } else if (expected.t === "positions") nextPositions.set(ints(data, elements), start);
-      else if (expected.t === "slot_map") slotMap.set(ints(data, elements), start);
-      else if (expected.t === "slot_tokens") nextSlotTokens.set(ints(data, elements), start);
-      else if (expected.t === "slot_scores") nextSlotScores.set(new Float32Array(data.buffer, data.byteOffset, elements), start);
-      else if (expected.t === "cold") coldBlock(data, what);
-      else {
+      const frame = await nextFrame(expected, d.chunkTokens);
+      if (!storeFrame(expected, frame, into)) {
         // New slots' KV, [kvHeads, count, headDim], scattered to where the slot map puts them.
-        const block = kvBlock(data, elements, what);
-        const into = (expected.kind === "key" ? target.keys : target.values)[expected.layer!]!;
+        const { start, count } = expected;
+        const block = kvBlock(frame.data, frame.elements, frame.what);
+        const layer = (expected.kind === "key" ? target.keys : target.values)[expected.layer!]!;
         const at = freshSlots();
         for (let head = 0; head < h.kvHeads; head++) {
           for (let s = 0; s < count; s++) {
             const from = (head * count + s) * h.headDim;
-            into.set(block.subarray(from, from + h.headDim), (head * target.slots + at[start + s]!) * h.headDim);
+            layer.set(block.subarray(from, from + h.headDim), (head * target.slots + at[start + s]!) * h.headDim);
           }
         }
       }

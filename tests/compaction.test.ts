@@ -344,17 +344,25 @@ describe("compacted sessions' snapshot log", () => {
   const options = { memoryBudgetBytes: 2 ** 30, busy: "wait" as const, chunkTokens: 512 };
   const askTurn = (content: string): import("../runtime/index.ts").TurnRequest => ({ messages: (current) => [...current, { role: "user", content }], maxTokens: 8, ...greedy });
   const sizeOf = (store: { path(id: string): string }, id: string) => statSync(store.path(id)).size;
+  /** A new store, a manager on it, and its session "doc" that has read a passkey haystack (`document`: without its question). */
+  const docSession = async (label: string, seed: number, tokens: number, { depth = 0.5, document = false } = {}) => {
+    const { SessionManager, SnapshotStore } = await import("../runtime/index.ts");
+    const { tempDir } = await import("./helpers/sessions.ts");
+    const dir = tempDir(label);
+    const store = new SnapshotStore(dir);
+    const manager = new SessionManager(windowRecall, store, options);
+    const s = tasks.haystack(rngOf(seed), { kind: "passkey", exactTokens: tokens, depth, dateString: "26 Jul 2024", distractorEvery: 0 });
+    const content = document ? s.content.slice(0, s.content.lastIndexOf(" What is")) : s.content;
+    await manager.create({ tenant: "default", id: "doc", messages: [{ role: "user", content }], templateKwargs: { date_string: "26 Jul 2024" } });
+    return { dir, store, manager, s };
+  };
 
   test("a turn appends what changed: after 12K tokens read it writes about what one after 2K does; the log reads back (restart, listing, download + upload) and answers the same", async () => {
     const { SessionManager, SnapshotStore } = await import("../runtime/index.ts");
     const { tempDir } = await import("./helpers/sessions.ts");
     const written: Record<number, { base: number; turn: number }> = {};
     for (const size of [2000, 12000]) {
-      const dir = tempDir("session-log");
-      const store = new SnapshotStore(dir);
-      const manager = new SessionManager(windowRecall, store, options);
-      const s = tasks.haystack(rngOf(31), { kind: "passkey", exactTokens: size, depth: 0.4, dateString: "26 Jul 2024", distractorEvery: 0 });
-      await manager.create({ tenant: "default", id: "doc", messages: [{ role: "user", content: s.content.slice(0, s.content.lastIndexOf(" What is")) }], templateKwargs: { date_string: "26 Jul 2024" } });
+      const { dir, store, manager, s } = await docSession("session-log", 31, size, { depth: 0.4, document: true });
       const base = sizeOf(store, "doc");
       const first = await manager.turn("default", "doc", askTurn("What is the pass key?"));
       written[size] = { base, turn: sizeOf(store, "doc") - base };
@@ -411,11 +419,7 @@ describe("compacted sessions' snapshot log", () => {
   test("a turn whose append did not finish (a crash) is cut off when the session is read back: it is as it was before that turn", async () => {
     const { SessionManager, SnapshotStore } = await import("../runtime/index.ts");
     const { tempDir } = await import("./helpers/sessions.ts");
-    const dir = tempDir("session-log-torn");
-    const store = new SnapshotStore(dir);
-    const manager = new SessionManager(windowRecall, store, options);
-    const s = tasks.haystack(rngOf(32), { kind: "passkey", exactTokens: 3000, depth: 0.5, dateString: "26 Jul 2024", distractorEvery: 0 });
-    await manager.create({ tenant: "default", id: "doc", messages: [{ role: "user", content: s.content }], templateKwargs: { date_string: "26 Jul 2024" } });
+    const { dir, store, manager } = await docSession("session-log-torn", 32, 3000);
     await manager.turn("default", "doc", askTurn("What is the pass key?"));
     const committed = sizeOf(store, "doc");
     const asBefore = await manager.info("default", "doc");
@@ -447,11 +451,7 @@ describe("compacted sessions' snapshot log", () => {
   test("the log is written whole again once its deltas outweigh it, and a download never includes an append under way", async () => {
     const { SessionManager, SnapshotStore } = await import("../runtime/index.ts");
     const { tempDir } = await import("./helpers/sessions.ts");
-    const dir = tempDir("session-log-rewrite");
-    const store = new SnapshotStore(dir);
-    const manager = new SessionManager(windowRecall, store, options);
-    const s = tasks.haystack(rngOf(33), { kind: "passkey", exactTokens: 1500, depth: 0.5, dateString: "26 Jul 2024", distractorEvery: 0 });
-    await manager.create({ tenant: "default", id: "doc", messages: [{ role: "user", content: s.content }], templateKwargs: { date_string: "26 Jul 2024" } });
+    const { store, manager, s } = await docSession("session-log-rewrite", 33, 1500);
     const base = sizeOf(store, "doc");
     let largest = base;
     let rewritten = false;
