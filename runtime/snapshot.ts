@@ -565,7 +565,9 @@ class CountingSource implements ByteSource {
 function readColdBlock(payload: Uint8Array, h: Header, c: CompactionState, expect: SnapshotExpectation, checkValues: boolean, what: string, lastArchived: number): RawColdBlock {
   const B = c.settings.blockTokens;
   const n = h.kvHeads * h.headDim;
-  const bytes = payload.slice(); // aligned, and owned: the read buffer is reused
+  // Aligned, and owned (the read buffer is reused): a copy at offset 0 of a buffer of its own. Not
+  // payload.slice(): on a Node Buffer (a source may yield them) that is a view into the read buffer.
+  const bytes = new Uint8Array(payload);
   let at = 0;
   const ints = (count: number) => {
     const a = new Int32Array(bytes.buffer, at, count);
