@@ -1,6 +1,6 @@
 /**
  * CPU kernels for KV-cache compaction: float16 conversion, slot gathering, int8 group quantization,
- * H2O score accumulation, Quest block summaries and bounds, and top-k selection. Plain typed-array
+ * H2O score accumulation, Quest block summaries and bounds, top-k selection, and rotary re-positioning. Plain typed-array
  * loops; `CompactionKernels` is the contract a WGSL implementation will share.
  */
 import type { KvArray, KvLayout } from "./kv-slots.ts";
@@ -464,6 +464,47 @@ export function topK(scores: Float32Array, n: number, k: number): Int32Array {
   return heap.sort();
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// rotary re-positioning
+
+/**
+ * Moves keys that carry rotary embeddings (RoPE, rotate-half layout: dimension i pairs with i + headDim/2
+ * and turns at `invFreq[i]` radians per position) by `shifts[slot]` positions, in place, on a
+ * [heads, slots, headDim] float32 array: each pair turns by shift * invFreq[i]. A key embedded at position
+ * p then equals the same key embedded at p + shift (up to rounding), since rotations compose. Angles and
+ * their sines are taken in float64.
+ */
+export function rotateSlots(keys: Float32Array, slots: number, layout: KvLayout, shifts: Int32Array, invFreq: Float32Array): void {
+  const { heads, headDim } = layout;
+  checkCount("slots", slots);
+  checkCount("heads", heads);
+  if (!Number.isInteger(headDim) || headDim <= 0 || headDim % 2 !== 0) throw new RangeError(`headDim must be a positive even integer, got ${headDim}`);
+  const half = headDim / 2;
+  checkLength("keys", keys.length, heads * slots * headDim);
+  checkLength("shifts", shifts.length, slots);
+  checkLength("invFreq", invFreq.length, half);
+  const cos = new Float64Array(half);
+  const sin = new Float64Array(half);
+  for (let s = 0; s < slots; s++) {
+    const shift = shifts[s]!;
+    if (shift === 0) continue;
+    for (let i = 0; i < half; i++) {
+      const angle = shift * invFreq[i]!;
+      cos[i] = Math.cos(angle);
+      sin[i] = Math.sin(angle);
+    }
+    for (let h = 0; h < heads; h++) {
+      const o = (h * slots + s) * headDim;
+      for (let i = 0; i < half; i++) {
+        const x = keys[o + i]!;
+        const y = keys[o + half + i]!;
+        keys[o + i] = x * cos[i]! - y * sin[i]!;
+        keys[o + half + i] = y * cos[i]! + x * sin[i]!;
+      }
+    }
+  }
+}
+
 /** One interface, so a WGSL implementation can stand beside this one later. */
 export interface CompactionKernels {
   toFloat32: typeof toFloat32;
@@ -476,6 +517,7 @@ export interface CompactionKernels {
   blockUpperBounds: typeof blockUpperBounds;
   blockMaxDots: typeof blockMaxDots;
   topK: typeof topK;
+  rotateSlots: typeof rotateSlots;
 }
 
 export const cpuKernels: CompactionKernels = {
@@ -489,4 +531,5 @@ export const cpuKernels: CompactionKernels = {
   blockUpperBounds,
   blockMaxDots,
   topK,
+  rotateSlots,
 };

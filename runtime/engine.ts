@@ -388,7 +388,7 @@ export class Engine {
 
   private compactionShape(): CompactionShape {
     const c = this.model.folder.config;
-    return { layers: c.numLayers, kvHeads: c.numKeyValueHeads, headDim: c.headDim, heads: c.numAttentionHeads, dtype: this.model.io.kvDtype };
+    return { layers: c.numLayers, kvHeads: c.numKeyValueHeads, headDim: c.headDim, heads: c.numAttentionHeads, dtype: this.model.io.kvDtype, invFreq: c.ropeInvFreq };
   }
 
   private coldStorage(): FileColdStorage {

@@ -511,6 +511,31 @@ export class KvCache {
   }
 
   /**
+   * Replaces the keys of slots `slots` (per layer [kvHeads, slots.length, headDim], this cache's dtype);
+   * values, positions and scores stay. Storage or arrays shared with another cache are copied first.
+   */
+  rewriteKeys(slots: Int32Array, keys: KvArray[]): void {
+    const count = slots.length;
+    for (const s of slots) if (s < 0 || s >= this.length) throw new RangeError(`rewriteKeys: slot ${s} is not live`);
+    if (count === 0) return;
+    const layout = this.layout;
+    const write = (dst: KvArray, capacity: number, i: number) => {
+      for (let j = 0; j < count; j++) writeSlots(dst, capacity, slots[j]!, sliceSlots(keys[i]!, count, j, 1, layout), 1, layout);
+    };
+    if (this.mode === "present") {
+      this.presentKeys = this.presentKeys.map((a, i) => {
+        const out = a.slice();
+        write(out, this.length, i);
+        return out;
+      });
+      return;
+    }
+    if (this.store!.refs !== 1) this.moveToOwnStore(this.length);
+    const store = this.store!;
+    for (let i = 0; i < this.layers; i++) write(store.keys[i]!, store.capacity, i);
+  }
+
+  /**
    * Drops the last `count` slots, which a run just appended ("inplace" mode, storage of this cache's own):
    * a probe run whose KV is not kept (recall scores a turn's queries before reading it for real).
    */

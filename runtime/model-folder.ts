@@ -10,6 +10,7 @@
 import { readFile, readdir, stat } from "node:fs/promises";
 import { join } from "node:path";
 import { ModelFolderError } from "./errors.ts";
+import { ropeInvFreq } from "./rope.ts";
 
 /** The subset of a Llama-family config.json the runtime needs. */
 export interface LlamaConfig {
@@ -21,6 +22,8 @@ export interface LlamaConfig {
   numKeyValueHeads: number;
   headDim: number;
   maxPositionEmbeddings: number;
+  /** RoPE inverse frequencies (runtime/rope.ts); null for rope types whose keys cannot be moved (or a malformed rope_scaling). */
+  ropeInvFreq: Float32Array | null;
   bosTokenId: number | null;
   eosTokenIds: number[];
 }
@@ -130,9 +133,23 @@ export function parseLlamaConfig(raw: Record<string, unknown>, file = "config.js
     numKeyValueHeads,
     headDim,
     maxPositionEmbeddings: typeof raw.max_position_embeddings === "number" ? raw.max_position_embeddings : 131072,
+    ropeInvFreq: invFreqOf(raw, headDim),
     bosTokenId: typeof raw.bos_token_id === "number" ? raw.bos_token_id : null,
     eosTokenIds: idList(raw.eos_token_id),
   };
+}
+
+function invFreqOf(raw: Record<string, unknown>, headDim: number): Float32Array | null {
+  const scaling = raw.rope_scaling;
+  try {
+    return ropeInvFreq({
+      head_dim: headDim,
+      rope_theta: typeof raw.rope_theta === "number" ? raw.rope_theta : undefined,
+      rope_scaling: scaling && typeof scaling === "object" ? (scaling as Record<string, unknown>) : null,
+    });
+  } catch {
+    return null;
+  }
 }
 
 async function exists(file: string): Promise<boolean> {

@@ -8,7 +8,9 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { Engine } from "../runtime/index.ts";
 import { ColdTier, FileColdStorage } from "../runtime/kv/cold-tier.ts";
-import { compactionSettings } from "../runtime/kv/compaction.ts";
+import { KvCompactor, PINNED, compactionSettings, compactionStateSchema } from "../runtime/kv/compaction.ts";
+import { KvCache } from "../runtime/kv-cache.ts";
+import { ropeInvFreq } from "../runtime/rope.ts";
 import { int8ErrorBound } from "../kernels/compaction.ts";
 import { FixtureTasks, answerIsRight, rngOf } from "../scripts/lib/fixture-tasks.ts";
 import { FIXTURE_DIR } from "./helpers/model.ts";
@@ -161,6 +163,94 @@ describe("KV compaction", () => {
 });
 
 process.on("exit", () => rmSync(coldDir, { recursive: true, force: true }));
+
+describe("where recalled blocks attend from", () => {
+  /** Rotary embedding of a head vector at `position` from its definition (rotate-half layout), in float64. */
+  const rope = (x: Float32Array, position: number, invFreq: Float32Array) => {
+    const half = x.length / 2;
+    const out = new Float32Array(x.length);
+    for (let i = 0; i < half; i++) {
+      const a = position * invFreq[i]!;
+      out[i] = x[i]! * Math.cos(a) - x[half + i]! * Math.sin(a);
+      out[half + i] = x[half + i]! * Math.cos(a) + x[i]! * Math.sin(a);
+    }
+    return out;
+  };
+
+  /**
+   * A cache that read 6,000 tokens through a window+recall compactor (budget 512, 64-token blocks, float32
+   * archive), each token's key its own random vector embedded at its position, as a graph leaves them;
+   * then a question whose two tokens only the block at 4,480-4,543 holds.
+   */
+  function readThenRecall(recallPlacement: "near" | "original") {
+    const [kvHeads, headDim] = [2, 16];
+    const invFreq = ropeInvFreq({ head_dim: headDim, rope_theta: 500000, rope_scaling: { rope_type: "llama3", factor: 128, low_freq_factor: 1, high_freq_factor: 4, original_max_position_embeddings: 8192 } })!;
+    const settings = compactionSettings("window", 512, { recall: true, coldFormat: "float32", recent: 96, recallPlacement });
+    const compactor = KvCompactor.create(settings, { layers: 1, kvHeads, headDim, heads: 4, dtype: "float32", invFreq });
+    const cache = new KvCache("float32", 1, kvHeads, headDim, "inplace");
+    cache.compactor = compactor;
+    const raw = (p: number, h: number) => Float32Array.from({ length: headDim }, (_, i) => Math.sin(p * 7.1 + h * 3.3 + i * 1.7));
+    const total = 6000;
+    for (let start = 0; start < total; start += 50) {
+      const n = Math.min(50, total - start);
+      const keys = new Float32Array(kvHeads * n * headDim);
+      for (let h = 0; h < kvHeads; h++) for (let j = 0; j < n; j++) keys.set(rope(raw(start + j, h), start + j, invFreq), (h * n + j) * headDim);
+      cache.reserveSlots(n);
+      cache.writeNewSlots(0, keys, new Float32Array(kvHeads * n * headDim), n);
+      cache.appendPositions(n, Int32Array.from({ length: n }, (_, j) => (start + j === 4500 ? 90001 : start + j === 4501 ? 90002 : 1000 + ((start + j) % 300))));
+      compactor.maintain(cache, false);
+    }
+    expect(cache.length).toBeLessThanOrEqual(512);
+    // The needle's block scores, and so does the block after it (which recall brings with the block before it).
+    expect(compactor.recall(cache, [90001, 90002], undefined)).toBe(3);
+    const recalled = Array.from({ length: cache.length }, (_, i) => i).filter((i) => cache.scores[i]! >= PINNED);
+    const all = Int32Array.from({ length: cache.length }, (_, i) => i);
+    const { keys } = cache.readSlots(all, cache.length);
+    const keyOf = (slot: number, h: number) => (keys[0] as Float32Array).subarray((h * cache.length + slot) * headDim, (h * cache.length + slot + 1) * headDim);
+    return { cache, compactor, recalled, keyOf, raw, invFreq, kvHeads };
+  }
+
+  test('"near" (the default): slots keep their positions, but the keys of recalled blocks move to just before the recent window, and the sinks\' to just before them', () => {
+    expect(compactionSettings("window", 4096, { recall: true }).recallPlacement).toBe("near");
+    const { cache, compactor, recalled, keyOf, raw, invFreq, kvHeads } = readThenRecall("near");
+    // Blocks 69-71 (the needle's, the one before and the one after), at their original positions.
+    expect(recalled.map((i) => cache.positions[i]!)).toEqual(Array.from({ length: 192 }, (_, j) => 4416 + j));
+    const resident = new Set(cache.positions.subarray(0, cache.length));
+    let runStart = cache.nextPosition;
+    while (resident.has(runStart - 1)) runStart--;
+    expect(runStart).toBeGreaterThan(5000);
+    const expectAt = (slot: number, at: number) => {
+      for (let h = 0; h < kvHeads; h++) {
+        const want = rope(raw(cache.positions[slot]!, h), at, invFreq);
+        const got = keyOf(slot, h);
+        for (let i = 0; i < want.length; i++) expect(Math.abs(got[i]! - want[i]!)).toBeLessThan(1e-5);
+      }
+    };
+    recalled.forEach((slot, j) => expectAt(slot, runStart - 192 + j));
+    // The 32 sinks just before them: the resident set reads as one stretch of text.
+    const sinks = Array.from({ length: cache.length }, (_, i) => i).filter((i) => cache.positions[i]! < 32);
+    expect(sinks.length).toBe(32);
+    for (const slot of sinks) expectAt(slot, runStart - 192 - 32 + cache.positions[slot]!);
+    // A snapshot carries how far the sinks moved, so that a restored session moves them on from there.
+    const state = compactor.state();
+    expect(state.sinkShift).toBe(runStart - 192 - 32);
+    // (Its archive's blocks are added after it: empty here.)
+    expect(KvCompactor.restore(compactionStateSchema.parse(state), compactor.shape).state()).toEqual({ ...state, archivedUpTo: 0, blocks: 0 });
+    // The recent window where it was read.
+    for (let slot = 0; slot < cache.length; slot++) if (cache.positions[slot]! >= runStart) expectAt(slot, cache.positions[slot]!);
+  });
+
+  test('"original": recalled keys are the archived ones, where they were read', () => {
+    const { cache, recalled, keyOf, raw, invFreq, kvHeads } = readThenRecall("original");
+    expect(recalled.length).toBe(192);
+    for (const slot of recalled) {
+      for (let h = 0; h < kvHeads; h++) {
+        const want = rope(raw(cache.positions[slot]!, h), cache.positions[slot]!, invFreq);
+        expect(Array.from(keyOf(slot, h))).toEqual(Array.from(want));
+      }
+    }
+  });
+});
 
 describe("KV compaction on both graph paths", () => {
   test("the Optimum graph (present = past + new) and the in-place graph compact alike: same resident positions, same logits (1e-4)", async () => {
@@ -489,8 +579,9 @@ describe("compacted snapshot logs from outside", () => {
     await manager.create({ tenant: "default", id: "doc", messages: [{ role: "user", content: s.content }], templateKwargs: { date_string: "26 Jul 2024" } });
     const download = async () => new Uint8Array(await new Response((await manager.download("default", "doc")).stream).arrayBuffer());
     const before = await download();
-    // A long turn: tokens leave the recent window, so the delta carries newly archived blocks too.
-    await manager.turn("default", "doc", { messages: (m) => [...m, { role: "user", content: `${s.content.slice(0, 2000)} What is the pass key?` }], maxTokens: 8, ...greedy });
+    // A turn long enough that tokens leave the recent window (320 slots here), so the delta carries newly
+    // archived blocks, and short enough that some of the window stays (slots the delta refers to).
+    await manager.turn("default", "doc", { messages: (m) => [...m, { role: "user", content: `${s.content.slice(0, 700)} What is the pass key?` }], maxTokens: 8, ...greedy });
     const after = await download();
     // The first segment is not written again: the turn's bytes follow it.
     expect(after.length).toBeGreaterThan(before.length);

@@ -1,7 +1,8 @@
 /**
  * KV-compaction CPU kernels against naive reference loops written here, on seeded random data.
  * Comparisons are element-wise and exact: every kernel either moves values or does its arithmetic in the
- * same order as its reference. The one tolerance is int8ErrorBound, the quantizer's own contract.
+ * same order as its reference. The tolerances are int8ErrorBound, the quantizer's own contract, and
+ * float32 rounding where rotateSlots is checked against rotary embedding applied at the shifted position.
  */
 import { describe, expect, test } from "bun:test";
 import {
@@ -14,11 +15,13 @@ import {
   gatherSlots,
   int8ErrorBound,
   quantizeInt8,
+  rotateSlots,
   toFloat16Bits,
   toFloat32,
   topK,
 } from "../kernels/compaction.ts";
 import type { KvArray } from "../kernels/kv-slots.ts";
+import { ropeInvFreq } from "../runtime/rope.ts";
 import { createRng } from "../runtime/sampling.ts";
 
 // The runtime's seeded PRNG (mulberry32).
@@ -744,5 +747,90 @@ test("cpuKernels carries every kernel", () => {
     blockUpperBounds,
     blockMaxDots,
     topK,
+    rotateSlots,
+  });
+});
+
+/** Rotary embedding of one head vector at `position`, from its definition (rotate-half layout), in float64. */
+function refRope(x: ArrayLike<number>, position: number, invFreq: Float32Array): number[] {
+  const half = x.length / 2;
+  const out = Array.from(x);
+  for (let i = 0; i < half; i++) {
+    const a = position * invFreq[i]!;
+    out[i] = x[i]! * Math.cos(a) - x[half + i]! * Math.sin(a);
+    out[half + i] = x[half + i]! * Math.cos(a) + x[i]! * Math.sin(a);
+  }
+  return out;
+}
+
+describe("rotateSlots", () => {
+  const llama3 = { rope_type: "llama3", factor: 128, low_freq_factor: 1, high_freq_factor: 4, original_max_position_embeddings: 8192 };
+
+  test("a key embedded at p, turned by s, equals the key embedded at p + s", () => {
+    const rng = mulberry32(41);
+    for (const [heads, headDim, config] of [
+      [2, 32, { head_dim: 32, rope_theta: 500000, rope_scaling: llama3 }],
+      [3, 8, { head_dim: 8 }],
+      [1, 128, { head_dim: 128, rope_theta: 500000, rope_scaling: llama3 }],
+    ] as const) {
+      const invFreq = ropeInvFreq(config)!;
+      const slots = 7;
+      const raw = randomF32(rng, heads * slots * headDim);
+      const positions = [0, 5, 63, 4096, 349526, 1048000, 3];
+      const shifts = Int32Array.of(0, 1, 700000, 12, 698000, 0, 2 ** 21);
+      const keys = new Float32Array(heads * slots * headDim);
+      for (let h = 0; h < heads; h++) {
+        for (let s = 0; s < slots; s++) {
+          const o = (h * slots + s) * headDim;
+          keys.set(refRope(raw.subarray(o, o + headDim), positions[s]!, invFreq), o);
+        }
+      }
+      const before = keys.slice();
+      rotateSlots(keys, slots, { heads, headDim }, shifts, invFreq);
+      for (let h = 0; h < heads; h++) {
+        for (let s = 0; s < slots; s++) {
+          const o = (h * slots + s) * headDim;
+          const want = refRope(raw.subarray(o, o + headDim), positions[s]! + shifts[s]!, invFreq);
+          for (let i = 0; i < headDim; i++) {
+            if (shifts[s] === 0) expect(keys[o + i]).toBe(before[o + i]!);
+            else expect(Math.abs(keys[o + i]! - want[i]!)).toBeLessThan(1e-5);
+          }
+        }
+      }
+    }
+  });
+
+  test("a turn and its inverse give the key back; bad shapes are refused", () => {
+    const rng = mulberry32(43);
+    const invFreq = ropeInvFreq({ head_dim: 16, rope_theta: 10000 })!;
+    const keys = randomF32(rng, 2 * 5 * 16);
+    const start = keys.slice();
+    const shifts = Int32Array.of(3, -3, 100000, 0, 17);
+    rotateSlots(keys, 5, { heads: 2, headDim: 16 }, shifts, invFreq);
+    expect(Array.from(keys)).not.toEqual(Array.from(start));
+    rotateSlots(keys, 5, { heads: 2, headDim: 16 }, shifts.map((x) => -x), invFreq);
+    for (let i = 0; i < keys.length; i++) expect(Math.abs(keys[i]! - start[i]!)).toBeLessThan(1e-5);
+    expect(() => rotateSlots(keys, 6, { heads: 2, headDim: 16 }, new Int32Array(6), invFreq)).toThrow(RangeError);
+    expect(() => rotateSlots(keys, 5, { heads: 2, headDim: 16 }, new Int32Array(4), invFreq)).toThrow(RangeError);
+    expect(() => rotateSlots(keys, 5, { heads: 2, headDim: 15 }, shifts, invFreq)).toThrow(RangeError);
+    expect(() => rotateSlots(keys, 5, { heads: 2, headDim: 16 }, shifts, invFreq.subarray(0, 7))).toThrow(RangeError);
+  });
+
+  test("ropeInvFreq: default, linear and llama3 frequencies; none for rope types that depend on the sequence", () => {
+    const base = ropeInvFreq({ head_dim: 32, rope_theta: 500000 })!;
+    for (let i = 0; i < 16; i++) expect(base[i]).toBe(Math.fround(1 / 500000 ** ((2 * i) / 32)));
+    const linear = ropeInvFreq({ head_dim: 32, rope_theta: 500000, rope_scaling: { type: "linear", factor: 4 } })!;
+    for (let i = 0; i < 16; i++) expect(linear[i]).toBe(Math.fround(1 / 500000 ** ((2 * i) / 32) / 4));
+    const scaled = ropeInvFreq({ head_dim: 32, rope_theta: 500000, rope_scaling: llama3 })!;
+    // Wavelengths under 8192 / 4 positions stay; over 8192 are divided by the factor; between, blended.
+    for (let i = 0; i < 16; i++) {
+      const wavelen = (2 * Math.PI) / (1 / 500000 ** ((2 * i) / 32));
+      if (wavelen < 2048) expect(scaled[i]).toBe(base[i]!);
+      else if (wavelen > 8192) expect(scaled[i]).toBe(Math.fround(1 / 500000 ** ((2 * i) / 32) / 128));
+      else expect(scaled[i]! < base[i]! && scaled[i]! > base[i]! / 128).toBe(true);
+    }
+    expect(ropeInvFreq({ head_dim: 32, rope_scaling: { rope_type: "dynamic", factor: 2 } })).toBeNull();
+    expect(ropeInvFreq({ head_dim: 32, rope_scaling: { rope_type: "yarn", factor: 4 } })).toBeNull();
+    expect(() => ropeInvFreq({ head_dim: 32, rope_scaling: { rope_type: "llama3", factor: 8 } })).toThrow(RangeError);
   });
 });

@@ -17,7 +17,8 @@
  *
  * A compactor travels with its cache (clones copy it, sharing the append-only archive) and with a
  * session's snapshot (state(), restore(), the archive's blocks as frames: snapshot.ts).
- * Every slot keeps its original position, so recalled and kept slots attend as where they were read.
+ * Every slot keeps its original position (what the session records); kept slots attend as where they were
+ * read, recalled ones by default from just before the prompt's last tokens (recallPlacement).
  * Everything here is deterministic: the same tokens and settings give the same resident set.
  */
 import { z } from "zod";
@@ -63,6 +64,18 @@ export interface CompactionSettings {
   recallScorer: "lexical" | "keys";
   /** Slots a compaction frees below the budget, so that decoding compacts once per this many tokens. */
   slack: number;
+  /**
+   * Where the slots kept apart from the recent tokens attend from. "near": the resident set is laid out
+   * as one stretch of text, as StreamingLLM lays out its cache: the sinks' keys are moved (a rotary turn,
+   * kernels rotateSlots) to the positions just before the slots that follow them, and recalled blocks to
+   * the positions just before the run of tokens that ends the cache (the recent window), with the sinks
+   * before them; so a question reads a recalled needle from a few hundred positions away, as text it has
+   * just read (InfLLM places its memory units the same way). "original": every slot attends from where
+   * it was read. Slot positions (what sessions record, prefix reuse and snapshots) are the original ones
+   * either way. Graphs whose rope type has no fixed frequencies (the model config's ropeInvFreq null)
+   * always keep "original".
+   */
+  recallPlacement: "near" | "original";
 }
 
 /** Scores at or above this mark slots that stay for the rest of the request (recalled blocks). */
@@ -84,12 +97,16 @@ export const compactionStateSchema = z.object({
     probeTokens: z.number().int().min(0).max(65536),
     recallScorer: z.enum(["lexical", "keys"]),
     slack: z.number().int().min(1).max(2 ** 30),
+    // Snapshots written before placement existed recalled at the original positions; they go on so.
+    recallPlacement: z.enum(["near", "original"]).default("original"),
   }),
   evicted: nonNegative,
   compactions: nonNegative,
   recalls: nonNegative,
   recalledBlocks: nonNegative,
   pinned: nonNegative,
+  // How far the sinks' keys have been moved ("near" placement); 0 in snapshots written before it existed.
+  sinkShift: nonNegative.default(0),
   archivedUpTo: nonNegative,
   blocks: nonNegative,
 });
@@ -121,6 +138,7 @@ export function compactionSettings(policy: CompactionPolicyName, budget: number,
     probeTokens,
     recallScorer: overrides.recallScorer ?? "lexical",
     slack,
+    recallPlacement: overrides.recallPlacement ?? "near",
   };
   if (!Number.isInteger(s.budget) || s.budget < 64) throw new RangeError(`the KV budget must be at least 64 slots, got ${budget}`);
   if (s.slack >= s.budget) throw new RangeError("slack must be below the budget");
@@ -144,6 +162,8 @@ export interface CompactionShape {
   /** Query heads (a multiple of kvHeads). */
   heads: number;
   dtype: KvDtype;
+  /** RoPE inverse frequencies (headDim / 2; runtime/rope.ts), to move keys; null or absent: keys never move. */
+  invFreq?: Float32Array | null;
 }
 
 export interface CompactionStats {
@@ -215,6 +235,7 @@ export class KvCompactor {
       settings: { ...this.settings, policy },
       ...this.stats,
       pinned: this.pinned,
+      sinkShift: this.sinkShift,
       archivedUpTo: this.cold?.archivedUpTo ?? 0,
       blocks: this.cold?.blockCount ?? 0,
     };
@@ -244,12 +265,14 @@ export class KvCompactor {
     const { evicted, compactions, recalls, recalledBlocks } = state;
     Object.assign(this.stats, { evicted, compactions, recalls, recalledBlocks });
     this.pinned = state.pinned;
+    this.sinkShift = state.sinkShift;
   }
 
   clone(): KvCompactor {
     const copy = new KvCompactor(this.settings, this.shape, this.cold?.clone() ?? null, this.lexicon);
     Object.assign(copy.stats, this.stats);
     copy.pinned = this.pinned;
+    copy.sinkShift = this.sinkShift;
     return copy;
   }
 
@@ -271,6 +294,47 @@ export class KvCompactor {
 
   /** Slots brought back by the last recall (pinned; window keeps them beside sinks and recent). */
   private pinned = 0;
+  /** Positions the sinks' keys have been moved by ("near" placement): sink p attends from p + sinkShift. */
+  private sinkShift = 0;
+
+  /** Keys move under "near" placement when the model's rotary frequencies are known. */
+  private get invFreqToMove(): Float32Array | null {
+    return this.settings.recallPlacement === "near" ? (this.shape.invFreq ?? null) : null;
+  }
+
+  /** Turns keys ([kvHeads, count, headDim], cache dtype) by shifts[j] positions; returns them in the cache's dtype. */
+  private turned(keys: KvArray, shifts: Int32Array, invFreq: Float32Array): KvArray {
+    const f32 = K.toFloat32(keys);
+    K.rotateSlots(f32, shifts.length, { heads: this.shape.kvHeads, headDim: this.shape.headDim }, shifts, invFreq);
+    return keys instanceof Float32Array ? f32 : K.toFloat16Bits(f32);
+  }
+
+  /**
+   * "near" placement: moves the sinks' keys so that they end just before `anchor` (by default, the first
+   * position of the other resident slots), never before where they were read.
+   */
+  private placeSinks(cache: KvCache, anchor?: number): void {
+    const invFreq = this.invFreqToMove;
+    if (!invFreq) return;
+    const { sinks } = this.settings;
+    const slots: number[] = [];
+    let first = Number.POSITIVE_INFINITY;
+    for (let i = 0; i < cache.length; i++) {
+      const p = cache.positions[i]!;
+      if (p < sinks) slots.push(i);
+      else first = Math.min(first, p);
+    }
+    const end = anchor ?? first;
+    if (slots.length === 0 || !Number.isFinite(end)) return;
+    const shift = Math.max(0, end - slots.length);
+    const delta = shift - this.sinkShift;
+    if (delta === 0) return;
+    const at = Int32Array.from(slots);
+    const { keys } = cache.readSlots(at, at.length);
+    const shifts = new Int32Array(at.length).fill(delta);
+    cache.rewriteKeys(at, keys.map((k) => this.turned(k, shifts, invFreq)));
+    this.sinkShift = shift;
+  }
 
   private compactTo(cache: KvCache, target: number, attentionKnown: boolean): void {
     const { sinks, recent } = this.settings;
@@ -313,6 +377,8 @@ export class KvCompactor {
     this.stats.evicted += n - count;
     this.stats.compactions++;
     cache.compact(keep, count);
+    // Recalled blocks, while pinned, keep the sinks where the recall put them (just before the blocks).
+    if (this.pinned === 0) this.placeSinks(cache);
   }
 
   /**
@@ -454,6 +520,28 @@ export class KvCompactor {
     return scores;
   }
 
+  /**
+   * For "near" placement, where the `incoming` recalled tokens go: in reading order and without gaps,
+   * just before the run of resident positions that ends the cache (the recent window and the tokens not
+   * archived yet), from `start`. `shifts` gives, block after block, how far each token's keys move (never
+   * to an earlier position). Slot positions (what the session records, what prefix reuse and snapshots
+   * use) stay the original ones. Null when keys stay where they were read.
+   */
+  private placement(cache: KvCache, incoming: number): { start: number; invFreq: Float32Array; shifts: (positions: Int32Array) => Int32Array } | null {
+    const invFreq = this.invFreqToMove;
+    if (!invFreq || incoming === 0) return null;
+    const resident = new Set(cache.positions.subarray(0, cache.length));
+    let runStart = cache.nextPosition;
+    while (runStart > 0 && resident.has(runStart - 1)) runStart--;
+    const start = runStart - incoming;
+    let next = start;
+    return {
+      start,
+      invFreq,
+      shifts: (positions) => positions.map((p) => Math.max(0, next++ - p)),
+    };
+  }
+
   /** Brings back the best-scoring blocks (score >= 0) not resident already, pinned. Returns how many. */
   private bringBack(cache: KvCache, cold: ColdTier, scores: Float32Array): number {
     const blocks = cold.blockCount;
@@ -480,12 +568,16 @@ export class KvCompactor {
     // falls in the cycle of growing and compacting (window: exactly sinks + recent + these blocks).
     const incoming = chosen.length * B + this.settings.probeTokens;
     this.compactTo(cache, this.settings.budget - incoming, true);
-    for (const b of chosen) {
+    // Tokens of a block still resident are not added twice.
+    const takes = chosen.map((b) => {
+      const positions = cold.blockPositions(b);
+      return Int32Array.from(positions.keys()).filter((j) => !residentPositions.has(positions[j]!));
+    });
+    const place = this.placement(cache, takes.reduce((n, t) => n + t.length, 0));
+    chosen.forEach((b, c) => {
       const block = cold.read(b);
-      // Tokens of the block still resident are not added twice.
-      const take = new Int32Array(B);
-      let count = 0;
-      for (let j = 0; j < B; j++) if (!residentPositions.has(block.positions[j]!)) take[count++] = j;
+      const take = takes[c]!;
+      const count = take.length;
       const pick = (a: KvArray) => {
         if (count === B) return a;
         const out = a instanceof Float32Array ? new Float32Array(kvHeads * count * headDim) : new Uint16Array(kvHeads * count * headDim);
@@ -498,9 +590,12 @@ export class KvCompactor {
         positions[j] = block.positions[take[j]!]!;
         tokens[j] = block.tokens[take[j]!]!;
       }
-      cache.appendSlots(block.keys.map(pick), block.values.map(pick), positions, tokens, new Float32Array(count).fill(PINNED), count);
+      const shifts = place?.shifts(positions);
+      const keys = block.keys.map((k) => (place && shifts ? this.turned(pick(k), shifts, place.invFreq) : pick(k)));
+      cache.appendSlots(keys, block.values.map(pick), positions, tokens, new Float32Array(count).fill(PINNED), count);
       this.pinned += count;
-    }
+    });
+    if (place) this.placeSinks(cache, place.start);
     this.stats.recalls++;
     this.stats.recalledBlocks += chosen.length;
     return chosen.length;

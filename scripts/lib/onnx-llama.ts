@@ -8,6 +8,7 @@
 
 import { createRequire } from "node:module";
 import type { onnx as OnnxNamespace } from "onnx-proto";
+import { ropeInvFreq } from "../../runtime/rope.ts";
 import { toFloat16Array } from "./fp16.ts";
 
 const { onnx } = createRequire(import.meta.url)("onnx-proto") as { onnx: typeof OnnxNamespace };
@@ -146,34 +147,9 @@ export function llamaWeightSpecs(config: LlamaConfig): WeightSpec[] {
   return specs;
 }
 
-/**
- * RoPE inverse frequencies (head_dim / 2 values), with llama3 scaling applied exactly as
- * transformers' `_compute_llama3_parameters` does. Computed in float64, rounded to float32.
- */
+/** RoPE inverse frequencies (head_dim / 2 values), llama3 scaling applied (runtime/rope.ts). */
 export function llamaInvFreq(config: LlamaConfig): Float32Array {
-  const dim = config.head_dim;
-  const out = new Float32Array(dim / 2);
-  const s = config.rope_scaling;
-  for (let i = 0; i < dim / 2; i++) {
-    const base = 1 / config.rope_theta ** ((2 * i) / dim);
-    if (!s) {
-      out[i] = base;
-      continue;
-    }
-    const lowFreqWavelen = s.original_max_position_embeddings / s.low_freq_factor;
-    const highFreqWavelen = s.original_max_position_embeddings / s.high_freq_factor;
-    const wavelen = (2 * Math.PI) / base;
-    let f = wavelen > lowFreqWavelen ? base / s.factor : base;
-    const isMedium = !(wavelen < highFreqWavelen) && !(wavelen > lowFreqWavelen);
-    if (isMedium) {
-      const smooth =
-        (s.original_max_position_embeddings / wavelen - s.low_freq_factor) /
-        (s.high_freq_factor - s.low_freq_factor);
-      f = ((1 - smooth) * f) / s.factor + smooth * f;
-    }
-    out[i] = f;
-  }
-  return out;
+  return ropeInvFreq({ head_dim: config.head_dim, rope_theta: config.rope_theta, rope_scaling: config.rope_scaling as unknown as Record<string, unknown> | null })!;
 }
 
 export type LlamaOnnxDtype = "fp32" | "fp16";
