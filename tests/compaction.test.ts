@@ -182,10 +182,10 @@ describe("where recalled blocks attend from", () => {
    * archive), each token's key its own random vector embedded at its position, as a graph leaves them;
    * then a question whose two tokens only the block at 4,480-4,543 holds.
    */
-  function readThenRecall(recallPlacement: "near" | "original") {
+  function readThenRecall(recallPlacement: "near" | "original", overrides: Partial<Parameters<typeof compactionSettings>[2]> = {}, budget = 512) {
     const [kvHeads, headDim] = [2, 16];
     const invFreq = ropeInvFreq({ head_dim: headDim, rope_theta: 500000, rope_scaling: { rope_type: "llama3", factor: 128, low_freq_factor: 1, high_freq_factor: 4, original_max_position_embeddings: 8192 } })!;
-    const settings = compactionSettings("window", 512, { recall: true, coldFormat: "float32", recent: 96, recallPlacement });
+    const settings = compactionSettings("window", budget, { recall: true, coldFormat: "float32", recent: 96, recallPlacement, ...overrides });
     const compactor = KvCompactor.create(settings, { layers: 1, kvHeads, headDim, heads: 4, dtype: "float32", invFreq });
     const cache = new KvCache("float32", 1, kvHeads, headDim, "inplace");
     cache.compactor = compactor;
@@ -197,10 +197,11 @@ describe("where recalled blocks attend from", () => {
       for (let h = 0; h < kvHeads; h++) for (let j = 0; j < n; j++) keys.set(rope(raw(start + j, h), start + j, invFreq), (h * n + j) * headDim);
       cache.reserveSlots(n);
       cache.writeNewSlots(0, keys, new Float32Array(kvHeads * n * headDim), n);
-      cache.appendPositions(n, Int32Array.from({ length: n }, (_, j) => (start + j === 4500 ? 90001 : start + j === 4501 ? 90002 : 1000 + ((start + j) % 300))));
+      const id = (p: number) => ({ 4500: 90001, 4501: 90002, 3000: 90003 })[p] ?? 1000 + (p % 300);
+      cache.appendPositions(n, Int32Array.from({ length: n }, (_, j) => id(start + j)));
       compactor.maintain(cache, false);
     }
-    expect(cache.length).toBeLessThanOrEqual(512);
+    expect(cache.length).toBeLessThanOrEqual(budget);
     // The needle's block scores, and so does the block after it (which recall brings with the block before it).
     expect(compactor.recall(cache, [90001, 90002], undefined)).toBe(3);
     const recalled = Array.from({ length: cache.length }, (_, i) => i).filter((i) => cache.scores[i]! >= PINNED);
@@ -238,6 +239,14 @@ describe("where recalled blocks attend from", () => {
     expect(KvCompactor.restore(compactionStateSchema.parse(state), compactor.shape).state()).toEqual({ ...state, archivedUpTo: 0, blocks: 0 });
     // The recent window where it was read.
     for (let slot = 0; slot < cache.length; slot++) if (cache.positions[slot]! >= runStart) expectAt(slot, cache.positions[slot]!);
+  });
+
+  test("a later question on the same needle, beside a block not resident, keeps the needle (regression)", () => {
+    const { cache, compactor } = readThenRecall("original", { recallCutoff: 0.1 }, 1024);
+    // The needle's block is resident (pinned) from the first question; this one also points at position 3000.
+    expect(compactor.recall(cache, [90001, 90002, 90003], undefined)).toBeGreaterThan(0);
+    const resident = new Set(cache.positions.subarray(0, cache.length));
+    for (const p of [3000, 4500, 4501]) expect(resident.has(p)).toBe(true);
   });
 
   test('"original": recalled keys are the archived ones, where they were read', () => {

@@ -513,10 +513,11 @@ export class KvCompactor {
     vote(exact, candidates.length, fine);
     const scores = new Float32Array(blocks).fill(-1);
     candidates.forEach((b, c) => (scores[b] = fine[c]!));
-    // Blocks that are resident already (the sinks, above all, which draw attention from every row) are
-    // in the rows' normalization; as candidates they would only set the cutoff.
-    const residentPositions = new Set(cache.positions.subarray(0, cache.length));
-    for (const b of candidates) if (cold.blockPositions(b).every((p) => residentPositions.has(p))) scores[b] = -1;
+    // Blocks of sinks (always resident, drawing attention from every row) are in the rows' normalization;
+    // as candidates they would only set the cutoff. (Blocks an earlier recall brought are resident too,
+    // but only until this recall's compaction: they compete like the others.)
+    const { sinks } = this.settings;
+    for (const b of candidates) if (cold.blockPositions(b).every((p) => p < sinks)) scores[b] = -1;
     return scores;
   }
 
@@ -546,29 +547,31 @@ export class KvCompactor {
   private bringBack(cache: KvCache, cold: ColdTier, scores: Float32Array): number {
     const blocks = cold.blockCount;
     const { headDim, kvHeads } = this.shape;
-    // The best blocks, with the block before each; those whose tokens are all resident already (the recent
-    // window, earlier recalls) count among the best but need not move.
-    const residentPositions = new Set<number>();
-    for (let i = 0; i < cache.length; i++) residentPositions.add(cache.positions[i]!);
     // Only blocks that score close to the best: each extra block that merely shares the question's common
     // words (other needles of the same form) is one more place for the answer to be copied from.
     const top = K.topK(scores, blocks, this.settings.recallBlocks);
     let best = -1;
     for (const b of top) best = Math.max(best, scores[b]!);
     const hits = Array.from(top).filter((b) => scores[b]! >= 0 && scores[b]! >= this.settings.recallCutoff * best);
-    const chosen = [...new Set(hits.flatMap((b) => (b > 0 ? [b - 1, b] : [b])))]
-      .filter((b) => !cold.blockPositions(b).every((p) => residentPositions.has(p)))
-      .sort((a, b) => a - b);
-    if (chosen.length === 0) return 0;
+    // The best blocks, with the block before each.
+    const wanted = [...new Set(hits.flatMap((b) => (b > 0 ? [b - 1, b] : [b])))].sort((a, b) => a - b);
+    if (wanted.length === 0) return 0;
     const B = this.settings.blockTokens;
     // Room first: unpin earlier recalls, compact so the blocks and the prompt's last tokens fit the budget.
     for (let i = 0; i < cache.length; i++) if (cache.scores[i]! >= PINNED) cache.scores[i] = 0;
     this.pinned = 0;
     // Always compacted here, so that a question is answered over the same kind of resident set wherever it
     // falls in the cycle of growing and compacting (window: exactly sinks + recent + these blocks).
-    const incoming = chosen.length * B + this.settings.probeTokens;
+    const incoming = wanted.length * B + this.settings.probeTokens;
     this.compactTo(cache, this.settings.budget - incoming, true);
-    // Tokens of a block still resident are not added twice.
+    // What is resident now (the sinks, above all) is not added twice; what an earlier recall brought and
+    // this compaction dropped comes back from the archive like any other block. (Resident tokens were
+    // taken as they stood before the compaction until a later question on the same needle, beside a
+    // block not resident, lost it: the needle was skipped as resident, then dropped.)
+    const residentPositions = new Set<number>();
+    for (let i = 0; i < cache.length; i++) residentPositions.add(cache.positions[i]!);
+    const chosen = wanted.filter((b) => !cold.blockPositions(b).every((p) => residentPositions.has(p)));
+    if (chosen.length === 0) return 0;
     const takes = chosen.map((b) => {
       const positions = cold.blockPositions(b);
       return Int32Array.from(positions.keys()).filter((j) => !residentPositions.has(positions[j]!));
