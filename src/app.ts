@@ -85,7 +85,7 @@ export function createApp(options: AppOptions): Hono {
       context_length: engine.info.contextLength,
       queue: engine.queueState,
       kv_memory: { used_bytes: engine.kvMemory.usedBytes, limit_bytes: engine.kvMemory.limitBytes, sessions_bytes: sessions?.residentBytes ?? 0 },
-      kv_compaction: engine.compaction ? { policy: engine.compaction.policy, budget: engine.compaction.budget, recall: engine.compaction.recall } : { policy: "none" },
+      kv_compaction: engine.compaction ? { policy: engine.compaction.policy, budget: engine.compaction.budget, recall: engine.compaction.recall, placement: engine.compaction.recallPlacement } : { policy: "none" },
     });
   });
 

@@ -36,6 +36,8 @@ export const configSchema = z.object({
   kvPolicy: z.enum(["none", "window", "attention"]).default("none").describe("KV compaction of requests and sessions: none (every slot stays), window (sinks + recent), attention (sinks + recent + most-attended slots, with a recall tier)"),
   kvBudget: intIn(64, 1 << 30).default(4096).describe("with --kv-policy window or attention: KV slots a request or session keeps resident (plus one prefill chunk while reading)"),
   kvRecent: intIn(0, 1 << 30).default(0).describe("with --kv-policy: most recent tokens always kept (window keeps only these, the first 64 tokens and recalled blocks); 0 = what fills the budget"),
+  kvRecall: z.enum(["auto", "on", "off"]).default("auto").describe("with --kv-policy: the recall tier (archive what leaves the window, bring back the blocks a question points to); auto = on for attention, off for window"),
+  kvPlacement: z.enum(["near", "original"]).default("near").describe("with --kv-policy: where sinks and recalled blocks attend from: near = just before the recent window (one stretch of text), original = where they were read"),
   kvColdDir: z.string().min(1).optional().describe("where the attention policy's recall tier writes its per-request archive files (default: the system's temporary directory)"),
 });
 
@@ -71,6 +73,8 @@ const NAMES: Record<keyof ServerConfig, { env: string; flag: string }> = {
   kvPolicy: { env: "KV_POLICY", flag: "--kv-policy" },
   kvBudget: { env: "KV_BUDGET", flag: "--kv-budget" },
   kvRecent: { env: "KV_RECENT", flag: "--kv-recent" },
+  kvRecall: { env: "KV_RECALL", flag: "--kv-recall" },
+  kvPlacement: { env: "KV_PLACEMENT", flag: "--kv-placement" },
   kvColdDir: { env: "KV_COLD_DIR", flag: "--kv-cold-dir" },
 };
 

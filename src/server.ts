@@ -51,7 +51,14 @@ export async function createServer(env: Record<string, string | undefined>, argv
     prefillChunk: config.prefillChunk,
     kvMemoryBytes: config.kvMemoryBytes,
     prefillTargetMs: config.prefillTargetMs,
-    compaction: { policy: config.kvPolicy, budget: config.kvBudget, coldDir: config.kvColdDir, ...(config.kvRecent > 0 ? { recent: config.kvRecent } : {}) },
+    compaction: {
+      policy: config.kvPolicy,
+      budget: config.kvBudget,
+      coldDir: config.kvColdDir,
+      recallPlacement: config.kvPlacement,
+      ...(config.kvRecent > 0 ? { recent: config.kvRecent } : {}),
+      ...(config.kvRecall !== "auto" ? { recall: config.kvRecall === "on" } : {}),
+    },
     textLimits: { maxFieldChars: config.maxFieldChars, maxPromptChars: config.maxPromptChars, maxRunChars: config.maxRunChars },
   });
   const sessions = new SessionManager(engine, new SnapshotStore(config.sessionDir), {

@@ -425,7 +425,7 @@ describe("compaction over HTTP", () => {
     const { createApp } = await import("../src/app.ts");
     const app = createApp({ engine: windowRecall, maxBodyBytes: 16 * 1024 * 1024, log: () => {} });
     const health = (await (await app.request("/health")).json()) as { kv_compaction: unknown };
-    expect(health.kv_compaction).toEqual({ policy: "window", budget: 1024, recall: true });
+    expect(health.kv_compaction).toEqual({ policy: "window", budget: 1024, recall: true, placement: "near" });
     const s = tasks.haystack(rngOf(23), { kind: "multikey", exactTokens: 8000, depth: 0.4, dateString: "26 Jul 2024", distractorEvery: 0 });
     const res = await app.request("/v1/chat/completions", {
       method: "POST",

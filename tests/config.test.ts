@@ -11,7 +11,9 @@ describe("configuration", () => {
     expect(c).toMatchObject({ port: 9100, backend: "wasm", threads: 4, modelDir: "/models/x" });
   });
   test("KV compaction: none by default; policy, budget, recent window and archive directory from flags or the environment", () => {
-    expect(loadConfig({}, [])).toMatchObject({ kvPolicy: "none", kvBudget: 4096, kvRecent: 0 });
+    expect(loadConfig({}, [])).toMatchObject({ kvPolicy: "none", kvBudget: 4096, kvRecent: 0, kvRecall: "auto", kvPlacement: "near" });
+    expect(loadConfig({ KV_RECALL: "on" }, ["--kv-placement", "original"])).toMatchObject({ kvRecall: "on", kvPlacement: "original" });
+    expect(() => loadConfig({}, ["--kv-recall", "yes"])).toThrow();
     expect(loadConfig({ KV_POLICY: "window" }, ["--kv-budget", "1024", "--kv-recent=448", "--kv-cold-dir", "/var/tmp/kv"])).toMatchObject({ kvPolicy: "window", kvBudget: 1024, kvRecent: 448, kvColdDir: "/var/tmp/kv" });
     expect(() => loadConfig({}, ["--kv-policy", "lru"])).toThrow(/--kv-policy \/ KV_POLICY/);
     expect(() => loadConfig({}, ["--kv-budget", "32"])).toThrow(/--kv-budget \/ KV_BUDGET/);
