@@ -10,6 +10,9 @@
  */
 import { Template } from "@huggingface/jinja";
 import { ModelFolderError, invalidRequest } from "./errors.ts";
+import { installJinjaFilters } from "./jinja-filters.ts";
+
+installJinjaFilters();
 
 export interface ToolCall {
   id?: string;

@@ -124,3 +124,36 @@ describe("Llama-3.1 chat template", () => {
     ).toThrow(/single tool-calls/);
   });
 });
+
+describe("Jinja2 filters @huggingface/jinja lacks (runtime/jinja-filters.ts)", () => {
+  // The lines of Llama-3.1-Instruct's template that render its builtin tools (which no request could set:
+  // "Unknown ArrayValue filter: reject"), and select / reject in their other forms.
+  const llama31 = new ChatTemplate({
+    chat_template:
+      '{{- "<|start_header_id|>system<|end_header_id|>\\n\\n" }}' +
+      '{%- if builtin_tools is defined %}{{- "Environment: ipython\\n" }}' +
+      '{{- "Tools: " + builtin_tools | reject(\'equalto\', \'code_interpreter\') | join(", ") + "\\n\\n" }}{%- endif %}' +
+      '{{- "Cutting Knowledge Date: December 2023\\n" }}' +
+      "{%- for m in messages %}{{- m.content }}{%- endfor %}",
+  });
+
+  test("reject('equalto', 'code_interpreter'): the Llama-3.1 builtin tools line renders as Jinja2 renders it", () => {
+    const text = llama31.render([{ role: "user", content: "Hi" }], { extra: { builtin_tools: ["code_interpreter", "brave_search", "wolfram_alpha"] } });
+    expect(text).toBe("<|start_header_id|>system<|end_header_id|>\n\nEnvironment: ipython\nTools: brave_search, wolfram_alpha\n\nCutting Knowledge Date: December 2023\nHi");
+    expect(llama31.render([{ role: "user", content: "Hi" }])).toBe("<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\nHi");
+  });
+
+  test("select and reject: with a test and its argument, with a test alone, and without a test (truthiness)", () => {
+    const render = (expr: string, extra: Record<string, unknown>) => new ChatTemplate({ chat_template: `{{- ${expr} | join(",") }}` }).render([{ role: "user", content: "" }], { extra });
+    const xs = { xs: ["a", "b", "a", "", "c"] };
+    expect(render("xs | select('equalto', 'a')", xs)).toBe("a,a");
+    expect(render("xs | reject('equalto', 'a')", xs)).toBe("b,,c");
+    expect(render("xs | select", xs)).toBe("a,b,a,c");
+    expect(render("xs | reject", xs)).toBe("");
+    expect(render("ns | select('number')", { ns: [1, "x", 2.5, null] })).toBe("1,2.5");
+    expect(render("ns | reject('none')", { ns: [1, null, 3] })).toBe("1,3");
+    // Other filters are the library's as before; an unknown test is named.
+    expect(render("xs | unique", xs)).toBe("a,b,,c");
+    expect(() => render("xs | select('no_such_test')", xs)).toThrow(/Unknown test: no_such_test/);
+  });
+});
