@@ -178,9 +178,10 @@ describe("where recalled blocks attend from", () => {
   };
 
   /**
-   * A cache that read 6,000 tokens through a window+recall compactor (budget 512, 64-token blocks, float32
-   * archive), each token's key its own random vector embedded at its position, as a graph leaves them;
-   * then a question whose two tokens only the block at 4,480-4,543 holds.
+   * A cache that read 6,000 tokens through a window+recall compactor (budget 512 unless given, 64-token
+   * blocks, float32 archive), each token's key its own vector (a fixed function of position and head)
+   * embedded at its position, as a graph leaves them; then a question whose two tokens only the block at
+   * 4,480-4,543 holds. (Position 3,000 holds a third rare token, for a later question.)
    */
   function readThenRecall(recallPlacement: "near" | "original", overrides: Partial<Parameters<typeof compactionSettings>[2]> = {}, budget = 512) {
     const [kvHeads, headDim] = [2, 16];
