@@ -14,6 +14,7 @@ import { ropeInvFreq } from "../runtime/rope.ts";
 import { int8ErrorBound } from "../kernels/compaction.ts";
 import { FixtureTasks, answerIsRight, rngOf } from "../scripts/lib/fixture-tasks.ts";
 import { FIXTURE_DIR } from "./helpers/model.ts";
+import { refRope } from "./helpers/rope.ts";
 
 const coldDir = mkdtempSync(join(tmpdir(), "cold-test-"));
 const load = (compaction?: Parameters<typeof Engine.load>[0]["compaction"], prefillChunk = 512) =>
@@ -165,18 +166,6 @@ describe("KV compaction", () => {
 process.on("exit", () => rmSync(coldDir, { recursive: true, force: true }));
 
 describe("where recalled blocks attend from", () => {
-  /** Rotary embedding of a head vector at `position` from its definition (rotate-half layout), in float64. */
-  const rope = (x: Float32Array, position: number, invFreq: Float32Array) => {
-    const half = x.length / 2;
-    const out = new Float32Array(x.length);
-    for (let i = 0; i < half; i++) {
-      const a = position * invFreq[i]!;
-      out[i] = x[i]! * Math.cos(a) - x[half + i]! * Math.sin(a);
-      out[half + i] = x[half + i]! * Math.cos(a) + x[i]! * Math.sin(a);
-    }
-    return out;
-  };
-
   /**
    * A cache that read 6,000 tokens through a window+recall compactor (budget 512 unless given, 64-token
    * blocks, float32 archive), each token's key its own vector (a fixed function of position and head)
@@ -195,7 +184,7 @@ describe("where recalled blocks attend from", () => {
     for (let start = 0; start < total; start += 50) {
       const n = Math.min(50, total - start);
       const keys = new Float32Array(kvHeads * n * headDim);
-      for (let h = 0; h < kvHeads; h++) for (let j = 0; j < n; j++) keys.set(rope(raw(start + j, h), start + j, invFreq), (h * n + j) * headDim);
+      for (let h = 0; h < kvHeads; h++) for (let j = 0; j < n; j++) keys.set(refRope(raw(start + j, h), start + j, invFreq), (h * n + j) * headDim);
       cache.reserveSlots(n);
       cache.writeNewSlots(0, keys, new Float32Array(kvHeads * n * headDim), n);
       const id = (p: number) => ({ 4500: 90001, 4501: 90002, 3000: 90003 })[p] ?? 1000 + (p % 300);
@@ -223,7 +212,7 @@ describe("where recalled blocks attend from", () => {
     expect(runStart).toBeGreaterThan(5000);
     const expectAt = (slot: number, at: number) => {
       for (let h = 0; h < kvHeads; h++) {
-        const want = rope(raw(cache.positions[slot]!, h), at, invFreq);
+        const want = refRope(raw(cache.positions[slot]!, h), at, invFreq);
         const got = keyOf(slot, h);
         for (let i = 0; i < want.length; i++) expect(Math.abs(got[i]! - want[i]!)).toBeLessThan(1e-5);
       }
@@ -255,7 +244,7 @@ describe("where recalled blocks attend from", () => {
     expect(recalled.length).toBe(192);
     for (const slot of recalled) {
       for (let h = 0; h < kvHeads; h++) {
-        const want = rope(raw(cache.positions[slot]!, h), cache.positions[slot]!, invFreq);
+        const want = refRope(raw(cache.positions[slot]!, h), cache.positions[slot]!, invFreq);
         expect(Array.from(keyOf(slot, h))).toEqual(Array.from(want));
       }
     }

@@ -23,6 +23,7 @@ import {
 import type { KvArray } from "../kernels/kv-slots.ts";
 import { ropeInvFreq } from "../runtime/rope.ts";
 import { createRng } from "../runtime/sampling.ts";
+import { refRope } from "./helpers/rope.ts";
 
 // The runtime's seeded PRNG (mulberry32).
 const mulberry32 = createRng;
@@ -750,18 +751,6 @@ test("cpuKernels carries every kernel", () => {
     rotateSlots,
   });
 });
-
-/** Rotary embedding of one head vector at `position`, from its definition (rotate-half layout), in float64. */
-function refRope(x: ArrayLike<number>, position: number, invFreq: Float32Array): number[] {
-  const half = x.length / 2;
-  const out = Array.from(x);
-  for (let i = 0; i < half; i++) {
-    const a = position * invFreq[i]!;
-    out[i] = x[i]! * Math.cos(a) - x[half + i]! * Math.sin(a);
-    out[half + i] = x[half + i]! * Math.cos(a) + x[i]! * Math.sin(a);
-  }
-  return out;
-}
 
 describe("rotateSlots", () => {
   const llama3 = { rope_type: "llama3", factor: 128, low_freq_factor: 1, high_freq_factor: 4, original_max_position_embeddings: 8192 };

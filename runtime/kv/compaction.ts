@@ -523,15 +523,14 @@ export class KvCompactor {
 
   /**
    * For "near" placement, where the `incoming` recalled tokens go: in reading order and without gaps,
-   * just before the run of resident positions that ends the cache (the recent window and the tokens not
-   * archived yet), from `start`. `shifts` gives, block after block, how far each token's keys move (never
+   * just before the run of `resident` positions (the cache's, now) that ends the cache (the recent window
+   * and the tokens not archived yet), from `start`. `shifts` gives, block after block, how far each token's keys move (never
    * to an earlier position). Slot positions (what the session records, what prefix reuse and snapshots
    * use) stay the original ones. Null when keys stay where they were read.
    */
-  private placement(cache: KvCache, incoming: number): { start: number; invFreq: Float32Array; shifts: (positions: Int32Array) => Int32Array } | null {
+  private placement(cache: KvCache, resident: ReadonlySet<number>, incoming: number): { start: number; invFreq: Float32Array; shifts: (positions: Int32Array) => Int32Array } | null {
     const invFreq = this.invFreqToMove;
     if (!invFreq || incoming === 0) return null;
-    const resident = new Set(cache.positions.subarray(0, cache.length));
     let runStart = cache.nextPosition;
     while (runStart > 0 && resident.has(runStart - 1)) runStart--;
     const start = runStart - incoming;
@@ -576,7 +575,7 @@ export class KvCompactor {
       const positions = cold.blockPositions(b);
       return Int32Array.from(positions.keys()).filter((j) => !residentPositions.has(positions[j]!));
     });
-    const place = this.placement(cache, takes.reduce((n, t) => n + t.length, 0));
+    const place = this.placement(cache, residentPositions, takes.reduce((n, t) => n + t.length, 0));
     chosen.forEach((b, c) => {
       const block = cold.read(b);
       const take = takes[c]!;
