@@ -140,12 +140,17 @@ export function parseLlamaConfig(raw: Record<string, unknown>, file = "config.js
 }
 
 function invFreqOf(raw: Record<string, unknown>, headDim: number): Float32Array | null {
-  const scaling = raw.rope_scaling;
+  const obj = (v: unknown) => (v && typeof v === "object" ? (v as Record<string, unknown>) : null);
+  const num = (v: unknown) => (typeof v === "number" ? v : undefined);
   try {
     return ropeInvFreq({
       head_dim: headDim,
-      rope_theta: typeof raw.rope_theta === "number" ? raw.rope_theta : undefined,
-      rope_scaling: scaling && typeof scaling === "object" ? (scaling as Record<string, unknown>) : null,
+      rope_theta: num(raw.rope_theta),
+      rope_scaling: obj(raw.rope_scaling),
+      rope_parameters: obj(raw.rope_parameters),
+      max_position_embeddings: num(raw.max_position_embeddings),
+      original_max_position_embeddings: num(raw.original_max_position_embeddings),
+      partial_rotary_factor: num(raw.partial_rotary_factor),
     });
   } catch {
     return null;

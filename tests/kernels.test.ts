@@ -21,7 +21,7 @@ import {
   topK,
 } from "../kernels/compaction.ts";
 import type { KvArray } from "../kernels/kv-slots.ts";
-import { ropeInvFreq } from "../runtime/rope.ts";
+import { ropeInvFreq, ropeSpec } from "../runtime/rope.ts";
 import { createRng } from "../runtime/sampling.ts";
 import { refRope } from "./helpers/rope.ts";
 
@@ -805,21 +805,26 @@ describe("rotateSlots", () => {
     expect(() => rotateSlots(keys, 5, { heads: 2, headDim: 16 }, shifts, invFreq.subarray(0, 7))).toThrow(RangeError);
   });
 
-  test("ropeInvFreq: default, linear and llama3 frequencies; none for rope types that depend on the sequence", () => {
+  test("ropeInvFreq: default, linear, llama3 and yarn frequencies (ropeSpec's, what the graph uses); none for rope types that depend on the sequence", () => {
+    // The values themselves are checked against PyTorch in tests/rope.test.ts; here, their shape and agreement.
     const base = ropeInvFreq({ head_dim: 32, rope_theta: 500000 })!;
-    for (let i = 0; i < 16; i++) expect(base[i]).toBe(Math.fround(1 / 500000 ** ((2 * i) / 32)));
+    for (let i = 0; i < 16; i++) expect(Math.abs(base[i]! / (1 / 500000 ** ((2 * i) / 32)) - 1)).toBeLessThan(1e-6);
     const linear = ropeInvFreq({ head_dim: 32, rope_theta: 500000, rope_scaling: { type: "linear", factor: 4 } })!;
-    for (let i = 0; i < 16; i++) expect(linear[i]).toBe(Math.fround(1 / 500000 ** ((2 * i) / 32) / 4));
+    for (let i = 0; i < 16; i++) expect(Math.abs(linear[i]! / (base[i]! / 4) - 1)).toBeLessThan(1e-6);
     const scaled = ropeInvFreq({ head_dim: 32, rope_theta: 500000, rope_scaling: llama3 })!;
     // Wavelengths under 8192 / 4 positions stay; over 8192 are divided by the factor; between, blended.
     for (let i = 0; i < 16; i++) {
       const wavelen = (2 * Math.PI) / (1 / 500000 ** ((2 * i) / 32));
       if (wavelen < 2048) expect(scaled[i]).toBe(base[i]!);
-      else if (wavelen > 8192) expect(scaled[i]).toBe(Math.fround(1 / 500000 ** ((2 * i) / 32) / 128));
+      else if (wavelen > 8192) expect(Math.abs(scaled[i]! / (base[i]! / 128) - 1)).toBeLessThan(1e-6);
       else expect(scaled[i]! < base[i]! && scaled[i]! > base[i]! / 128).toBe(true);
     }
-    expect(ropeInvFreq({ head_dim: 32, rope_scaling: { rope_type: "dynamic", factor: 2 } })).toBeNull();
-    expect(ropeInvFreq({ head_dim: 32, rope_scaling: { rope_type: "yarn", factor: 4 } })).toBeNull();
+    for (const config of [{ head_dim: 32, rope_theta: 500000 }, { head_dim: 32, rope_theta: 500000, rope_scaling: llama3 }]) {
+      expect(ropeInvFreq(config)).toEqual(ropeSpec(config).kind === "static" ? (ropeSpec(config) as { invFreq: Float32Array }).invFreq : null);
+    }
+    const yarn = { head_dim: 32, rope_theta: 500000, max_position_embeddings: 32768, rope_scaling: { rope_type: "yarn", factor: 4, original_max_position_embeddings: 8192 } };
+    expect(ropeInvFreq(yarn)).toEqual((ropeSpec(yarn) as { invFreq: Float32Array }).invFreq);
+    expect(ropeInvFreq({ head_dim: 32, max_position_embeddings: 8192, rope_scaling: { rope_type: "dynamic", factor: 2 } })).toBeNull();
     expect(() => ropeInvFreq({ head_dim: 32, rope_scaling: { rope_type: "llama3", factor: 8 } })).toThrow(RangeError);
   });
 });

@@ -9,7 +9,7 @@ import { join } from "node:path";
 import * as ort from "onnxruntime-web";
 import { fromFloat16Array } from "../scripts/lib/fp16.ts";
 import { buildModelFolder, DEFAULT_SEED, STAMP_FILE } from "../scripts/lib/model-folder.ts";
-import { TINY_LLAMA_CONFIG as config, type LlamaWeights } from "../scripts/lib/onnx-llama.ts";
+import { TINY_LLAMA_CONFIG as config, type Llama3RopeScaling, type LlamaWeights } from "../scripts/lib/onnx-llama.ts";
 import { randomLlamaWeights } from "../scripts/lib/random-weights.ts";
 
 ort.env.wasm.numThreads = 1;
@@ -327,7 +327,7 @@ test("builds are byte-identical; --if-missing skips an up-to-date folder and reb
 // ---- float64 reference (HF LlamaForCausalLM semantics, written independently of the graph) ----
 
 function referenceInvFreq(): number[] {
-  const s = config.rope_scaling!;
+  const s = config.rope_scaling as Llama3RopeScaling;
   const out: number[] = [];
   for (let i = 0; i < D / 2; i++) {
     const f = 1 / Math.pow(config.rope_theta, (2 * i) / D);

@@ -19,7 +19,7 @@ import { encodeGguf, GGML_TYPE, type GgufTensor, type GgufValue } from "./gguf.t
 import { FIXTURE_WEIGHTS_FILE, loadFixture } from "./fixture-weights.ts";
 import { float32ToFloat16Bits } from "./fp16.ts";
 import { tokenizerPath } from "./model-folder.ts";
-import type { LlamaConfig, LlamaWeights } from "./onnx-llama.ts";
+import type { Llama3RopeScaling, LlamaConfig, LlamaWeights } from "./onnx-llama.ts";
 
 export type GgufDtype = "f32" | "f16";
 
@@ -66,8 +66,8 @@ export function ggufVocab(tokenizer: TokenizerJson, vocabSize: number): { tokens
  * `rope_factors` of convert_hf_to_gguf.py; null without llama3 scaling.
  */
 export function llama3RopeFactors(config: LlamaConfig): Float32Array | null {
-  const s = config.rope_scaling;
-  if (!s || s.rope_type !== "llama3") return null;
+  if (!config.rope_scaling || config.rope_scaling.rope_type !== "llama3") return null;
+  const s = config.rope_scaling as Llama3RopeScaling;
   const dim = config.head_dim;
   const out = new Float32Array(dim / 2);
   const lowFreqWavelen = s.original_max_position_embeddings / s.low_freq_factor;

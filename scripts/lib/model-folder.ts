@@ -30,12 +30,14 @@ export function tokenizerPath(file: (typeof TOKENIZER_FILES)[number]): string {
   return createRequire(import.meta.url).resolve(`${TOKENIZER_PACKAGE}/models/${file}`);
 }
 
-/** The builder's own sources: scripts/lib/*.ts and scripts/build-model.ts. */
+/** The builder's own sources: scripts/lib/*.ts, scripts/build-model.ts and runtime/rope.ts. */
 async function builderSources(): Promise<string[]> {
   const libDir = dirname(fileURLToPath(import.meta.url));
   const lib = (await readdir(libDir)).filter((f) => f.endsWith(".ts")).sort().map((f) => join(libDir, f));
   const cli = join(libDir, "..", "build-model.ts");
-  return existsSync(cli) ? [...lib, cli] : lib;
+  // The graph's rotary frequencies come from the runtime's RoPE code.
+  const rope = join(libDir, "..", "..", "runtime", "rope.ts");
+  return [...lib, ...[cli, rope].filter((f) => existsSync(f))];
 }
 
 export type WeightSource = { seed: number } | { weights: LlamaWeights };

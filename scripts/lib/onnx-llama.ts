@@ -8,7 +8,7 @@
 
 import { createRequire } from "node:module";
 import type { onnx as OnnxNamespace } from "onnx-proto";
-import { ropeInvFreq } from "../../runtime/rope.ts";
+import { ropeInvFreq, ropeSpec, type RopeConfigFields } from "../../runtime/rope.ts";
 import { toFloat16Array } from "./fp16.ts";
 
 const { onnx } = createRequire(import.meta.url)("onnx-proto") as { onnx: typeof OnnxNamespace };
@@ -39,7 +39,8 @@ export interface LlamaConfig {
   hidden_act: "silu";
   rms_norm_eps: number;
   rope_theta: number;
-  rope_scaling: Llama3RopeScaling | null;
+  /** llama3 for the built-in model; an imported checkpoint may declare any type runtime/rope.ts knows. */
+  rope_scaling: Llama3RopeScaling | Record<string, unknown> | null;
   max_position_embeddings: number;
   tie_word_embeddings: boolean;
   attention_bias: false;
@@ -47,6 +48,11 @@ export interface LlamaConfig {
   bos_token_id: number;
   eos_token_id: number | number[];
   torch_dtype: "float32" | "float16" | "bfloat16";
+  partial_rotary_factor?: number;
+  /** transformers 5.x's name for rope_scaling (may also hold rope_theta). */
+  rope_parameters?: Record<string, unknown> | null;
+  /** Top level in some configs (longrope, yarn); transformers reads it before rope_scaling's own. */
+  original_max_position_embeddings?: number;
   use_cache: boolean;
 }
 
@@ -152,15 +158,49 @@ export function llamaInvFreq(config: LlamaConfig): Float32Array {
   return ropeInvFreq({ head_dim: config.head_dim, rope_theta: config.rope_theta, rope_scaling: config.rope_scaling as unknown as Record<string, unknown> | null })!;
 }
 
-export type LlamaOnnxDtype = "fp32" | "fp16";
+/**
+ * Weight formats, named as transformers.js names its files (model.onnx, model_fp16.onnx, model_q4.onnx,
+ * model_q4f16.onnx, model_int8.onnx). Compute is float32 in every one of them (ORT's CPU kernels have no
+ * float16 MatMul on x86); they differ in what is stored and in the KV / logits type:
+ *
+ * | dtype | linear weights                       | embedding | norms | KV and logits |
+ * | fp32  | float32                              | float32   | fp32  | float32       |
+ * | fp16  | float16 (cast to float32 at load)    | float16   | fp16  | float16       |
+ * | q4    | 4-bit MatMulNBits, block 32 (uint8 zero points, float32 scales) | float16 | fp32 | float32 |
+ * | q4f16 | as q4                                | float16   | fp32  | float16       |
+ * | int8  | 8-bit MatMulNBits, block 32          | float16   | fp32  | float32       |
+ *
+ * The float16 embedding is gathered and then cast, so only the looked-up rows are widened.
+ */
+export type LlamaOnnxDtype = "fp32" | "fp16" | "q4" | "q4f16" | "int8";
+export const LLAMA_ONNX_DTYPES: readonly LlamaOnnxDtype[] = ["fp32", "fp16", "q4", "q4f16", "int8"];
+
+/** Block size of the weight-only quantized formats (as onnxruntime's and transformers.js' q4 exports use). */
+export const QUANT_BLOCK = 32;
+
+interface DtypeFormat {
+  /** KV cache and logits in float16. */
+  io16: boolean;
+  linear: "f32" | "f16" | 4 | 8;
+  embedding: "f32" | "f16";
+  norm: "f32" | "f16";
+}
+
+const FORMATS: Record<LlamaOnnxDtype, DtypeFormat> = {
+  fp32: { io16: false, linear: "f32", embedding: "f32", norm: "f32" },
+  fp16: { io16: true, linear: "f16", embedding: "f16", norm: "f16" },
+  q4: { io16: false, linear: 4, embedding: "f16", norm: "f32" },
+  q4f16: { io16: true, linear: 4, embedding: "f16", norm: "f32" },
+  int8: { io16: false, linear: 8, embedding: "f16", norm: "f32" },
+};
 
 export interface LlamaOnnxOptions {
-  /**
-   * fp32: float32 weights inline, float32 KV and logits.
-   * fp16: float16 weights in an external data file, float16 KV and logits (compute stays float32).
-   */
   dtype: LlamaOnnxDtype;
-  /** File name of the external data, relative to the .onnx file (fp16 only). */
+  /**
+   * File name of the external data, relative to the .onnx file. fp32 weights are inline by default
+   * (small models only: a protobuf holds at most 2 GiB); every other dtype, and fp32 when this is set,
+   * stores them in this file.
+   */
   externalDataName?: string;
   /** Alignment of each tensor's offset in the external data file. */
   externalDataAlignment?: number;
@@ -182,7 +222,7 @@ export interface LlamaOnnxOptions {
 export interface LlamaOnnxFiles {
   /** Serialized ModelProto. */
   model: Uint8Array;
-  /** External data file contents (fp16 only). */
+  /** External data file contents (every dtype but inline fp32). */
   externalData?: Uint8Array;
   externalDataName?: string;
 }
@@ -237,12 +277,13 @@ class GraphBuilder {
   private readonly constants = new Map<string, string>();
   private count = 0;
 
-  op(opType: string, inputs: string[], attrs: Record<string, AttrValue> = {}, output?: string): string {
+  op(opType: string, inputs: string[], attrs: Record<string, AttrValue> = {}, output?: string, domain?: string): string {
     const id = this.count++;
     const out = output ?? `/${opType}_${id}_output_0`;
     this.nodes.push({
       name: `/${opType}_${id}`,
       opType,
+      ...(domain ? { domain } : {}),
       input: inputs,
       output: [out],
       attribute: Object.entries(attrs).map(([k, v]) => attribute(k, v)),
@@ -262,6 +303,17 @@ class GraphBuilder {
     return name;
   }
 
+  /** A float64 scalar constant initializer. */
+  double(value: number): string {
+    const key = `f64:${value}`;
+    const known = this.constants.get(key);
+    if (known) return known;
+    const name = `const_f64_${this.constants.size}`;
+    this.initializers.push({ name, dims: [], dataType: DT.DOUBLE, rawData: bytesOf(Float64Array.of(value)) });
+    this.constants.set(key, name);
+    return name;
+  }
+
   /** A float32 constant initializer, shared by value. Pass dims [] for a scalar. */
   float(values: readonly number[] | Float32Array, dims: number[] = [values.length]): string {
     const data = Float32Array.from(values);
@@ -275,15 +327,270 @@ class GraphBuilder {
   }
 }
 
+// ---- weights: a layout computed from the config alone, then filled a run of rows at a time ----
+
+/** One initializer of the weight data: where its bytes are in the data file (or inline buffer). */
+export interface WeightTensor {
+  name: string;
+  dims: number[];
+  dataType: number;
+  offset: number;
+  byteLength: number;
+}
+
+/** How one HF weight is stored. */
+interface StoredWeight {
+  spec: WeightSpec;
+  /** The HF tensor the rows come from (lm_head of a tied model reads the embedding). */
+  source: string;
+  format: "f32" | "f16" | 4 | 8;
+  /** Linear weights stored as float are transposed to [in, out] (MatMul's B); quantized ones stay [out, in]. */
+  transpose: boolean;
+  tensors: WeightTensor[];
+}
+
+export interface LlamaWeightLayout {
+  dtype: LlamaOnnxDtype;
+  stored: StoredWeight[];
+  /** Every initializer, in file order. */
+  tensors: WeightTensor[];
+  byteLength: number;
+}
+
+/** Bytes of one row of N-bit blocks, its scales and its zero points, for `k` input features. */
+function quantRow(k: number, bits: 4 | 8) {
+  const blocks = Math.ceil(k / QUANT_BLOCK);
+  const blob = (QUANT_BLOCK * bits) / 8;
+  return { blocks, blob, zeroBytes: bits === 4 ? Math.ceil(blocks / 2) : blocks };
+}
+
+/** Where every weight of `config` goes for `dtype`, offsets aligned to `alignment`. Needs no weights. */
+export function layoutLlamaWeights(config: LlamaConfig, dtype: LlamaOnnxDtype, alignment = 4096): LlamaWeightLayout {
+  const f = FORMATS[dtype];
+  if (!f) throw new Error(`unknown dtype ${dtype} (supported: ${LLAMA_ONNX_DTYPES.join(", ")})`);
+  const specs = llamaWeightSpecs(config);
+  if (config.tie_word_embeddings) specs.push({ name: "lm_head.weight", dims: [config.vocab_size, config.hidden_size], kind: "linear", fanIn: config.hidden_size });
+  let size = 0;
+  const tensors: WeightTensor[] = [];
+  const place = (name: string, dims: number[], dataType: number, byteLength: number): WeightTensor => {
+    const offset = Math.ceil(size / alignment) * alignment;
+    size = offset + byteLength;
+    const t = { name, dims, dataType, offset, byteLength };
+    tensors.push(t);
+    return t;
+  };
+  const stored = specs.map((spec): StoredWeight => {
+    const source = spec.name === "lm_head.weight" && config.tie_word_embeddings ? "model.embed_tokens.weight" : spec.name;
+    const count = spec.dims.reduce((a, b) => a * b, 1);
+    const format = spec.kind === "linear" ? f.linear : spec.kind === "embedding" ? f.embedding : f.norm;
+    if (format === "f32" || format === "f16") {
+      const transpose = spec.kind === "linear";
+      const dims = transpose ? [spec.dims[1]!, spec.dims[0]!] : spec.dims;
+      const t = place(spec.name, dims, format === "f32" ? DT.FLOAT : DT.FLOAT16, count * (format === "f32" ? 4 : 2));
+      return { spec, source, format, transpose, tensors: [t] };
+    }
+    const [n, k] = spec.dims as [number, number];
+    const { blocks, blob, zeroBytes } = quantRow(k, format);
+    return {
+      spec,
+      source,
+      format,
+      transpose: false,
+      tensors: [
+        place(`${spec.name}.q${format}`, [n, blocks, blob], DT.UINT8, n * blocks * blob),
+        place(`${spec.name}.scales`, [n * blocks], DT.FLOAT, n * blocks * 4),
+        place(`${spec.name}.zero_points`, [n * zeroBytes], DT.UINT8, n * zeroBytes),
+      ],
+    };
+  });
+  return { dtype, stored, tensors, byteLength: size };
+}
+
 /**
- * Writes the decoder graph for `config` with `weights` (HF names, HF layout). Linear weights are
- * stored pre-transposed ([in, out]) under their HF names; the embedding stays [vocab, hidden].
- * Output bytes depend only on the arguments.
+ * Asymmetric N-bit quantization of `rows` rows of `k` values, per block of 32 along k, as onnxruntime's
+ * MatMulNBits reads it: value = (q - zero_point) * scale, q and zero_point in [0, 2^bits). A block's
+ * range always includes 0, so zero is exact; the last block of a row is padded with zeros.
+ */
+export function quantizeRows(values: Float32Array, rows: number, k: number, bits: 4 | 8): { q: Uint8Array; scales: Float32Array; zeros: Uint8Array } {
+  const { blocks, blob, zeroBytes } = quantRow(k, bits);
+  const maxQ = (1 << bits) - 1;
+  const q = new Uint8Array(rows * blocks * blob);
+  const scales = new Float32Array(rows * blocks);
+  const zeros = new Uint8Array(rows * zeroBytes);
+  for (let r = 0; r < rows; r++) {
+    const row = r * k;
+    for (let b = 0; b < blocks; b++) {
+      const start = b * QUANT_BLOCK;
+      const end = Math.min(start + QUANT_BLOCK, k);
+      let lo = 0;
+      let hi = 0;
+      for (let i = start; i < end; i++) {
+        const v = values[row + i]!;
+        if (v < lo) lo = v;
+        if (v > hi) hi = v;
+      }
+      const scale = hi > lo ? (hi - lo) / maxQ : 1;
+      const zp = Math.min(maxQ, Math.max(0, Math.round(-lo / scale)));
+      const inv = 1 / scale;
+      scales[r * blocks + b] = scale;
+      if (bits === 4) zeros[r * zeroBytes + (b >> 1)]! |= zp << ((b & 1) * 4);
+      else zeros[r * zeroBytes + b] = zp;
+      const base = (r * blocks + b) * blob;
+      for (let i = start; i < start + QUANT_BLOCK; i++) {
+        const v = i < end ? values[row + i]! : 0;
+        const x = Math.min(maxQ, Math.max(0, Math.round(v * inv) + zp));
+        const j = i - start;
+        if (bits === 4) q[base + (j >> 1)]! |= x << ((j & 1) * 4);
+        else q[base + j] = x;
+      }
+    }
+  }
+  return { q, scales, zeros };
+}
+
+/** The values MatMulNBits computes with for quantizeRows' output: (q - zero_point) * scale, [rows, k]. */
+export function dequantizeRows(quant: { q: Uint8Array; scales: Float32Array; zeros: Uint8Array }, rows: number, k: number, bits: 4 | 8): Float32Array {
+  const { blocks, blob, zeroBytes } = quantRow(k, bits);
+  const out = new Float32Array(rows * k);
+  for (let r = 0; r < rows; r++) {
+    for (let i = 0; i < k; i++) {
+      const b = Math.floor(i / QUANT_BLOCK);
+      const j = i % QUANT_BLOCK;
+      const byte = quant.q[(r * blocks + b) * blob + (bits === 4 ? j >> 1 : j)]!;
+      const x = bits === 4 ? (byte >> ((j & 1) * 4)) & 15 : byte;
+      const zb = quant.zeros[r * zeroBytes + (bits === 4 ? b >> 1 : b)]!;
+      const zp = bits === 4 ? (zb >> ((b & 1) * 4)) & 15 : zb;
+      out[r * k + i] = (x - zp) * quant.scales[r * blocks + b]!;
+    }
+  }
+  return out;
+}
+
+/** HF-layout weights read a run of rows at a time (rows of [dims[0], rest]; a 1-D tensor's rows are its values). */
+export interface WeightSource {
+  dims(name: string): number[];
+  rows(name: string, r0: number, r1: number): Float32Array;
+}
+
+/** A WeightSource over weights in memory. */
+export function memoryWeightSource(weights: LlamaWeights): WeightSource {
+  const get = (name: string) => {
+    const w = weights[name];
+    if (!w) throw new Error(`missing weight ${name}`);
+    return w;
+  };
+  return {
+    dims: (name) => get(name).dims,
+    rows(name, r0, r1) {
+      const w = get(name);
+      const cols = w.dims.length > 1 ? w.data.length / w.dims[0]! : 1;
+      return w.data.subarray(r0 * cols, r1 * cols);
+    },
+  };
+}
+
+/** Where weight bytes go: a buffer, or a file written at offsets. */
+export interface WeightSink {
+  write(offset: number, bytes: Uint8Array): void;
+}
+
+export interface WriteProgress {
+  weight: string;
+  weightsDone: number;
+  weightsTotal: number;
+  bytesWritten: number;
+  bytesTotal: number;
+  /** Source values converted so far and in all (the work: what an ETA should be based on). */
+  valuesDone: number;
+  valuesTotal: number;
+}
+
+/** Rows handled at once: about this many float32 bytes of source, so memory stays far below a large tensor. */
+const CHUNK_BYTES = 64 * 2 ** 20;
+
+/**
+ * Fills `layout` from `source` into `sink`, one weight and one run of rows at a time: the memory used is a
+ * few chunks of CHUNK_BYTES, whatever the size of the model. Checks every weight's shape first.
+ */
+export function writeLlamaWeights(layout: LlamaWeightLayout, source: WeightSource, sink: WeightSink, onProgress?: (p: WriteProgress) => void): void {
+  for (const s of layout.stored) {
+    const dims = source.dims(s.source);
+    const want = s.source === s.spec.name ? s.spec.dims : [s.spec.dims[0]!, s.spec.dims[1]!];
+    if (dims.length !== want.length || dims.some((d, i) => d !== want[i])) {
+      throw new Error(`weight ${s.source} has shape [${dims}], expected [${want}]`);
+    }
+  }
+  let bytesWritten = 0;
+  let valuesDone = 0;
+  const valuesTotal = layout.stored.reduce((a, s) => a + s.spec.dims.reduce((x, y) => x * y, 1), 0);
+  layout.stored.forEach((s, index) => {
+    const rows = s.spec.dims[0]!;
+    const cols = s.spec.dims.length > 1 ? s.spec.dims[1]! : 1;
+    const step = Math.max(1, Math.floor(CHUNK_BYTES / (cols * 4)));
+    for (let r0 = 0; r0 < rows; r0 += step) {
+      const r1 = Math.min(rows, r0 + step);
+      const values = source.rows(s.source, r0, r1);
+      if (s.format === 4 || s.format === 8) {
+        const [qt, st, zt] = s.tensors as [WeightTensor, WeightTensor, WeightTensor];
+        const { q, scales, zeros } = quantizeRows(values, r1 - r0, cols, s.format);
+        sink.write(qt.offset + r0 * (qt.byteLength / rows), q);
+        sink.write(st.offset + r0 * (st.byteLength / rows), bytesOf(scales));
+        sink.write(zt.offset + r0 * (zt.byteLength / rows), zeros);
+        bytesWritten += q.byteLength + scales.byteLength + zeros.byteLength;
+        continue;
+      }
+      const t = s.tensors[0]!;
+      const width = s.format === "f32" ? 4 : 2;
+      const encode = (v: Float32Array): Uint8Array => (s.format === "f32" ? bytesOf(v) : bytesOf(toFloat16Array(v)));
+      if (!s.transpose) {
+        sink.write(t.offset + r0 * cols * width, encode(values));
+      } else {
+        // Stored [in, out]: this run of `out` rows is a column block; write it row by row of the result.
+        const block = encode(transpose2d(values, r1 - r0, cols)); // [cols, r1 - r0]
+        const run = (r1 - r0) * width;
+        if (r0 === 0 && r1 === rows) sink.write(t.offset, block);
+        else for (let c = 0; c < cols; c++) sink.write(t.offset + (c * rows + r0) * width, block.subarray(c * run, (c + 1) * run));
+      }
+      bytesWritten += (r1 - r0) * cols * width;
+    }
+    valuesDone += rows * cols;
+    onProgress?.({ weight: s.spec.name, weightsDone: index + 1, weightsTotal: layout.stored.length, bytesWritten, bytesTotal: layout.byteLength, valuesDone, valuesTotal });
+  });
+}
+
+/** A WeightSink over one buffer of the layout's size. */
+export function memoryWeightSink(layout: LlamaWeightLayout): WeightSink & { data: Uint8Array } {
+  const data = new Uint8Array(layout.byteLength);
+  return { data, write: (offset, bytes) => data.set(bytes, offset) };
+}
+
+/**
+ * Writes the decoder graph for `config` with `weights` (HF names, HF layout), weights and graph in memory:
+ * the built-in builder's path. Float linear weights are stored pre-transposed ([in, out]) under their HF
+ * names; the embedding stays [vocab, hidden]. Output bytes depend only on the arguments.
  */
 export function buildLlamaOnnx(config: LlamaConfig, weights: LlamaWeights, options: LlamaOnnxOptions): LlamaOnnxFiles {
-  const fp16 = options.dtype === "fp16";
-  const externalDataName = options.externalDataName ?? "model_fp16.onnx_data";
-  const alignment = options.externalDataAlignment ?? 4096;
+  const external = options.dtype === "fp32" && !options.externalDataName ? null : (options.externalDataName ?? defaultExternalDataName(options.dtype));
+  const layout = layoutLlamaWeights(config, options.dtype, external ? (options.externalDataAlignment ?? 4096) : 1);
+  const sink = memoryWeightSink(layout);
+  writeLlamaWeights(layout, memoryWeightSource(weights), sink);
+  const model = buildLlamaGraph(config, layout, { kv: options.kv, weights: external ? { external } : { inline: sink.data } });
+  return external ? { model, externalData: sink.data, externalDataName: external } : { model };
+}
+
+/** The external data file's name for a dtype, as transformers.js names them (model_fp16.onnx_data, ...). */
+export const defaultExternalDataName = (dtype: LlamaOnnxDtype): string => (dtype === "fp32" ? "model.onnx_data" : `model_${dtype}.onnx_data`);
+
+export interface LlamaGraphOptions {
+  kv?: "present" | "inplace";
+  /** The layout's bytes inline in the model, or the name of the external data file that holds them. */
+  weights: { inline: Uint8Array } | { external: string };
+}
+
+/** The decoder graph over weights already laid out by layoutLlamaWeights (and written by writeLlamaWeights). */
+export function buildLlamaGraph(config: LlamaConfig, layout: LlamaWeightLayout, options: LlamaGraphOptions): Uint8Array {
+  const format = FORMATS[layout.dtype];
+  const io16 = format.io16;
   const H = config.hidden_size;
   const NH = config.num_attention_heads;
   const KV = config.num_key_value_heads;
@@ -291,33 +598,28 @@ export function buildLlamaOnnx(config: LlamaConfig, weights: LlamaWeights, optio
   const groups = NH / KV;
   if (!Number.isInteger(groups)) throw new Error("num_attention_heads must be a multiple of num_key_value_heads");
   if (D % 2 !== 0) throw new Error("head_dim must be even");
-  const ioType = fp16 ? DT.FLOAT16 : DT.FLOAT;
+  const ioType = io16 ? DT.FLOAT16 : DT.FLOAT;
   const inplace = options.kv === "inplace";
 
   const g = new GraphBuilder();
-
-  // Weights: collected first, then written inline (fp32) or into the external data file (fp16).
-  const weightInits: { name: string; dims: number[]; data: Float32Array }[] = [];
-  for (const spec of llamaWeightSpecs(config)) {
-    const w = weights[spec.name];
-    if (!w) throw new Error(`missing weight ${spec.name}`);
-    if (w.dims.length !== spec.dims.length || w.dims.some((d, i) => d !== spec.dims[i])) {
-      throw new Error(`weight ${spec.name} has dims [${w.dims}], expected [${spec.dims}]`);
-    }
-    if (w.data.length !== spec.dims.reduce((a, b) => a * b, 1)) throw new Error(`weight ${spec.name}: wrong data length`);
-    if (spec.kind === "linear") {
-      const [out, inp] = spec.dims as [number, number];
-      weightInits.push({ name: spec.name, dims: [inp, out], data: transpose2d(w.data, out, inp) });
-    } else {
-      weightInits.push({ name: spec.name, dims: spec.dims, data: w.data });
-    }
-  }
-  if (config.tie_word_embeddings) {
-    const emb = weights["model.embed_tokens.weight"]!;
-    weightInits.push({ name: "lm_head.weight", dims: [H, config.vocab_size], data: transpose2d(emb.data, config.vocab_size, H) });
-  }
-  // A weight as a float32 value in the graph (fp16 weights are cast once; ORT folds the casts).
-  const weight = (name: string): string => (fp16 ? g.op("Cast", [name], { to: DT.FLOAT }) : name);
+  const stored = new Map(layout.stored.map((s) => [s.spec.name, s]));
+  const storedAs = (name: string): StoredWeight => {
+    const s = stored.get(name);
+    if (!s) throw new Error(`weight ${name} is not in the layout`);
+    return s;
+  };
+  // A float weight as a float32 value in the graph (float16 weights are cast once; ORT folds the casts).
+  const weight = (name: string): string => (storedAs(name).format === "f16" ? g.op("Cast", [name], { to: DT.FLOAT }) : name);
+  let quantized = false;
+  // x @ W^T for HF linear weight `name` ([out, in]): MatMul with the stored [in, out], or MatMulNBits.
+  const linear = (x: string, name: string, output?: string): string => {
+    const s = storedAs(name);
+    if (s.format !== 4 && s.format !== 8) return g.op("MatMul", [x, weight(name)], {}, output);
+    quantized = true;
+    const [n, k] = s.spec.dims as [number, number];
+    const [q, scales, zeros] = s.tensors.map((t) => t.name) as [string, string, string];
+    return g.op("MatMulNBits", [x, q, scales, zeros], { K: k, N: n, bits: s.format, block_size: QUANT_BLOCK }, output, "com.microsoft");
+  };
 
   // ---- shapes and the attention mask, shared by all layers ----
   const zero = g.int64([0], []);
@@ -352,13 +654,38 @@ export function buildLlamaOnnx(config: LlamaConfig, weights: LlamaWeights, optio
     newBias = g.op("Reshape", [tiled, g.op("Concat", [g.int64([-1]), rowSplit, seqLen], { axis: 0 })], {}, "/new_tokens_bias"); // [R, M, S]
   }
 
-  // ---- rotary embedding: cos/sin of position_ids * inv_freq (rotate_half convention) ----
-  const invFreq = g.float(llamaInvFreq(config), [D / 2]);
+  // ---- rotary embedding: cos/sin of position_ids * inv_freq (rotate_half convention), as transformers'
+  // LlamaRotaryEmbedding computes it for the config's rope type (runtime/rope.ts) ----
+  const rope = ropeSpec(config as unknown as RopeConfigFields);
+  let invFreq: string;
+  if (rope.kind === "static") {
+    invFreq = g.float(rope.invFreq, [D / 2]);
+  } else {
+    // dynamic and longrope pick their frequencies per run from seq_len = max(position_ids) + 1.
+    const runLength = g.op("Add", [g.op("ReduceMax", ["position_ids"], { keepdims: 0 }), one]); // int64 scalar
+    if (rope.kind === "longrope") {
+      const long = g.op("Greater", [runLength, g.int64([rope.originalMaxPositions], [])]);
+      invFreq = g.op("Where", [long, g.float(rope.longInvFreq, [D / 2]), g.float(rope.shortInvFreq, [D / 2])]);
+    } else {
+      // c = factor * seq_len / max_positions - (factor - 1); base' = base * c ** (dim / (dim - 2)) (the power in
+      // double, as torch evaluates a float32 tensor to a python-float power); inv_freq = 1 / base' ** (2i / dim).
+      const seqLenF = g.op("Cast", [runLength], { to: DT.FLOAT });
+      const c = g.op("Sub", [g.op("Div", [g.op("Mul", [g.float([rope.factor], []), seqLenF]), g.float([rope.maxPositions], [])]), g.float([rope.factor - 1], [])]);
+      const powered = g.op("Cast", [g.op("Pow", [g.op("Cast", [c], { to: DT.DOUBLE }), g.double(rope.ntkExponent)])], { to: DT.FLOAT });
+      const base = g.op("Mul", [g.float([rope.base], []), powered]);
+      const grownFreq = g.op("Reciprocal", [g.op("Pow", [base, g.float(rope.exponents, [D / 2])])]);
+      const grown = g.op("Greater", [runLength, g.int64([rope.maxPositions], [])]);
+      invFreq = g.op("Where", [grown, grownFreq, g.float(rope.invFreq, [D / 2])]);
+    }
+  }
   const pos = g.op("Unsqueeze", [g.op("Cast", ["position_ids"], { to: DT.FLOAT }), g.int64([2])]); // [B,S,1]
   const freqs = g.op("Mul", [pos, invFreq]); // [B, S, D/2]
   const emb = g.op("Concat", [freqs, freqs], { axis: -1 }); // [B, S, D]
-  const cos = g.op("Unsqueeze", [g.op("Cos", [emb]), g.int64([1])], {}, "/rotary/cos"); // [B,1,S,D]
-  const sin = g.op("Unsqueeze", [g.op("Sin", [emb]), g.int64([1])], {}, "/rotary/sin");
+  // yarn and longrope scale cos and sin (and so q and k) by the attention factor.
+  const attentionFactor = rope.attentionFactor !== 1 ? g.float([rope.attentionFactor], []) : null;
+  const scaled = (x: string) => (attentionFactor ? g.op("Mul", [x, attentionFactor]) : x);
+  const cos = g.op("Unsqueeze", [scaled(g.op("Cos", [emb])), g.int64([1])], {}, "/rotary/cos"); // [B,1,S,D]
+  const sin = g.op("Unsqueeze", [scaled(g.op("Sin", [emb])), g.int64([1])], {}, "/rotary/sin");
   const halfStart = g.int64([0]);
   const halfMid = g.int64([D / 2]);
   const halfEnd = g.int64([D]);
@@ -401,7 +728,7 @@ export function buildLlamaOnnx(config: LlamaConfig, weights: LlamaWeights, optio
 
   let hidden = g.op("Gather", ["model.embed_tokens.weight", "input_ids"], { axis: 0 }); // [B, S, H]
   let slotAttention = "";
-  if (fp16) hidden = g.op("Cast", [hidden], { to: DT.FLOAT });
+  if (storedAs("model.embed_tokens.weight").format === "f16") hidden = g.op("Cast", [hidden], { to: DT.FLOAT });
 
   for (let i = 0; i < config.num_hidden_layers; i++) {
     const p = `model.layers.${i}`;
@@ -417,7 +744,7 @@ export function buildLlamaOnnx(config: LlamaConfig, weights: LlamaWeights, optio
     // Self-attention.
     const x = rmsNorm(hidden, `${p}.input_layernorm.weight`);
     const project = (name: string, heads: number) =>
-      g.op("Transpose", [g.op("Reshape", [g.op("MatMul", [x, weight(`${p}.self_attn.${name}.weight`)]), headsShape(heads)])], {
+      g.op("Transpose", [g.op("Reshape", [linear(x, `${p}.self_attn.${name}.weight`), headsShape(heads)])], {
         perm: toHeads,
       }); // [B, heads, S, D]
     const q = applyRope(project("q_proj", NH));
@@ -437,7 +764,7 @@ export function buildLlamaOnnx(config: LlamaConfig, weights: LlamaWeights, optio
       const qg = g.op("Reshape", [g.op("Mul", [q, scale]), rowsShape]); // [B, KV, R, M, D]
       let cacheKeys = pastKey;
       let cacheValues = pastValue;
-      if (fp16) {
+      if (io16) {
         g.op("Cast", [k], { to: DT.FLOAT16 }, presentKey);
         g.op("Cast", [v], { to: DT.FLOAT16 }, presentValue);
         cacheKeys = g.op("Cast", [pastKey], { to: DT.FLOAT });
@@ -480,13 +807,13 @@ export function buildLlamaOnnx(config: LlamaConfig, weights: LlamaWeights, optio
       outputs.push(valueInfo(`query.${i}`, DT.FLOAT, ["batch_size", NH, "sequence_length", D]));
       context = g.op("Reshape", [g.op("Transpose", [g.op("Reshape", [grouped, kvFlatShape])], { perm: toHeads }), mergedShape]);
     } else {
-      if (fp16) {
+      if (io16) {
         k = g.op("Cast", [k], { to: DT.FLOAT16 });
         v = g.op("Cast", [v], { to: DT.FLOAT16 });
       }
       let keys = g.op("Concat", [pastKey, k], { axis: 2 }, presentKey); // [B, KV, T, D]
       let values = g.op("Concat", [pastValue, v], { axis: 2 }, presentValue);
-      if (fp16) {
+      if (io16) {
         keys = g.op("Cast", [keys], { to: DT.FLOAT });
         values = g.op("Cast", [values], { to: DT.FLOAT });
       }
@@ -501,14 +828,14 @@ export function buildLlamaOnnx(config: LlamaConfig, weights: LlamaWeights, optio
       const probs = g.op("Softmax", [scores], { axis: -1 });
       context = g.op("Reshape", [g.op("Transpose", [g.op("MatMul", [probs, valuesRep])], { perm: toHeads }), mergedShape]);
     }
-    hidden = g.op("Add", [hidden, g.op("MatMul", [context, weight(`${p}.self_attn.o_proj.weight`)])]);
+    hidden = g.op("Add", [hidden, linear(context, `${p}.self_attn.o_proj.weight`)]);
 
     // SwiGLU MLP: down(silu(gate(x)) * up(x)).
     const y = rmsNorm(hidden, `${p}.post_attention_layernorm.weight`);
-    const gate = g.op("MatMul", [y, weight(`${p}.mlp.gate_proj.weight`)]);
-    const up = g.op("MatMul", [y, weight(`${p}.mlp.up_proj.weight`)]);
+    const gate = linear(y, `${p}.mlp.gate_proj.weight`);
+    const up = linear(y, `${p}.mlp.up_proj.weight`);
     const act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up]);
-    hidden = g.op("Add", [hidden, g.op("MatMul", [act, weight(`${p}.mlp.down_proj.weight`)])]);
+    hidden = g.op("Add", [hidden, linear(act, `${p}.mlp.down_proj.weight`)]);
   }
 
   // Keep only the last num_logits_to_keep positions (0 keeps all: Slice from -0 = 0).
@@ -516,10 +843,10 @@ export function buildLlamaOnnx(config: LlamaConfig, weights: LlamaWeights, optio
   const keepFrom = g.op("Unsqueeze", [g.op("Neg", ["num_logits_to_keep"]), axis0]);
   const kept = g.op("Slice", [hidden, keepFrom, g.int64([INT64_MAX]), g.int64([1])]);
   const normed = rmsNorm(kept, "model.norm.weight");
-  if (fp16) {
-    g.op("Cast", [g.op("MatMul", [normed, weight("lm_head.weight")])], { to: DT.FLOAT16 }, "logits");
+  if (io16) {
+    g.op("Cast", [linear(normed, "lm_head.weight")], { to: DT.FLOAT16 }, "logits");
   } else {
-    g.op("MatMul", [normed, weight("lm_head.weight")], {}, "logits");
+    linear(normed, "lm_head.weight", "logits");
   }
   outputs.unshift(valueInfo("logits", ioType, ["batch_size", "kept_length", config.vocab_size]));
   if (inplace) {
@@ -527,43 +854,27 @@ export function buildLlamaOnnx(config: LlamaConfig, weights: LlamaWeights, optio
     outputs.push(valueInfo("slot_attention", DT.FLOAT, ["batch_size", "cache_capacity_plus_sequence_length"]));
   }
 
-  // Weight initializers.
-  let externalData: Uint8Array | undefined;
-  const weightTensors: TensorProto[] = [];
-  if (!fp16) {
-    for (const w of weightInits) {
-      weightTensors.push({ name: w.name, dims: w.dims, dataType: DT.FLOAT, rawData: bytesOf(w.data) });
-    }
-  } else {
-    const halves = weightInits.map((w) => toFloat16Array(w.data));
-    let size = 0;
-    const offsets = halves.map((h) => {
-      const offset = Math.ceil(size / alignment) * alignment;
-      size = offset + h.byteLength;
-      return offset;
-    });
-    externalData = new Uint8Array(size);
-    weightInits.forEach((w, j) => {
-      const h = halves[j]!;
-      externalData!.set(bytesOf(h), offsets[j]!);
-      weightTensors.push({
-        name: w.name,
-        dims: w.dims,
-        dataType: DT.FLOAT16,
-        dataLocation: onnx.TensorProto.DataLocation.EXTERNAL,
-        externalData: [
-          { key: "location", value: externalDataName },
-          { key: "offset", value: String(offsets[j]) },
-          { key: "length", value: String(h.byteLength) },
-        ],
-      });
-    });
-  }
+  // Weight initializers: inline bytes, or references into the external data file.
+  const weightTensors: TensorProto[] = layout.tensors.map((t) =>
+    "inline" in options.weights
+      ? { name: t.name, dims: t.dims, dataType: t.dataType, rawData: options.weights.inline.subarray(t.offset, t.offset + t.byteLength) }
+      : {
+          name: t.name,
+          dims: t.dims,
+          dataType: t.dataType,
+          dataLocation: onnx.TensorProto.DataLocation.EXTERNAL,
+          externalData: [
+            { key: "location", value: options.weights.external },
+            { key: "offset", value: String(t.offset) },
+            { key: "length", value: String(t.byteLength) },
+          ],
+        },
+  );
 
   const model: OnnxNamespace.IModelProto = {
     irVersion: IR_VERSION,
     producerName: "ultralong-serve scripts/build-model.ts",
-    opsetImport: [{ domain: "", version: OPSET }],
+    opsetImport: [{ domain: "", version: OPSET }, ...(quantized ? [{ domain: "com.microsoft", version: 1 }] : [])],
     graph: {
       name: "main_graph",
       node: g.nodes,
@@ -572,6 +883,5 @@ export function buildLlamaOnnx(config: LlamaConfig, weights: LlamaWeights, optio
       output: outputs,
     },
   };
-  const bytes = onnx.ModelProto.encode(model).finish();
-  return fp16 ? { model: bytes, externalData, externalDataName } : { model: bytes };
+  return onnx.ModelProto.encode(model).finish();
 }
