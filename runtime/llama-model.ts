@@ -4,7 +4,7 @@
  * logits of the last position and the present KV. Input and output names are discovered from the graph;
  * anything the runtime cannot feed is reported at load time, naming the input.
  */
-import { readFile } from "node:fs/promises";
+import { readFile, stat } from "node:fs/promises";
 import type { InferenceSession, Tensor } from "onnxruntime-web";
 import type { Backend } from "./backend.ts";
 import { ModelFolderError, RuntimeError } from "./errors.ts";
@@ -200,6 +200,8 @@ export class PrefillChunker {
 
 /** Bound on one attention score tensor during prefill on the in-place path (see maxChunkFor). */
 const SCORE_TENSOR_BYTES = 32 * 2 ** 20;
+/** Graph plus weights onnxruntime-web's WASM backend is asked to load at most: its heap is 4 GiB (wasm32), and the KV cache and activations live there too. */
+export const WASM_HEAP_WEIGHTS_LIMIT = 3.5 * 2 ** 30;
 
 export interface ForwardOptions {
   /** Logits for the last position only (default) or for every new position. */
@@ -249,6 +251,15 @@ export class LlamaModel {
         options.interOpNumThreads = 1;
         session = await ort.InferenceSession.create(file, options);
       } else {
+        // onnxruntime-web holds the graph and its weights in its WebAssembly heap (wasm32: 4 GiB in all, the
+        // KV cache included); say so before trying to read what cannot fit.
+        const weightBytes = (await stat(file)).size + (await Promise.all(folder.externalData.map(async (f) => (await stat(f.file)).size))).reduce((a, b) => a + b, 0);
+        if (backend.name === "wasm" && weightBytes > WASM_HEAP_WEIGHTS_LIMIT) {
+          throw new Error(
+            `its weights are ${(weightBytes / 2 ** 30).toFixed(2)} GiB, more than onnxruntime-web's 4 GiB WebAssembly heap can hold beside the KV cache ` +
+              `(limit here ${(WASM_HEAP_WEIGHTS_LIMIT / 2 ** 30).toFixed(1)} GiB): use --backend native (onnxruntime-node), or a smaller variant (q4)`,
+          );
+        }
         const bytes = new Uint8Array(await readFile(file));
         if (folder.externalData.length) {
           options.externalData = await Promise.all(

@@ -5,6 +5,8 @@
 //
 // --dtype: one or more of fp32, fp16, q4f16, q4, int8, comma-separated (default q4f16: 4-bit weights,
 // float16 KV). Each becomes onnx/model_<dtype>.onnx (+ .kv.onnx) over onnx/model_<dtype>.onnx_data.
+// --accuracy-level 4 (default): the q4 / int8 matmuls quantize activations to int8 (about 2x faster on CPU);
+// 0 keeps them float32.
 // Prints progress on stderr, then the files, the time and the peak resident memory.
 
 import { parseArgs } from "node:util";
@@ -12,15 +14,16 @@ import { relative } from "node:path";
 import { CheckpointError, importHfCheckpoint, type ImportProgress } from "./lib/import-hf.ts";
 import { LLAMA_ONNX_DTYPES, type LlamaOnnxDtype } from "./lib/onnx-llama.ts";
 
-const USAGE = `usage: npm run import -- --from <hf-folder> --out <model-folder> [--dtype ${LLAMA_ONNX_DTYPES.join("|")}[,...]] [--force]`;
+const USAGE = `usage: npm run import -- --from <hf-folder> --out <model-folder> [--dtype ${LLAMA_ONNX_DTYPES.join("|")}[,...]] [--accuracy-level 4|0] [--force]`;
 
-let values: { from?: string; out?: string; dtype: string; force: boolean; help: boolean };
+let values: { from?: string; out?: string; dtype: string; "accuracy-level": string; force: boolean; help: boolean };
 try {
   ({ values } = parseArgs({
     options: {
       from: { type: "string" },
       out: { type: "string" },
       dtype: { type: "string", default: "q4f16" },
+      "accuracy-level": { type: "string", default: "4" },
       force: { type: "boolean", default: false },
       help: { type: "boolean", short: "h", default: false },
     },
@@ -45,6 +48,12 @@ if (unknown.length) {
   process.exit(2);
 }
 
+const accuracyLevel = Number(values["accuracy-level"]);
+if (accuracyLevel !== 0 && accuracyLevel !== 4) {
+  console.error(`--accuracy-level must be 4 (int8 activations in the q4 / int8 matmuls, the default) or 0 (float32), got ${values["accuracy-level"]}`);
+  process.exit(2);
+}
+
 const gib = (n: number) => `${(n / 2 ** 30).toFixed(2)} GiB`;
 const mib = (n: number) => `${(n / 2 ** 20).toFixed(1)} MiB`;
 let lastPrint = 0;
@@ -60,7 +69,7 @@ const progress = (p: ImportProgress) => {
 };
 
 try {
-  const result = await importHfCheckpoint({ from: values.from, out: values.out, dtypes, force: values.force, onProgress: progress });
+  const result = await importHfCheckpoint({ from: values.from, out: values.out, dtypes, force: values.force, accuracyLevel, onProgress: progress });
   const rel = relative(process.cwd(), result.outDir);
   const shown = rel === "" ? "." : rel.startsWith("..") ? result.outDir : rel;
   for (const f of result.files) console.log(`${mib(f.bytes).padStart(12)}  ${shown}/${f.path}`);

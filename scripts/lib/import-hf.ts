@@ -159,6 +159,8 @@ export interface ImportOptions {
   dtypes: LlamaOnnxDtype[];
   /** Replace an existing folder at `out`. */
   force?: boolean;
+  /** MatMulNBits accuracy_level of the q4 / q4f16 / int8 graphs (LlamaGraphOptions); default 4, int8 activations. */
+  accuracyLevel?: 0 | 4;
   onProgress?: (p: ImportProgress) => void;
 }
 
@@ -218,8 +220,9 @@ export async function importHfCheckpoint(options: ImportOptions): Promise<Import
           sink.close();
         }
         const graph = graphFileName(dtype);
-        await writeFile(join(tmp, "onnx", graph), buildLlamaGraph(config, layout, { weights: { external: dataName } }));
-        await writeFile(join(tmp, "onnx", graph.replace(/\.onnx$/, ".kv.onnx")), buildLlamaGraph(config, layout, { kv: "inplace", weights: { external: dataName } }));
+        const accuracyLevel = options.accuracyLevel ?? 4;
+        await writeFile(join(tmp, "onnx", graph), buildLlamaGraph(config, layout, { accuracyLevel, weights: { external: dataName } }));
+        await writeFile(join(tmp, "onnx", graph.replace(/\.onnx$/, ".kv.onnx")), buildLlamaGraph(config, layout, { kv: "inplace", accuracyLevel, weights: { external: dataName } }));
         written.push(`onnx/${graph}`, `onnx/${graph.replace(/\.onnx$/, ".kv.onnx")}`, `onnx/${dataName}`);
       }
       const files = await Promise.all(written.map(async (path) => ({ path, bytes: (await stat(join(tmp, path))).size })));
