@@ -1,8 +1,8 @@
 /**
  * The model's own chat template (tokenizer_config.json "chat_template"), rendered with @huggingface/jinja
  * the way transformers' apply_chat_template renders it: messages, tools, add_generation_prompt, and the
- * special-token strings as variables. Llama-3.1's template also reads `date_string` (fixed dates in tests)
- * and otherwise calls the built-in strftime_now.
+ * special-token strings as variables. Llama-3.x templates also read `date_string` (Today Date); without it
+ * Llama-3.1's writes "26 Jul 2024" and Llama-3.2's calls the built-in strftime_now (today).
  *
  * Special tokens come only from the template's own text and the special-token variables: renderPieces
  * cuts the rendered text at those, and every string a request brings (content, names, tool calls and
@@ -121,6 +121,11 @@ export class ChatTemplate {
   /** Matches any special-token string, longest first (as the tokenizer's own splitter prefers). */
   private readonly specialPattern: RegExp | null;
   readonly source: string;
+  /**
+   * Whether the template dates the prompt by the clock (Llama-3.2's calls strftime_now when no date_string
+   * is given); Llama-3.1's writes a fixed date instead. Sessions pin today's date only for the former.
+   */
+  readonly readsClock: boolean;
 
   /**
    * `specialTokens`: the strings the tokenizer turns into special tokens (TextTokenizer.specialTokens);
@@ -142,6 +147,7 @@ export class ChatTemplate {
     if (!main) throw new ModelFolderError("tokenizer_config.json has no chat_template");
     this.source = main;
     this.toolSource = tools ?? null;
+    this.readsClock = [main, tools ?? ""].some((t) => t.includes("strftime_now"));
     try {
       this.template = new Template(main);
       this.toolTemplate = tools ? new Template(tools) : null;

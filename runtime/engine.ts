@@ -138,6 +138,8 @@ export interface CompletionJob {
   /** Generate past eos ids (llama.cpp's ignore_eos). */
   ignoreEos?: boolean;
   signal?: AbortSignal;
+  /** Each generated token id, before its text (see GenerateRequest.onToken). */
+  onToken?: (id: number) => void;
 }
 
 /** What compaction did in a request (CompletionResult.kv). */
@@ -499,7 +501,7 @@ export class Engine {
         const result = await generate(
           { model: this.model, tokenizer: this.tokenizer, prefillChunk: this.prefillChunk },
           cache,
-          { promptIds: job.promptIds, maxTokens, sampling, stop: job.stop, eosIds, signal: job.signal },
+          { promptIds: job.promptIds, maxTokens, sampling, stop: job.stop, eosIds, signal: job.signal, onToken: job.onToken },
           onDelta,
         );
         const stats = cache.compactor?.stats;

@@ -22,6 +22,11 @@ export interface GenerateRequest {
   /** Token ids that end generation (every eos id of the model, plus any the caller adds). */
   eosIds: ReadonlySet<number>;
   signal?: AbortSignal;
+  /**
+   * Each generated token id (eos ids excepted), before its text reaches onDelta: a special token such as
+   * <|python_tag|> has no text, and a caller that reads tool calls needs to know it came.
+   */
+  onToken?: (id: number) => void;
 }
 
 export interface GenerateResult {
@@ -103,6 +108,7 @@ export async function generate(
     }
     tokenIds.push(id);
     history[historyLength++] = id;
+    req.onToken?.(id);
     text += decoder.push(id);
 
     let stopAt = -1;

@@ -55,6 +55,9 @@ export interface SessionManagerOptions {
   maxConcurrentUploads?: number;
 }
 
+/** A turn's generation, with the template variables the session pinned (its builtin_tools say which tool calls the reply may hold). */
+export type TurnResult = GenerateResult & { templateKwargs: Record<string, unknown> };
+
 export interface TurnRequest extends Omit<CompletionJob, "promptIds" | "prepare"> {
   /**
    * The whole conversation to answer, from the session's current messages (e.g. those plus one new
@@ -356,7 +359,9 @@ export class SessionManager {
     const { tenant } = options;
     const id = options.id ?? `sess_${crypto.randomUUID().replaceAll("-", "").slice(0, 24)}`;
     assertSessionId(id);
-    const templateKwargs = { date_string: templateDate(), ...options.templateKwargs };
+    // A template that dates the prompt by the clock gets today's date pinned, so the system header (and the
+    // KV of every earlier turn) stays the same across midnight; one with a fixed default keeps it, as a plain request renders it.
+    const templateKwargs = { ...(this.engine.template.readsClock ? { date_string: templateDate() } : {}), ...options.templateKwargs };
     assertTemplateKwargsAllowed(templateKwargs);
     assertTemplateKwargsDepth(templateKwargs);
     const ingest = await this.locked(tenant, id, async () => {
@@ -400,7 +405,7 @@ export class SessionManager {
    * is kept, only new tokens are prefilled, and the reply joins the messages. A turn whose client went away
    * changes nothing.
    */
-  async turn(tenant: string, id: string, request: TurnRequest, onDelta?: (text: string) => void | Promise<void>): Promise<GenerateResult> {
+  async turn(tenant: string, id: string, request: TurnRequest, onDelta?: (text: string) => void | Promise<void>): Promise<TurnResult> {
     return this.locked(tenant, id, async () => {
       const session = await this.load(tenant, id);
       const messages = request.messages(session.state.messages);
@@ -411,7 +416,7 @@ export class SessionManager {
       return this.change(session, rendered, async (prepare) => {
         const result = await this.engine.complete({ ...generation, promptIds, prepare }, onDelta);
         const reply: ChatMessage = { role: "assistant", content: result.text };
-        return { result, generated: result.tokenIds, cancelled: result.finishReason === "cancelled", messages: [...messages, reply] };
+        return { result: { ...result, templateKwargs: session.templateKwargs }, generated: result.tokenIds, cancelled: result.finishReason === "cancelled", messages: [...messages, reply] };
       });
     });
   }

@@ -157,6 +157,11 @@ export class TextTokenizer {
     return this.addedAround;
   }
 
+  /** The id of a special token by its text (e.g. "<|python_tag|>"), or null when the tokenizer has no such special token. */
+  specialTokenId(text: string): number | null {
+    return this.specialByText.get(text)?.id ?? null;
+  }
+
   isSpecial(id: number): boolean {
     return this.special.has(id);
   }

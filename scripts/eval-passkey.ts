@@ -13,9 +13,9 @@
  */
 import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
-import { Engine, templateDate } from "../runtime/index.ts";
+import { Engine } from "../runtime/index.ts";
 import { FixtureTasks, type TaskKind } from "./lib/fixture-tasks.ts";
-import { runCell, type CellSpec } from "./lib/passkey-eval.ts";
+import { runCell, serverDateLine, type CellSpec } from "./lib/passkey-eval.ts";
 
 const { values } = parseArgs({
   options: {
@@ -49,8 +49,8 @@ const engine = await Engine.load({
   prefillChunk: 512,
 });
 const tasks = new FixtureTasks(engine.tokenizer, engine.template, "eval", { digits: values.digits });
-// The chat template's date line, as the server would render it today (or --date "26 Jul 2024").
-const date = values.date ?? templateDate();
+// The chat template's date line, as the server renders it without a date_string (or --date "21 Sep 2024").
+const date = values.date ?? serverDateLine(engine);
 console.log(`model ${engine.info.modelId}, backend ${engine.info.backendDetail}; held-out Brown Corpus filler${values.digits ? " with numbers" : ""}; ${trials} trials per cell, seed ${seed}; date line "${date}"`);
 const t0 = performance.now();
 

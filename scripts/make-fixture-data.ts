@@ -20,7 +20,7 @@ import { parseArgs } from "node:util";
 import { ChatTemplate } from "../runtime/chat-template.ts";
 import { TextTokenizer } from "../runtime/tokenizer.ts";
 import { FixtureTasks, rngOf, type Split, type TaskKind } from "./lib/fixture-tasks.ts";
-import { tokenizerPath } from "./lib/model-folder.ts";
+import { builtTokenizerConfig, tokenizerPath } from "./lib/model-folder.ts";
 import { TINY_LLAMA_CONFIG, llamaInvFreq } from "./lib/onnx-llama.ts";
 
 const { values } = parseArgs({
@@ -61,8 +61,8 @@ const config = {
 };
 const out = values.out!;
 mkdirSync(out, { recursive: true });
-// The tokenizer files the builder puts into every model folder.
-const tokenizerConfig = JSON.parse(readFileSync(tokenizerPath("tokenizer_config.json"), "utf8"));
+// The tokenizer files the builder puts into every model folder (with its chat template: the prompts trained on are the ones the server renders).
+const tokenizerConfig = await builtTokenizerConfig();
 const tokenizer = new TextTokenizer(JSON.parse(readFileSync(tokenizerPath("tokenizer.json"), "utf8")), tokenizerConfig);
 const template = new ChatTemplate(tokenizerConfig);
 const maxFiller = Number(values["max-filler"]);

@@ -120,7 +120,7 @@ export function createApp(options: AppOptions): Hono {
       abort,
       stream: req.stream === true,
       includeUsage: req.stream_options?.include_usage === true,
-      toolNames: tools ? new Set(tools.map((t) => t.function.name)) : null,
+      functions: req.tool_choice === "none" ? null : new Set((tools ?? []).map((t) => t.function.name)),
     };
 
     if (req.session_id != null) {
@@ -129,7 +129,7 @@ export function createApp(options: AppOptions): Hono {
       const sessionId = req.session_id;
       await sessions.assertReady(tenantOf(c), sessionId);
       const turn = { ...kit.generationOf(req, maxTokens, abort.signal), messages: () => messages, tools };
-      return respondChat(kit, c, { ...common, run: (onDelta) => sessions.turn(tenantOf(c), sessionId, turn, onDelta), extra: { session_id: sessionId } });
+      return respondChat(kit, c, { ...common, run: (onDelta, onToken) => sessions.turn(tenantOf(c), sessionId, { ...turn, onToken }, onDelta), extra: { session_id: sessionId } });
     }
 
     engine.checkAdmission(); // a full queue answers 429 before the prompt is tokenized, not after
@@ -138,7 +138,7 @@ export function createApp(options: AppOptions): Hono {
     // Reuse the KV of an in-memory session of the same tenant that shares this prompt's beginning (a copy: the session is not touched).
     const tenant = tenantOf(c);
     if (sessions) job.prepare = () => sessions.prefixCache(tenant, promptIds) ?? engine.model.newCache();
-    return respondChat(kit, c, { ...common, run: (onDelta) => engine.complete(job, onDelta) });
+    return respondChat(kit, c, { ...common, templateKwargs: req.chat_template_kwargs, run: (onDelta, onToken) => engine.complete({ ...job, onToken }, onDelta) });
   });
 
   app.post("/v1/completions", async (c) => {

@@ -4,7 +4,20 @@
  */
 import type { Context } from "hono";
 import type { z } from "zod";
-import { parseToolCall, yieldToEventLoop, type ChatMessage, type CompletionJob, type Engine, type GenerateResult, type SamplingParams } from "../runtime/index.ts";
+import {
+  PYTHON_TAG,
+  ToolCallStream,
+  builtinToolsOf,
+  parseToolCall,
+  yieldToEventLoop,
+  type ChatMessage,
+  type CompletionJob,
+  type Engine,
+  type GenerateResult,
+  type ParsedToolCall,
+  type SamplingParams,
+  type ToolOffer,
+} from "../runtime/index.ts";
 import { HttpError, badRequest, fromZod, toErrorResponse, zodIssueMessage } from "./http-errors.ts";
 import type { ChatCompletionRequest, CompletionRequest, chatMessageSchema } from "./schemas.ts";
 import { sseResponse } from "./sse.ts";
@@ -171,7 +184,7 @@ export class RouteKit {
   /**
    * Streams a generation as SSE chunks that share `head` (id, object, created, model); `choice` builds each
    * chunk's choice from a text delta, or from null with the finish reason for the closing chunk. `run`
-   * starts the generation with the delta callback; it must submit to the engine synchronously (see below).
+   * starts the generation with the delta callback; it must submit to the engine synchronously (see sse).
    */
   stream(
     run: (onDelta: (text: string) => void) => Promise<GenerateResult>,
@@ -181,49 +194,88 @@ export class RouteKit {
     choice: (text: string | null, finish: string | null) => Record<string, unknown>,
     opening?: Record<string, unknown>,
   ): Response {
-    // A full queue must be a 429, not an error event inside a 200 stream: the stream's producer
-    // starts synchronously, so nothing can enter the queue between this check and its submission.
+    return this.sse(async (send) => {
+      if (opening) send({ ...head, choices: [opening] });
+      const result = await run((text) => send({ ...head, choices: [choice(text, null)] }));
+      send({ ...head, choices: [choice(null, result.finishReason)] });
+      if (includeUsage) send({ ...head, choices: [], usage: usage(result), timings: timings(result) });
+    }, abort);
+  }
+
+  /**
+   * An SSE response whose producer starts a generation; it must submit to the engine synchronously (before
+   * its first await): a full queue must be a 429, not an error event inside a 200 stream, and the stream's
+   * producer starts synchronously, so nothing can enter the queue between this check and its submission.
+   */
+  sse(produce: (send: (data: unknown) => void) => Promise<void>, abort: AbortController): Response {
     this.engine.checkAdmission();
-    return sseResponse(
-      async (send) => {
-        if (opening) send({ ...head, choices: [opening] });
-        const result = await run((text) => send({ ...head, choices: [choice(text, null)] }));
-        send({ ...head, choices: [choice(null, result.finishReason)] });
-        if (includeUsage) send({ ...head, choices: [], usage: usage(result), timings: timings(result) });
-      },
-      abort,
-      this.errorEvent,
-    );
+    return sseResponse(produce, abort, this.errorEvent);
   }
 }
 
 export interface ChatRun {
-  run: (onDelta?: (text: string) => void) => Promise<GenerateResult>;
+  /** Starts the generation: text deltas to onDelta, each token id (before its text) to onToken. */
+  run: (onDelta?: (text: string) => void, onToken?: (id: number) => void) => Promise<GenerateResult & { templateKwargs?: Record<string, unknown> }>;
   abort: AbortController;
   stream: boolean;
   includeUsage: boolean;
-  /** Tools offered to the model: a reply in its tool-call format becomes tool_calls (non-streaming). */
-  toolNames: ReadonlySet<string> | null;
+  /**
+   * Names of the custom tools offered (the request's `tools`, maybe none); null turns tool-call reading
+   * off (tool_choice "none"). A reply in one of Llama-3.1's tool-call forms becomes tool_calls.
+   */
+  functions: ReadonlySet<string> | null;
+  /**
+   * The template variables the prompt is rendered with (their builtin_tools are offered too), when the route
+   * knows them up front; a session's come with its turn's result.
+   */
+  templateKwargs?: Record<string, unknown>;
   /** Extra top-level fields of every response object (e.g. session_id). */
   extra?: Record<string, unknown>;
 }
 
-/** Answers a chat generation as OpenAI's chat.completion, or as a stream of chat.completion.chunk. */
+/**
+ * Answers a chat generation as OpenAI's chat.completion, or as a stream of chat.completion.chunk. A reply
+ * that is a tool call (runtime/tool-calls.ts) comes back as `tool_calls` with finish_reason "tool_calls": in
+ * a stream, as OpenAI streams one (the call's id, type and name, then its arguments), never as content first.
+ */
 export async function respondChat(kit: RouteKit, c: Context, chat: ChatRun): Promise<Response> {
   const id = newId("chatcmpl");
   const created = nowSeconds();
   const model = kit.engine.info.modelId;
+  const pythonTagId = kit.engine.tokenizer.specialTokenId(PYTHON_TAG);
+  const offerOf = (kwargs: Record<string, unknown> | undefined): ToolOffer | null => (chat.functions ? { functions: chat.functions, builtin: builtinToolsOf(kwargs) } : null);
+  const toolCallOf = (call: ParsedToolCall) => ({ id: newId("call"), type: "function", function: call });
+
   if (chat.stream) {
-    const delta = (text: string | null, finish: string | null) => ({ index: 0, delta: text === null ? {} : { content: text }, logprobs: null, finish_reason: finish });
-    const opening = { index: 0, delta: { role: "assistant", content: "" }, logprobs: null, finish_reason: null };
     const head = { id, object: "chat.completion.chunk", created, model, ...chat.extra };
-    return kit.stream(chat.run, chat.abort, head, chat.includeUsage, delta, opening);
+    const chunk = (delta: Record<string, unknown>, finish: string | null = null) => ({ ...head, choices: [{ index: 0, delta, logprobs: null, finish_reason: finish }] });
+    const calls = new ToolCallStream(offerOf(chat.templateKwargs), pythonTagId);
+    return kit.sse(async (send) => {
+      send(chunk({ role: "assistant", content: "" }));
+      const result = await chat.run(
+        (text) => {
+          const content = calls.text(text);
+          if (content) send(chunk({ content }));
+        },
+        (token) => calls.token(token),
+      );
+      const { toolCall, content } = calls.finish(result.finishReason, offerOf(result.templateKwargs ?? chat.templateKwargs));
+      if (content) send(chunk({ content }));
+      if (toolCall) {
+        // As OpenAI streams a call: id, type and name with empty arguments, then the arguments.
+        const call = toolCallOf(toolCall);
+        send(chunk({ tool_calls: [{ index: 0, id: call.id, type: call.type, function: { name: toolCall.name, arguments: "" } }] }));
+        send(chunk({ tool_calls: [{ index: 0, function: { arguments: toolCall.arguments } }] }));
+      }
+      send(chunk({}, toolCall ? "tool_calls" : result.finishReason));
+      if (chat.includeUsage) send({ ...head, choices: [], usage: usage(result), timings: timings(result) });
+    }, chat.abort);
   }
   const result = await chat.run();
-  const toolCall = chat.toolNames ? parseToolCall(result.text, chat.toolNames) : null;
-  const message = toolCall
-    ? { role: "assistant", content: null, tool_calls: [{ id: newId("call"), type: "function", function: toolCall }] }
-    : { role: "assistant", content: result.text };
+  const offer = offerOf(result.templateKwargs ?? chat.templateKwargs);
+  const pythonTag = pythonTagId !== null && result.tokenIds[0] === pythonTagId;
+  const toolCall = offer ? parseToolCall({ text: result.text, pythonTag, finishReason: result.finishReason }, offer) : null;
+  const message = toolCall ? { role: "assistant", content: null, tool_calls: [toolCallOf(toolCall)] } : { role: "assistant", content: result.text };
   return c.json({
     id,
     object: "chat.completion",

@@ -153,7 +153,7 @@ export const createSessionSchema = z.object({
   messages: z.array(chatMessageSchema).optional(),
   /** A document to read into the session now (a user message), so later questions prefill only themselves. */
   document: z.string().optional(),
-  /** Template variables pinned for the session's life (default: today's date_string). */
+  /** Template variables pinned for the session's life (default: today's date_string when the template dates prompts by the clock). */
   chat_template_kwargs: chatTemplateKwargs.optional(),
   /** Stream prefill progress as server-sent events. */
   stream: z.boolean().optional(),

@@ -89,11 +89,11 @@ export function registerSessionRoutes(app: Hono, kit: RouteKit, sessions: Sessio
     const tools = req.tools ?? null;
     const turn = { ...kit.generationOf(req, kit.maxTokensOf(req.max_completion_tokens ?? req.max_tokens), abort.signal), messages: (current: ChatMessage[]) => [...current, message], tools };
     return respondChat(kit, c, {
-      run: (onDelta) => sessions.turn(tenantOf(c), id, turn, onDelta),
+      run: (onDelta, onToken) => sessions.turn(tenantOf(c), id, { ...turn, onToken }, onDelta),
       abort,
       stream: req.stream === true,
       includeUsage: req.stream_options?.include_usage === true,
-      toolNames: tools ? new Set(tools.map((t) => t.function.name)) : null,
+      functions: new Set((tools ?? []).map((t) => t.function.name)),
       extra: { session_id: id },
     });
   });

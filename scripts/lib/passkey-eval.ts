@@ -39,6 +39,17 @@ function commonPrefix(a: number[], b: number[]): number {
   return i;
 }
 
+/**
+ * The date of the system header's "Today Date:" line as the server renders a request without a date_string:
+ * the template's own default (Llama-3.1's: 26 Jul 2024), or today for a template that reads the clock.
+ */
+export function serverDateLine(engine: Engine): string {
+  const text = engine.renderChat([{ role: "user", content: "x" }]);
+  const line = /Today Date: ([^\n]+)\n/.exec(text);
+  if (!line) throw new Error("the model's chat template writes no \"Today Date:\" line: give --date");
+  return line[1]!;
+}
+
 export async function runCell(engine: Engine, tasks: FixtureTasks, spec: CellSpec, dateString: string): Promise<CellResult> {
   const t0 = performance.now();
   const random = rngOf(spec.seed);
