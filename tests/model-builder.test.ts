@@ -327,16 +327,23 @@ test("builds are byte-identical; --if-missing skips an up-to-date folder and reb
 // ---- float64 reference (HF LlamaForCausalLM semantics, written independently of the graph) ----
 
 function referenceInvFreq(): number[] {
+  // As transformers computes them: torch float32 ops (`1.0 / base ** (arange(0, dim, 2).float() / dim)`, then
+  // _compute_llama3_parameters elementwise), each step rounded to float32. The rest of the forward is float64.
+  // (Frequencies in float64 are a few ulps off: at position 100,000 that moved logits by ~1e-2.)
+  const f32 = Math.fround;
   const s = config.rope_scaling as Llama3RopeScaling;
+  const factor = f32(s.factor);
+  const lowWavelen = f32(s.original_max_position_embeddings / s.low_freq_factor);
+  const highWavelen = f32(s.original_max_position_embeddings / s.high_freq_factor);
   const out: number[] = [];
   for (let i = 0; i < D / 2; i++) {
-    const f = 1 / Math.pow(config.rope_theta, (2 * i) / D);
-    const wavelen = (2 * Math.PI) / f;
-    if (wavelen < s.original_max_position_embeddings / s.high_freq_factor) out.push(f);
-    else if (wavelen > s.original_max_position_embeddings / s.low_freq_factor) out.push(f / s.factor);
+    const f = f32(1 / f32(f32(config.rope_theta) ** f32((2 * i) / D)));
+    const wavelen = f32(f32(1 / f) * f32(2 * Math.PI));
+    const scaled = wavelen > lowWavelen ? f32(f / factor) : f;
+    if (wavelen < highWavelen || wavelen > lowWavelen) out.push(scaled);
     else {
-      const smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
-      out.push((1 - smooth) * (f / s.factor) + smooth * f);
+      const smooth = f32(f32(f32(f32(1 / wavelen) * f32(s.original_max_position_embeddings)) - f32(s.low_freq_factor)) / f32(s.high_freq_factor - s.low_freq_factor));
+      out.push(f32(f32(f32(f32(1 - smooth) * scaled) / factor) + f32(smooth * scaled)));
     }
   }
   return out;
