@@ -8,6 +8,8 @@ export type { BackendName, BackendRequest } from "./backend.ts";
 export { PYTHON_TAG, ToolCallStream, builtinToolsOf, parseToolCall, type ParsedToolCall, type ToolOffer } from "./tool-calls.ts";
 export { SessionManager, templateDate, type SessionInfo, type TurnRequest, type TurnResult, type BusyPolicy } from "./sessions.ts";
 export { SnapshotStore, DEFAULT_TENANT, NAME_PATTERN } from "./snapshot-store.ts";
+export { FileSessionStore } from "./stores/file-store.ts";
+export { Exists, LeaseLost, NotFound, SessionBusy, StaleVersion, type Lease, type SessionStore, type StoreVersion, type TenantStore } from "./session-store.ts";
 export { SnapshotError, SNAPSHOT_VERSION, encodeSnapshot, decodeSnapshot, type SnapshotData, type KvOrigin } from "./snapshot.ts";
 export { MAX_JSON_DEPTH, jsonDepth } from "./message-schema.ts";
 export type { KvCache } from "./kv-cache.ts";

@@ -5,6 +5,7 @@
  * it in after it is persisted.
  */
 import type { ChatMessage } from "./chat-template.ts";
+import type { StoreVersion } from "./session-store.ts";
 import type { Engine, TokenizedPiece } from "./engine.ts";
 import type { KvCache } from "./kv-cache.ts";
 import type { KvHold } from "./kv-memory.ts";
@@ -70,6 +71,8 @@ export class Session {
   lastUsed = nextUse();
   /** The snapshot log in the store as it holds `state` (a compacted session's), or null: write it whole next. */
   log: SnapshotLog | null = null;
+  /** The store's version that holds `state` (null until first persisted): a resident copy is used only while it is the store's current one. */
+  version: StoreVersion | null = null;
   constructor(
     readonly tenant: string,
     readonly id: string,

@@ -8,8 +8,13 @@
  * Each turn renders the whole conversation with the model's template, keeps the KV of the longest prefix
  * the cache already holds, and prefills only the rest: a turn costs its new tokens, and its reply is
  * token-identical to a fresh request that carries the whole conversation. A change is all or nothing: it
- * is persisted to the tenant's SnapshotStore before it takes effect. Sessions beyond the memory budget are
+ * is persisted to the tenant's session store before it takes effect. Sessions beyond the memory budget are
  * dropped from memory (least recently used first) and read back from the store on their next use.
+ *
+ * Several workers may share one store (runtime/session-store.ts: a directory, Redis, Deno KV). A change
+ * holds the session's lease in the store (besides this process's lock), so two workers never advance one
+ * session at once; a resident copy is used only while its version is the store's current one (else it is
+ * read back), and every commit is fenced by the lease.
  *
  * The record and its state are in session.ts, the per-session locks in session-locks.ts, the memory
  * budget in kv-memory.ts, the store in snapshot-store.ts; this file is the manager that ties them.
@@ -37,7 +42,8 @@ import {
   type SnapshotData,
   type SnapshotExpectation,
 } from "./snapshot.ts";
-import { assertSessionId, StaleLog, type FileByteSource, type SnapshotStore } from "./snapshot-store.ts";
+import { Exists, LeaseLost, NotFound, SessionBusy, StaleVersion, type Lease, type SessionStore, type SnapshotReader, type StoreVersion, type TenantStore } from "./session-store.ts";
+import { assertSessionId } from "./stores/file-store.ts";
 import { commonPrefix, nextUse, Session, sessionKey, templateDate, type SessionInfo, type SessionState } from "./session.ts";
 import { SessionLocks, type BusyPolicy } from "./session-locks.ts";
 
@@ -53,6 +59,11 @@ export interface SessionManagerOptions {
   chunkTokens: number;
   /** Uploads decoded at once (each holds its KV in memory while it is checked); more get 429. Default 2. */
   maxConcurrentUploads?: number;
+  /**
+   * How long a change's lease on its session lasts in the store without renewal (the holder renews it every
+   * third of this while it lives): after a worker dies mid-turn, others wait at most this. Default 30 s.
+   */
+  leaseMs?: number;
 }
 
 /** A turn's generation, with the template variables the session pinned (its builtin_tools say which tool calls the reply may hold). */
@@ -82,8 +93,8 @@ export class SessionManager {
 
   constructor(
     readonly engine: Engine,
-    /** The store's root; each tenant's sessions live in store.forTenant(tenant). */
-    readonly store: SnapshotStore,
+    /** The store; each tenant's sessions live in store.forTenant(tenant). */
+    readonly store: SessionStore,
     readonly options: SessionManagerOptions,
   ) {
     this.locks = new SessionLocks(options.busy);
@@ -152,7 +163,7 @@ export class SessionManager {
     };
   }
 
-  private storeOf(tenant: string): SnapshotStore {
+  private storeOf(tenant: string): TenantStore {
     return this.store.forTenant(tenant);
   }
 
@@ -178,12 +189,23 @@ export class SessionManager {
     this.assertAvailable(tenant, id);
   }
 
-  /** Runs `fn` holding the session's lock; afterwards sessions beyond the memory budget leave memory. */
-  private async locked<T>(tenant: string, id: string, fn: () => Promise<T>): Promise<T> {
+  /**
+   * Runs `fn` holding the session's lock in this process and its lease in the store (waiting for another
+   * worker's turn, or session_busy under busy=reject); afterwards sessions beyond the memory budget leave memory.
+   */
+  private async locked<T>(tenant: string, id: string, fn: (lease: Lease) => Promise<T>): Promise<T> {
     const release = await this.locks.acquire(sessionKey(tenant, id), id);
+    let lease: Lease | null = null;
     try {
-      return await fn();
+      try {
+        lease = await this.storeOf(tenant).lease(id, { ttlMs: this.options.leaseMs ?? 30_000, wait: this.options.busy === "wait" });
+      } catch (e) {
+        if (e instanceof SessionBusy) throw new RuntimeError("session_busy", e.message);
+        throw e;
+      }
+      return await fn(lease);
     } finally {
+      await lease?.release().catch(() => {});
       release();
       this.enforceBudget();
     }
@@ -206,32 +228,47 @@ export class SessionManager {
     return new Session(tenant, id, m.createdAt, state, m.templateKwargs, origin, hold, m.compaction);
   }
 
-  /** The session in memory, read back from its tenant's store if it was dropped from memory or the server restarted. */
-  private async load(tenant: string, id: string): Promise<Session> {
+  /**
+   * The session in memory, read back from its tenant's store if it was dropped from memory, the server
+   * restarted, or another worker committed a newer version since this copy was read. Call it holding the lease.
+   */
+  private async load(tenant: string, id: string, lease: Lease): Promise<Session> {
     const key = sessionKey(tenant, id);
+    const store = this.storeOf(tenant);
     let session = this.resident.get(key);
+    let head: StoreVersion | null;
+    try {
+      head = await store.head(id);
+    } catch (e) {
+      throw new RuntimeError("store_failed", `session ${id} could not be read from the store; nothing changed`, null, e);
+    }
+    if (!head) {
+      if (session) this.evict(session); // deleted by another worker
+      throw new RuntimeError("not_found", `no session with id ${id}`);
+    }
+    if (session && session.version?.tag !== head.tag) {
+      this.evict(session); // another worker changed it: this copy is out of date
+      session = undefined;
+    }
     if (!session) {
-      await this.assertExists(tenant, id);
-      const store = this.storeOf(tenant);
       const what = `reading session ${id} back`;
-      const read = (limitBytes?: number) => store.read(id, async (source) => ({ ...(await this.decode(source, what, true, limitBytes)), inode: source.inode }));
+      const read = (limitBytes?: number) => store.read(id, async (source) => ({ ...(await this.decode(source, what, true, limitBytes)), version: source.version }));
       let decoded: Awaited<ReturnType<typeof read>>;
       try {
         decoded = await read();
       } catch (e) {
+        if (e instanceof NotFound) throw new RuntimeError("not_found", `no session with id ${id}`);
         if (!(e instanceof SnapshotLogTail)) throw e;
         // A turn whose append did not finish (the process died): the session is as it was before that turn.
         console.warn(`session ${id}: ${e.message}; the log is cut back to its ${e.validBytes} whole bytes`);
         decoded = await read(e.validBytes);
-        await store.truncate(id, e.validBytes);
+        decoded.version = await store.truncate(id, e.validBytes, { lease });
       }
-      const { data, hold, cache, inode } = decoded;
+      const { data, hold, cache, version } = decoded;
       session = this.sessionFromSnapshot(data, hold, tenant, id, data.meta.origin, cache);
-      if (data.log) {
-        // The store's file, which the next turn may append to.
-        session.log = data.log;
-        store.recordCommitted(id, inode, data.log.bytes);
-      }
+      session.version = version;
+      // A log's next turn may append to it.
+      if (data.log) session.log = data.log;
       this.resident.set(key, session);
     }
     session.lastUsed = nextUse();
@@ -246,27 +283,30 @@ export class SessionManager {
    * and what turns write stays proportional to what they changed (a document appended to an empty
    * session becomes the log's first segment at once, not a delta that a later turn must rewrite).
    */
-  private async persist(session: Session, state: SessionState): Promise<void> {
+  private async persist(session: Session, state: SessionState, lease: Lease, options: { replace?: boolean } = {}): Promise<void> {
     const store = this.storeOf(session.tenant);
+    // Based on the version this copy was read from (none: a create); an upload replaces whatever is there.
+    const expect = options.replace ? undefined : session.version;
     const next = session.toSnapshot(this.engine, state);
     const log = session.log;
     try {
-      if (log) {
+      if (log && session.version) {
         const plan = planSnapshotDelta(session.toSnapshot(this.engine, session.state), next);
-        try {
-          if (plan && log.bytes - log.baseBytes + plan.bytes <= log.baseBytes) {
-            const bytes = await store.append(session.id, encodeSnapshotDelta(next, plan, log.deltas + 1, log.bytes, this.options.chunkTokens), log.bytes);
-            session.log = { bytes, baseBytes: log.baseBytes, deltas: log.deltas + 1 };
-            return;
-          }
-        } catch (e) {
-          if (!(e instanceof StaleLog)) throw e; // another writer replaced the file: write it whole
+        if (plan && log.bytes - log.baseBytes + plan.bytes <= log.baseBytes) {
+          session.version = await store.append(session.id, encodeSnapshotDelta(next, plan, log.deltas + 1, log.bytes, this.options.chunkTokens), session.version, { lease });
+          session.log = { bytes: session.version.bytes, baseBytes: log.baseBytes, deltas: log.deltas + 1 };
+          return;
         }
       }
-      const bytes = await store.save(session.id, encodeSnapshot(next, this.options.chunkTokens));
-      session.log = next.compaction ? { bytes, baseBytes: bytes, deltas: 0 } : null;
+      session.version = await store.save(session.id, encodeSnapshot(next, this.options.chunkTokens), { lease, expect });
+      session.log = next.compaction ? { bytes: session.version.bytes, baseBytes: session.version.bytes, deltas: 0 } : null;
     } catch (e) {
       if (e instanceof RuntimeError) throw e;
+      if (e instanceof Exists) throw invalidRequest(`a session with id ${session.id} already exists`, "id");
+      if (e instanceof StaleVersion || e instanceof LeaseLost) {
+        // Another worker committed to the session (this worker's lease had lapsed): nothing of this change was written.
+        throw new RuntimeError("session_busy", `session ${session.id} was changed by another worker during this request, so this change was not saved; it is as that worker left it`, null, e);
+      }
       // The disk said no (full, read-only, gone): the client learns that the change did not happen; the log gets the cause.
       throw new RuntimeError("store_failed", `session ${session.id} could not be saved, so the change did not take effect; it is as it was before this request`, null, e);
     }
@@ -279,6 +319,7 @@ export class SessionManager {
    */
   private async change<T>(
     session: Session,
+    lease: Lease,
     { ids: promptIds, pieces }: Rendered,
     work: (prepare: () => KvCache) => Promise<{ result: T; generated: number[]; cancelled: boolean; messages: ChatMessage[] }>,
   ): Promise<T> {
@@ -288,7 +329,7 @@ export class SessionManager {
     const cache: KvCache = working;
     const tokens = [...promptIds, ...generated].slice(0, cache.tokensRead);
     const next: SessionState = { tokens, cache, messages, updatedAt: Date.now(), pieces: pieces.filter((p) => p.start + p.count <= tokens.length) };
-    await this.persist(session, next);
+    await this.persist(session, next, lease);
     session.state = next;
     // The new cache exists already (the request's reservation covered it while it was built): count it.
     session.hold.resize(cache.bytes, true);
@@ -334,6 +375,7 @@ export class SessionManager {
   /** Reads `messages` (the whole conversation) into the session without generating. */
   private async ingestMessages(
     session: Session,
+    lease: Lease,
     messages: ChatMessage[],
     onProgress?: (done: number, total: number) => void | Promise<void>,
     signal?: AbortSignal,
@@ -341,7 +383,7 @@ export class SessionManager {
     assertStorableMessages(messages);
     const rendered = await this.renderIds(session, messages, false, null, signal);
     const promptIds = rendered.ids;
-    return this.change(session, rendered, async (prepare) => {
+    return this.change(session, lease, rendered, async (prepare) => {
       // A cancellation during prefill throws out of ingest: nothing is committed.
       const result = await this.engine.ingest(promptIds, prepare, onProgress, signal);
       return { result, generated: [], cancelled: false, messages };
@@ -357,24 +399,24 @@ export class SessionManager {
     signal?: AbortSignal;
   }): Promise<SessionInfo & { ingest: IngestResult | null }> {
     const { tenant } = options;
-    const id = options.id ?? `sess_${crypto.randomUUID().replaceAll("-", "").slice(0, 24)}`;
+    const id = options.id ?? newSessionId();
     assertSessionId(id);
     // A template that dates the prompt by the clock gets today's date pinned, so the system header (and the
     // KV of every earlier turn) stays the same across midnight; one with a fixed default keeps it, as a plain request renders it.
     const templateKwargs = { ...(this.engine.template.readsClock ? { date_string: templateDate() } : {}), ...options.templateKwargs };
     assertTemplateKwargsAllowed(templateKwargs);
     assertTemplateKwargsDepth(templateKwargs);
-    const ingest = await this.locked(tenant, id, async () => {
+    const ingest = await this.locked(tenant, id, async (lease) => {
       const store = this.storeOf(tenant);
-      if (this.resident.has(sessionKey(tenant, id)) || (await store.has(id))) throw invalidRequest(`a session with id ${id} already exists`, "id");
+      if (await store.has(id)) throw invalidRequest(`a session with id ${id} already exists`, "id");
       const now = Date.now();
       const empty: SessionState = { tokens: [], cache: this.engine.newCache(), messages: [], updatedAt: now, pieces: [] };
       const session = new Session(tenant, id, now, empty, templateKwargs, "computed", this.engine.kvMemory.reserve(0, "a new session"));
       // Nothing is stored or listed until the session's first state is persisted: a failed read leaves no trace.
       try {
         let result: IngestResult | null = null;
-        if (options.messages?.length) result = await this.ingestMessages(session, options.messages, options.onProgress, options.signal);
-        else await this.persist(session, empty);
+        if (options.messages?.length) result = await this.ingestMessages(session, lease, options.messages, options.onProgress, options.signal);
+        else await this.persist(session, empty, lease);
         this.resident.set(session.key, session);
         return result;
       } catch (e) {
@@ -393,9 +435,9 @@ export class SessionManager {
     onProgress?: (done: number, total: number) => void | Promise<void>,
     signal?: AbortSignal,
   ): Promise<SessionInfo & { ingest: IngestResult }> {
-    const ingest = await this.locked(tenant, id, async () => {
-      const session = await this.load(tenant, id);
-      return this.ingestMessages(session, [...session.state.messages, message], onProgress, signal);
+    const ingest = await this.locked(tenant, id, async (lease) => {
+      const session = await this.load(tenant, id, lease);
+      return this.ingestMessages(session, lease, [...session.state.messages, message], onProgress, signal);
     });
     return { ...(await this.info(tenant, id)), ingest };
   }
@@ -406,14 +448,14 @@ export class SessionManager {
    * changes nothing.
    */
   async turn(tenant: string, id: string, request: TurnRequest, onDelta?: (text: string) => void | Promise<void>): Promise<TurnResult> {
-    return this.locked(tenant, id, async () => {
-      const session = await this.load(tenant, id);
+    return this.locked(tenant, id, async (lease) => {
+      const session = await this.load(tenant, id, lease);
       const messages = request.messages(session.state.messages);
       assertStorableMessages(messages);
       const rendered = await this.renderIds(session, messages, true, request.tools ?? null, request.signal);
       const promptIds = rendered.ids;
       const { messages: _, tools: __, ...generation } = request;
-      return this.change(session, rendered, async (prepare) => {
+      return this.change(session, lease, rendered, async (prepare) => {
         const result = await this.engine.complete({ ...generation, promptIds, prepare }, onDelta);
         const reply: ChatMessage = { role: "assistant", content: result.text };
         return { result: { ...result, templateKwargs: session.templateKwargs }, generated: result.tokenIds, cancelled: result.finishReason === "cancelled", messages: [...messages, reply] };
@@ -425,9 +467,25 @@ export class SessionManager {
     assertSessionId(id);
     const session = this.resident.get(sessionKey(tenant, id));
     const busy = this.locks.isHeld(sessionKey(tenant, id));
-    if (session) return session.info(busy);
-    await this.assertExists(tenant, id);
-    const h = await this.storeOf(tenant).summary(id);
+    const store = this.storeOf(tenant);
+    let head: StoreVersion | null;
+    try {
+      head = await store.head(id);
+    } catch (e) {
+      // The store cannot be read now: the copy in memory is what there is to show.
+      if (session) return session.info(busy);
+      throw e;
+    }
+    // The resident copy, while it is the store's current version (or being changed here: its commit is next).
+    if (session && (busy || session.version?.tag === head?.tag)) return session.info(busy);
+    if (!head) throw new RuntimeError("not_found", `no session with id ${id}`);
+    let h: Awaited<ReturnType<TenantStore["summary"]>>;
+    try {
+      h = await store.summary(id);
+    } catch (e) {
+      if (e instanceof NotFound) throw new RuntimeError("not_found", `no session with id ${id}`);
+      throw e;
+    }
     const bytesPerSlot = h.layers * 2 * h.kvHeads * h.headDim * (h.kvDtype === "float16" ? 2 : 4);
     return {
       id,
@@ -462,11 +520,13 @@ export class SessionManager {
 
   /** Deletes the session from the store, then from memory: a delete that fails leaves it as it was. */
   async delete(tenant: string, id: string): Promise<void> {
-    await this.locked(tenant, id, async () => {
-      await this.assertExists(tenant, id);
+    await this.locked(tenant, id, async (lease) => {
       try {
-        await this.storeOf(tenant).remove(id);
+        if (!(await this.storeOf(tenant).head(id))) throw new RuntimeError("not_found", `no session with id ${id}`);
+        await this.storeOf(tenant).remove(id, { lease });
       } catch (e) {
+        if (e instanceof RuntimeError) throw e;
+        if (e instanceof LeaseLost) throw new RuntimeError("session_busy", `session ${id} was taken over by another worker; it was not deleted`, null, e);
         throw new RuntimeError("store_failed", `session ${id} could not be deleted from the store; it is still there`, null, e);
       }
       const session = this.resident.get(sessionKey(tenant, id));
@@ -487,15 +547,15 @@ export class SessionManager {
     // which cuts the delta off: a download is always a snapshot that uploads.
     if (!this.resident.has(sessionKey(tenant, id))) {
       const summary = await this.storeOf(tenant).summary(id).catch(() => null);
-      if (summary && !summary.whole) await this.locked(tenant, id, async () => void (await this.load(tenant, id)));
+      if (summary && !summary.whole) await this.locked(tenant, id, async (lease) => void (await this.load(tenant, id, lease)));
     }
     const CHUNK = 1 << 20;
-    let source: FileByteSource;
+    let source: SnapshotReader;
     try {
       // A buffer of one chunk: each chunk is read straight into the bytes sent, not through a larger buffer.
       source = await this.storeOf(tenant).open(id, CHUNK);
     } catch (e) {
-      if ((e as NodeJS.ErrnoException).code === "ENOENT") throw new RuntimeError("not_found", `no session with id ${id}`);
+      if (e instanceof NotFound) throw new RuntimeError("not_found", `no session with id ${id}`);
       throw e;
     }
     let closed = false;
@@ -533,19 +593,20 @@ export class SessionManager {
     this.uploadsDecoding++;
     let hold: KvHold | null = null;
     try {
-      const temp = await store.receive(body, maxBytes);
+      const staged = await store.stage(body, maxBytes);
       try {
-        const decoded = await store.readFile(temp, (source) => this.decode(source, "the uploaded snapshot", false));
+        const source = await staged.open();
+        const decoded = await this.decode(source, "the uploaded snapshot", false).finally(() => source.close());
         hold = decoded.hold;
         const { data } = decoded;
         // Where the uploader says its text pieces lie in its tokens is not taken on trust: the first turn
         // tokenizes the conversation afresh and records its own.
         data.meta.pieces = [];
-        return await this.locked(tenant, id, async () => {
+        return await this.locked(tenant, id, async (lease) => {
           const previous = this.resident.get(sessionKey(tenant, id));
-          const replaced = previous !== undefined || (await store.has(id));
+          const replaced = await store.has(id);
           const session = this.sessionFromSnapshot(data, decoded.hold, tenant, id, "uploaded", decoded.cache);
-          await this.persist(session, session.state);
+          await this.persist(session, session.state, lease, { replace: true });
           if (previous) this.evict(previous);
           this.resident.set(session.key, session);
           hold = null; // the session holds it now
@@ -553,12 +614,33 @@ export class SessionManager {
           return { ...session.info(false), replaced };
         });
       } finally {
-        await store.discard(temp);
+        await staged.discard();
       }
     } finally {
       (hold as KvHold | null)?.release();
       this.uploadsDecoding--;
     }
+  }
+
+  /**
+   * A new session of the tenant that starts as `id`'s committed state (messages, KV, template variables,
+   * compaction) and then goes its own way: the store shares the parent's stored bytes (copy-on-write), so
+   * a fork of a long document costs almost nothing until one side's next turn, and neither side's turns
+   * change the other. Deleting the parent keeps its forks. A turn running on the parent is not waited for:
+   * the fork is the last committed version.
+   */
+  async fork(tenant: string, id: string, options: { id?: string } = {}): Promise<SessionInfo> {
+    assertSessionId(id);
+    const forkId = options.id ?? newSessionId();
+    assertSessionId(forkId);
+    try {
+      await this.storeOf(tenant).fork(id, forkId);
+    } catch (e) {
+      if (e instanceof NotFound) throw new RuntimeError("not_found", `no session with id ${id}`);
+      if (e instanceof Exists) throw invalidRequest(`a session with id ${forkId} already exists`, "id");
+      throw new RuntimeError("store_failed", `session ${id} could not be forked: ${(e as Error).message}`, null, e);
+    }
+    return this.info(tenant, forkId);
   }
 
   /**
@@ -593,6 +675,8 @@ export class SessionManager {
     return best.state.cache.clone(bestLength);
   }
 }
+
+const newSessionId = () => `sess_${crypto.randomUUID().replaceAll("-", "").slice(0, 24)}`;
 
 /** Messages a session takes must be storable as they are (the snapshot reader's limits). */
 function assertStorableMessages(messages: ChatMessage[]): void {

@@ -224,9 +224,10 @@ async function sessionTurns(sizes: number[]): Promise<void> {
     const base = statSync(store.path("s")).size;
     // Time the store's writes (a whole snapshot or an appended delta) inside each turn.
     let writeMs = 0;
+    const tenantStore = store.forTenant("default");
     for (const method of ["save", "append"] as const) {
-      const original = store[method].bind(store) as (...args: unknown[]) => Promise<number>;
-      (store as unknown as Record<string, unknown>)[method] = async (...args: unknown[]) => {
+      const original = tenantStore[method].bind(tenantStore) as (...args: unknown[]) => Promise<unknown>;
+      (tenantStore as unknown as Record<string, unknown>)[method] = async (...args: unknown[]) => {
         const t0 = performance.now();
         try {
           return await original(...args);

@@ -1,13 +1,19 @@
 /**
- * `npm test`: builds the built-in model if needed, runs every test suite with `bun test`, and ends with
- * one line CI reads, `N passed, N failed`, summed over the suites. Exit status is non-zero on any failure.
- * Extra arguments go to bun test (e.g. a file filter).
+ * `npm test`: builds the built-in model if needed, runs every test suite with `bun test`, then the Deno
+ * suite (tests/deno/, which needs Deno's own APIs such as Deno KV: `deno test -A --unstable-kv tests/deno/`
+ * through node_modules/.bin/deno), and ends with one line CI reads, `N passed, N failed`, summed over the
+ * suites. Exit status is non-zero on any failure. Extra arguments go to bun test (e.g. a file filter), and
+ * then the Deno suite is left out (run it alone with `npx deno test -A --unstable-kv tests/deno/`).
  */
 import { spawn } from "node:child_process";
+import { existsSync } from "node:fs";
+import { fileURLToPath } from "node:url";
 
-function run(cmd: string, args: string[]): Promise<{ code: number; output: string }> {
+const root = fileURLToPath(new URL("..", import.meta.url));
+
+function run(cmd: string, args: string[], env: Record<string, string> = {}): Promise<{ code: number; output: string }> {
   return new Promise((resolve) => {
-    const child = spawn(cmd, args, { stdio: ["ignore", "pipe", "pipe"], env: process.env });
+    const child = spawn(cmd, args, { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, ...env }, cwd: root });
     let output = "";
     const forward = (stream: NodeJS.WritableStream) => (chunk: Buffer) => {
       output += chunk.toString();
@@ -30,20 +36,45 @@ if (build.code !== 0) {
 // of its own gets 5 s, which model loads and spawned servers pass on a busy machine.
 const extra = process.argv.slice(2);
 const timeout = extra.some((a) => a === "--timeout" || a.startsWith("--timeout=")) ? [] : ["--timeout", "120000"];
-const suites: { name: string; cmd: string; args: string[] }[] = [
-  { name: "bun", cmd: process.execPath, args: ["test", ...timeout, ...extra] },
+type Counts = { passed: number; failed: number } | null;
+// bun test ends with lines such as " 42 pass", " 1 fail".
+function bunCounts(output: string): Counts {
+  const pass = [...output.matchAll(/^\s*(\d+) pass$/gm)].pop();
+  const fail = [...output.matchAll(/^\s*(\d+) fail$/gm)].pop();
+  return pass || fail ? { passed: pass ? Number(pass[1]) : 0, failed: fail ? Number(fail[1]) : 0 } : null;
+}
+// deno test ends with "ok | 20 passed | 0 failed (5s)" or "FAILED | 19 passed (2 steps) | 1 failed | 1 ignored (5s)".
+function denoCounts(output: string): Counts {
+  const line = [...output.replace(/\x1b\[[0-9;]*m/g, "").matchAll(/^(?:ok|FAILED) \|.*$/gm)].pop()?.[0];
+  if (!line) return null;
+  const passed = /(\d+) passed/.exec(line);
+  const failed = /(\d+) failed/.exec(line);
+  return { passed: passed ? Number(passed[1]) : 0, failed: failed ? Number(failed[1]) : 0 };
+}
+
+const localDeno = fileURLToPath(new URL("../node_modules/.bin/deno", import.meta.url));
+// tests/deno/ runs under Deno (bunfig.toml keeps bun test out of it): Deno.test, and Deno KV behind --unstable-kv.
+const suites: { name: string; cmd: string; args: string[]; env?: Record<string, string>; counts: (output: string) => Counts }[] = [
+  { name: "bun", cmd: process.execPath, args: ["test", ...timeout, ...extra], counts: bunCounts },
 ];
+if (extra.length === 0) {
+  suites.push({
+    name: "deno",
+    cmd: existsSync(localDeno) ? localDeno : "deno",
+    args: ["test", "-A", "--unstable-kv", "tests/deno/"],
+    env: { NO_COLOR: "1" },
+    counts: denoCounts,
+  });
+}
 
 let passed = 0;
 let failed = 0;
 let exitCode = 0;
 for (const suite of suites) {
-  const { code, output } = await run(suite.cmd, suite.args);
-  // bun test ends with lines such as " 42 pass", " 1 fail".
-  const pass = [...output.matchAll(/^\s*(\d+) pass$/gm)].pop();
-  const fail = [...output.matchAll(/^\s*(\d+) fail$/gm)].pop();
-  const p = pass ? Number(pass[1]) : 0;
-  let f = fail ? Number(fail[1]) : 0;
+  const { code, output } = await run(suite.cmd, suite.args, suite.env);
+  const counts = suite.counts(output);
+  const p = counts ? counts.passed : 0;
+  let f = counts ? counts.failed : 0;
   if (code !== 0 && f === 0) f = 1; // the runner itself failed (crash, no tests found, ...)
   passed += p;
   failed += f;

@@ -86,6 +86,7 @@ export function createApp(options: AppOptions): Hono {
       queue: engine.queueState,
       kv_memory: { used_bytes: engine.kvMemory.usedBytes, limit_bytes: engine.kvMemory.limitBytes, sessions_bytes: sessions?.residentBytes ?? 0 },
       kv_compaction: engine.compaction ? { policy: engine.compaction.policy, budget: engine.compaction.budget, recall: engine.compaction.recall, placement: engine.compaction.recallPlacement } : { policy: "none" },
+      ...(sessions ? { session_store: sessions.store.description } : {}),
     });
   });
 

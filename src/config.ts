@@ -20,7 +20,13 @@ export const configSchema = z.object({
   prefillChunk: intIn(1, 1 << 20).default(512).describe("prompt tokens per forward pass while prefilling"),
   maxBodyBytes: intIn(1024, 1 << 30).default(16 * 1024 * 1024).describe("largest request body accepted, in bytes (413 above)"),
   apiKey: z.string().min(1).optional().describe("if set, every route but /health needs 'Authorization: Bearer <key>' (tenant \"default\")"),
-  sessionDir: z.string().min(1).default("snapshots").describe("directory of the session snapshot store"),
+  sessionDir: z.string().min(1).default("snapshots").describe("directory of the session snapshot store (the file store's, when --session-store is not given)"),
+  sessionStore: z
+    .string()
+    .regex(/^(file:.+|rediss?:\/\/.+|denokv:.*)$/, "file:<dir>, redis://[user:pass@]host:port[/db] or denokv:[path]")
+    .optional()
+    .describe("where sessions live: file:<dir> (default file:<--session-dir>), redis://host:port (workers sharing one Redis), denokv:[path] (Deno KV; the Deploy entry's default)"),
+  sessionLeaseMs: intIn(100, 3_600_000).default(30_000).describe("a turn's lease on its session in the store lasts this long unless renewed (renewed every third while the worker lives): after a crash, others wait at most this"),
   sessionMemoryBytes: intIn(0, Number.MAX_SAFE_INTEGER).default(4 * 2 ** 30).describe("KV bytes sessions may hold in memory; beyond it the least recently used are dropped (they stay in the store)"),
   kvMemoryBytes: intIn(1 << 20, Number.MAX_SAFE_INTEGER).default(8 * 2 ** 30).describe("KV bytes the process may hold in all (sessions, running requests, uploads); a request that does not fit gets 400 or 429"),
   sessionBusy: z.enum(["wait", "reject"]).default("wait").describe("a second request on a busy session waits, or gets 409"),
@@ -58,6 +64,8 @@ const NAMES: Record<keyof ServerConfig, { env: string; flag: string }> = {
   maxBodyBytes: { env: "MAX_BODY_BYTES", flag: "--max-body-bytes" },
   apiKey: { env: "API_KEY", flag: "--api-key" },
   sessionDir: { env: "SESSION_DIR", flag: "--session-dir" },
+  sessionStore: { env: "SESSION_STORE", flag: "--session-store" },
+  sessionLeaseMs: { env: "SESSION_LEASE_MS", flag: "--session-lease-ms" },
   sessionMemoryBytes: { env: "SESSION_MEMORY_BYTES", flag: "--session-memory-bytes" },
   kvMemoryBytes: { env: "KV_MEMORY_BYTES", flag: "--kv-memory-bytes" },
   sessionBusy: { env: "SESSION_BUSY", flag: "--session-busy" },

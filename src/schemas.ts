@@ -159,6 +159,11 @@ export const createSessionSchema = z.object({
   stream: z.boolean().optional(),
 });
 
+export const forkSessionSchema = z.object({
+  /** The new session's id (default: a generated one). */
+  id: sessionIdSchema.optional(),
+});
+
 export const sessionMessageSchema = z.object({
   ...samplingFields,
   role: z.enum(["user", "system", "developer", "tool", "ipython"]).default("user"),

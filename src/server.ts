@@ -6,7 +6,8 @@ import { readFile } from "node:fs/promises";
 import { stderr } from "node:process";
 import { fileURLToPath } from "node:url";
 import type { Context, Hono } from "hono";
-import { Engine, SessionManager, SnapshotStore } from "../runtime/index.ts";
+import { Engine, SessionManager } from "../runtime/index.ts";
+import { openSessionStore } from "../runtime/stores/open.ts";
 import { createApp } from "./app.ts";
 import { ApiKeysError, keyTable, parseApiKeysFile, type ApiKey } from "./auth.ts";
 import { loadConfig, type ServerConfig } from "./config.ts";
@@ -61,10 +62,12 @@ export async function createServer(env: Record<string, string | undefined>, argv
     },
     textLimits: { maxFieldChars: config.maxFieldChars, maxPromptChars: config.maxPromptChars, maxRunChars: config.maxRunChars },
   });
-  const sessions = new SessionManager(engine, new SnapshotStore(config.sessionDir), {
+  const store = await openSessionStore(config.sessionStore ?? `file:${config.sessionDir}`);
+  const sessions = new SessionManager(engine, store, {
     memoryBudgetBytes: config.sessionMemoryBytes,
     busy: config.sessionBusy,
     chunkTokens: config.snapshotChunkTokens,
+    leaseMs: config.sessionLeaseMs,
   });
   const draining = { active: false };
   const idle = { exempt: (_c: Context) => {} };

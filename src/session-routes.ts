@@ -8,6 +8,7 @@
  *   POST   /v1/sessions/:id/append       read text or token ids in without generating (stream: progress)
  *   GET    /v1/sessions/:id/snapshot     download the msgpack snapshot
  *   PUT    /v1/sessions/:id/snapshot     upload a snapshot and resume from it
+ *   POST   /v1/sessions/:id/fork         a new session starting from this one's committed state (shares its stored KV)
  *   DELETE /v1/sessions/:id
  */
 import type { Context, Hono } from "hono";
@@ -15,7 +16,7 @@ import { SnapshotError, type ChatMessage, type SessionManager } from "../runtime
 import { badRequest } from "./http-errors.ts";
 import { tenantOf } from "./auth.ts";
 import { RouteKit, clientAbort, respondChat, toChatMessage } from "./http-kit.ts";
-import { appendSchema, createSessionSchema, sessionMessageSchema } from "./schemas.ts";
+import { appendSchema, createSessionSchema, forkSessionSchema, sessionMessageSchema } from "./schemas.ts";
 import { sseResponse } from "./sse.ts";
 
 const SNAPSHOT_PATH = /^\/v1\/sessions\/[^/]+\/snapshot$/;
@@ -72,6 +73,12 @@ export function registerSessionRoutes(app: Hono, kit: RouteKit, sessions: Sessio
   app.get("/v1/sessions", async (c) => c.json({ object: "list", data: await sessions.list(tenantOf(c)) }));
 
   app.get("/v1/sessions/:id", async (c) => c.json(await sessions.info(tenantOf(c), c.req.param("id"))));
+
+  app.post("/v1/sessions/:id/fork", async (c) => {
+    // The body is optional: no body forks under a generated id.
+    const req = (await c.req.text()).trim() ? await kit.parse(c, forkSessionSchema) : {};
+    return c.json({ ...(await sessions.fork(tenantOf(c), c.req.param("id"), { id: req.id })), forked_from: c.req.param("id") }, 201);
+  });
 
   app.delete("/v1/sessions/:id", async (c) => {
     const id = c.req.param("id");
