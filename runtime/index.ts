@@ -6,7 +6,7 @@ export type { SamplingParams } from "./sampling.ts";
 export { MODEL_VARIANT_NAMES, type ModelVariant } from "./model-folder.ts";
 export type { BackendName, BackendRequest } from "./backend.ts";
 export { PYTHON_TAG, ToolCallStream, builtinToolsOf, parseToolCall, type ParsedToolCall, type ToolOffer } from "./tool-calls.ts";
-export { SessionManager, templateDate, type SessionInfo, type TurnRequest, type TurnResult, type BusyPolicy } from "./sessions.ts";
+export { SessionManager, conversationFor, templateDate, type SessionHistoryMode, type SessionInfo, type TurnRequest, type TurnResult, type BusyPolicy } from "./sessions.ts";
 export { SnapshotStore, DEFAULT_TENANT, NAME_PATTERN } from "./snapshot-store.ts";
 export { FileSessionStore } from "./stores/file-store.ts";
 export { Exists, LeaseLost, NotFound, SessionBusy, StaleVersion, type Lease, type SessionStore, type StoreVersion, type TenantStore } from "./session-store.ts";

@@ -167,6 +167,11 @@ export class SessionManager {
     return this.store.forTenant(tenant);
   }
 
+  /** The messages of the session's copy in this process, if it has one (it may be behind another worker's: a pre-check only). */
+  residentMessages(tenant: string, id: string): ChatMessage[] | null {
+    return this.resident.get(sessionKey(tenant, id))?.state.messages ?? null;
+  }
+
   /** Throws session_busy if the session is in use and busy=reject (a caller that must answer before it starts checks here). */
   assertAvailable(tenant: string, id: string): void {
     assertSessionId(id);
@@ -674,6 +679,31 @@ export class SessionManager {
     if (!best || bestLength < minTokens) return null;
     return best.state.cache.clone(bestLength);
   }
+}
+
+/**
+ * How a request that names a session (chat completions with session_id) relates to its history:
+ * - "extend" (default): the request's messages are the whole conversation, as OpenAI clients send it; they
+ *   must begin with the session's (its system, user and developer messages in order: assistant and tool
+ *   turns may come back in another form), else the request is refused, saying how to continue;
+ * - "append": the request's messages are new ones, added to the session's history;
+ * - "replace": the request's messages become the conversation (the session keeps the KV of what they share).
+ */
+export type SessionHistoryMode = "extend" | "append" | "replace";
+
+export function conversationFor(id: string, current: ChatMessage[], incoming: ChatMessage[], mode: SessionHistoryMode = "extend"): ChatMessage[] {
+  if (mode === "append") return [...current, ...incoming];
+  if (mode === "replace") return incoming;
+  const said = (list: ChatMessage[]) => list.filter((m) => m.role === "system" || m.role === "user" || m.role === "developer").map((m) => `${m.role}\u0000${JSON.stringify(m.content)}`);
+  const before = said(current);
+  const now = said(incoming);
+  if (before.length <= now.length && before.every((m, i) => m === now[i])) return incoming;
+  throw invalidRequest(
+    `session ${id} holds ${current.length} messages, and this request's messages do not begin with them: with session_id the messages are the whole ` +
+      `conversation (as an OpenAI client sends it). To add only new messages, send "session_history": "append" (or post the message to ` +
+      `/v1/sessions/${id}/messages); to start the conversation over from these messages, send "session_history": "replace"`,
+    "messages",
+  );
 }
 
 const newSessionId = () => `sess_${crypto.randomUUID().replaceAll("-", "").slice(0, 24)}`;

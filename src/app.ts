@@ -6,7 +6,7 @@
  */
 import { Hono, type Context, type Next } from "hono";
 import { bodyLimit } from "hono/body-limit";
-import type { Engine, SessionManager } from "../runtime/index.ts";
+import { conversationFor, type ChatMessage, type Engine, type SessionManager } from "../runtime/index.ts";
 import { authMiddleware, isAuthenticated, tenantOf, type ApiKey } from "./auth.ts";
 import { badRequest, toErrorResponse } from "./http-errors.ts";
 import { RouteKit, clientAbort, jsonListResponse, newId, nowSeconds, respondChat, toChatMessage, usage, timings } from "./http-kit.ts";
@@ -125,11 +125,16 @@ export function createApp(options: AppOptions): Hono {
     };
 
     if (req.session_id != null) {
-      // Continue a session: the request's messages are the conversation; the session keeps the KV they share.
+      // Continue a session: the request's messages are the conversation (or, by session_history, new messages
+      // or a new start); the session keeps the KV they share. A request that would silently drop the session's
+      // history (an OpenAI client sending only its new message) is refused, saying how to continue.
       if (!sessions) throw badRequest("sessions are not enabled on this server", "session_id");
       const sessionId = req.session_id;
       await sessions.assertReady(tenantOf(c), sessionId);
-      const turn = { ...kit.generationOf(req, maxTokens, abort.signal), messages: () => messages, tools };
+      const conversation = (current: ChatMessage[]) => conversationFor(sessionId, current, messages, req.session_history);
+      const resident = sessions.residentMessages(tenantOf(c), sessionId);
+      if (resident) conversation(resident); // refused before a stream opens, where this process has the session
+      const turn = { ...kit.generationOf(req, maxTokens, abort.signal), messages: conversation, tools };
       return respondChat(kit, c, { ...common, run: (onDelta, onToken) => sessions.turn(tenantOf(c), sessionId, { ...turn, onToken }, onDelta), extra: { session_id: sessionId } });
     }
 

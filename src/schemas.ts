@@ -116,6 +116,8 @@ export const chatCompletionSchema = z.object({
   chat_template_kwargs: chatTemplateKwargs.optional(),
   /** Continue this session: the messages are the whole conversation, the session keeps the KV they share. */
   session_id: z.string().nullable().optional(),
+  /** With session_id: extend (default: the messages are the whole conversation and must begin with the session's), append (they are new messages), replace (they become the conversation). */
+  session_history: z.enum(["extend", "append", "replace"]).optional(),
 });
 export type ChatCompletionRequest = z.infer<typeof chatCompletionSchema>;
 

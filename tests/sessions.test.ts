@@ -81,6 +81,41 @@ describe("sessions", () => {
     for (const c of chunks) expect(c.session_id).toBe("chat");
   });
 
+  test("session_id with only the new message (as OpenAI clients often send): refused with how to continue, never answered without the document; append and replace as asked", async () => {
+    const { app, post } = sessionApp(engine);
+    await post("/v1/sessions", { id: "doc", system: "You keep the harbour log.", document: DOCUMENT, chat_template_kwargs: DATE });
+    const only = [{ role: "user", content: "When did the ferry leave?" }];
+    // Neither as JSON nor as a stream: the session's document would be dropped.
+    for (const stream of [false, true]) {
+      const refused = await post("/v1/chat/completions", { session_id: "doc", messages: only, stream, ...GREEDY });
+      expect(refused.status).toBe(400);
+      const error = ((await refused.json()) as any).error;
+      expect(error.param).toBe("messages");
+      expect(error.message).toContain('"session_history": "append"');
+      expect(error.message).toContain("/v1/sessions/doc/messages");
+    }
+    // The same refusal from a process that has not read the session yet (it is checked inside the turn too).
+    const { post: otherPost, dir } = sessionApp(engine);
+    const copied = await (await app.request("/v1/sessions/doc/snapshot")).arrayBuffer();
+    expect((await sessionApp(engine, { dir }).app.request("/v1/sessions/doc/snapshot", { method: "PUT", body: copied })).status).toBe(201);
+    expect((await otherPost("/v1/chat/completions", { session_id: "doc", messages: only, ...GREEDY })).status).toBe(400);
+    expect(((await (await app.request("/v1/sessions/doc")).json()) as any).messages).toBe(2);
+
+    // append: the new message joins the history; the answer is the one to the whole conversation.
+    const whole = [{ role: "system", content: "You keep the harbour log." }, { role: "user", content: DOCUMENT }, ...only];
+    const appended = (await (await post("/v1/chat/completions", { session_id: "doc", session_history: "append", messages: only, ...GREEDY })).json()) as any;
+    expect(appended.choices[0].message.content).toBe((await freshChat(whole)).choices[0].message.content);
+    expect(appended.usage.prompt_tokens_details.cached_tokens).toBeGreaterThan(40);
+    expect(((await (await app.request("/v1/sessions/doc")).json()) as any).messages).toBe(4);
+    // extend (the default) with the whole conversation goes on as before.
+    const next = [...whole, { role: "assistant", content: appended.choices[0].message.content }, { role: "user", content: "And the pilot boat?" }];
+    expect((await post("/v1/chat/completions", { session_id: "doc", messages: next, ...GREEDY })).status).toBe(200);
+    // replace: the messages become the conversation.
+    const replaced = (await (await post("/v1/chat/completions", { session_id: "doc", session_history: "replace", messages: only, ...GREEDY })).json()) as any;
+    expect(replaced.choices[0].message.content).toBe((await freshChat(only)).choices[0].message.content);
+    expect(((await (await app.request("/v1/sessions/doc")).json()) as any).messages).toBe(2);
+  });
+
   test("a request without a session reuses the KV of an in-memory session sharing its prefix, without changing that session", async () => {
     const { app, post } = sessionApp(engine);
     await post("/v1/sessions", { id: "doc", document: DOCUMENT, chat_template_kwargs: DATE });
