@@ -7,7 +7,8 @@ import { selectBackend, type BackendName, type BackendRequest } from "./backend.
 import { ChatTemplate, type ChatMessage, type RenderOptions } from "./chat-template.ts";
 import { ChunkedEncoder } from "./chunked-encode.ts";
 import { RuntimeError, invalidRequest } from "./errors.ts";
-import { generate, type GenerateResult } from "./generate.ts";
+import { decode, prefillPrompt, type GenerateResult } from "./generate.ts";
+import type { TokenLogprob } from "./logprobs.ts";
 import { LlamaModel } from "./llama-model.ts";
 import { createHash } from "node:crypto";
 import { open, readFile } from "node:fs/promises";
@@ -138,9 +139,23 @@ export interface CompletionJob {
   /** Generate past eos ids (llama.cpp's ignore_eos). */
   ignoreEos?: boolean;
   signal?: AbortSignal;
-  /** Each generated token id, before its text (see GenerateRequest.onToken). */
-  onToken?: (id: number) => void;
+  /** Each generated token id, before its text (see GenerateRequest.onToken); `index`: the sample's (see n). */
+  onToken?: (id: number, index: number) => void;
+  /** Independent samples from one prefill (default 1): sample i draws with seed + i, on its own copy of the prompt's KV. */
+  n?: number;
+  /** Each generated token's logprob with this many alternatives (0: none); undefined: no logprobs. */
+  logprobs?: number;
+  /**
+   * The prompt tokens' logprobs too, with this many alternatives: every prompt position's logits are
+   * computed, so the cache must hold none of the prompt (`prepare` is not called).
+   */
+  promptLogprobs?: number;
+  /** Called once the prompt is read, before the first token is chosen (with the prompt's logprobs when asked for). */
+  onPrefilled?: (promptLogprobs?: (TokenLogprob | null)[]) => void | Promise<void>;
 }
+
+/** Text deltas of sample `index` (0 unless n > 1), with the logprobs of their tokens when asked for. */
+export type CompletionDelta = (text: string, logprobs?: TokenLogprob[], index?: number) => void | Promise<void>;
 
 /** What compaction did in a request (CompletionResult.kv). */
 export interface KvReport {
@@ -153,7 +168,11 @@ export interface KvReport {
   recalledBlocks: number;
 }
 
-export type CompletionResult = GenerateResult & { kv: KvReport };
+/**
+ * A completion: the first sample's text, tokens and finish reason at the top (with completionTokens and
+ * decodeMs over all samples), every sample in `choices`, and the prompt's logprobs when asked for.
+ */
+export type CompletionResult = GenerateResult & { kv: KvReport; choices: GenerateResult[]; promptLogprobs?: (TokenLogprob | null)[] };
 
 export interface EngineMetrics {
   requests: number;
@@ -459,7 +478,7 @@ export class Engine {
   }
 
   /** Queues a completion and runs it on job.prepare()'s cache (or a fresh one); text deltas go to onDelta as they are decoded. */
-  async complete(job: CompletionJob, onDelta: (text: string) => void | Promise<void> = () => {}): Promise<CompletionResult> {
+  async complete(job: CompletionJob, onDelta: CompletionDelta = () => {}): Promise<CompletionResult> {
     const context = this.info.contextLength;
     const promptTokens = job.promptIds.length;
     if (promptTokens === 0) throw invalidRequest("the prompt is empty", "prompt");
@@ -474,7 +493,10 @@ export class Engine {
     const compaction = this.compaction;
     // A compacted cache never holds more than its budget plus one prefill chunk, however long the request.
     const cap = compaction ? compaction.budget + this.prefillChunk : Number.POSITIVE_INFINITY;
-    const slots = (n: number) => Math.min(n, cap);
+    // With n > 1 the prompt's cache and one sample's copy of it live at once (samples run one after another).
+    const samples = job.n ?? 1;
+    const copies = samples > 1 ? 2 : 1;
+    const slots = (n: number) => copies * Math.min(n, cap);
     if (explicit) this.kvMemory.assertCanEverFit(slots(promptTokens + wanted) * bytesPerToken, `${promptTokens} prompt tokens plus max_tokens ${wanted}`, "max_tokens");
     else this.kvMemory.assertCanEverFit(slots(promptTokens + 1) * bytesPerToken, `a prompt of ${promptTokens} tokens`, "messages");
     const sampling = this.resolveSampling(job.sampling);
@@ -492,18 +514,44 @@ export class Engine {
       // working copy) keeps its own.
       let attached = false;
       try {
-        const maxTokens = compaction ? wanted : Math.min(wanted, Math.floor(hold.bytes / bytesPerToken) - promptTokens);
-        cache = job.prepare ? job.prepare() : this.model.newCache();
+        const maxTokens = compaction ? wanted : Math.min(wanted, Math.floor(hold.bytes / copies / bytesPerToken) - promptTokens);
+        cache = job.prepare && job.promptLogprobs === undefined ? job.prepare() : this.model.newCache();
         if (compaction && !cache.compactor) {
           cache.compactor = this.newCompactor(compaction);
           attached = true;
         }
-        const result = await generate(
-          { model: this.model, tokenizer: this.tokenizer, prefillChunk: this.prefillChunk },
-          cache,
-          { promptIds: job.promptIds, maxTokens, sampling, stop: job.stop, eosIds, signal: job.signal, onToken: job.onToken },
-          onDelta,
-        );
+        const ctx = { model: this.model, tokenizer: this.tokenizer, prefillChunk: this.prefillChunk };
+        const request = { promptIds: job.promptIds, maxTokens, sampling, stop: job.stop, eosIds, signal: job.signal, logprobs: job.logprobs };
+        const prefilled = await prefillPrompt(ctx, cache, job.promptIds, { signal: job.signal, promptLogprobs: job.promptLogprobs });
+        await job.onPrefilled?.(prefilled.promptLogprobs);
+        const choices: GenerateResult[] = [];
+        for (let index = 0; index < samples; index++) {
+          // The last sample continues the prompt's own cache; the others each a copy of it (and of its first logits).
+          const last = index === samples - 1;
+          const own = last ? cache : cache.clone();
+          try {
+            const choice = await decode(
+              ctx,
+              own,
+              { ...request, sampling: { ...sampling, seed: (sampling.seed + index) >>> 0 }, onToken: job.onToken && ((id) => job.onToken!(id, index)) },
+              last ? prefilled : { ...prefilled, logits: prefilled.logits.slice() },
+              (text, logprobs) => onDelta(text, logprobs, index),
+            );
+            choices.push(choice);
+          } finally {
+            // A copy's archive share is released now when the compactor is this request's own (file storage,
+            // shared by count); a copy of a caller's compactor is dropped, as clones are (its file closes on GC).
+            if (!last && attached) await own.compactor?.dispose();
+          }
+          if (choices[index]!.finishReason === "cancelled") break;
+        }
+        const first = choices[0]!;
+        const result: GenerateResult = {
+          ...first,
+          completionTokens: choices.reduce((n, c) => n + c.completionTokens, 0),
+          decodeMs: choices[choices.length - 1]!.decodeMs,
+          finishReason: choices.some((c) => c.finishReason === "cancelled") ? "cancelled" : first.finishReason,
+        };
         const stats = cache.compactor?.stats;
         const kv: KvReport = {
           residentSlots: cache.length,
@@ -512,7 +560,7 @@ export class Engine {
           coldBytes: cache.compactor?.cold?.bytes ?? 0,
           recalledBlocks: stats?.recalledBlocks ?? 0,
         };
-        return { ...result, kv };
+        return { ...result, kv, choices, ...(prefilled.promptLogprobs ? { promptLogprobs: prefilled.promptLogprobs } : {}) };
       } finally {
         if (attached) await cache?.compactor?.dispose();
         hold.release();

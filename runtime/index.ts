@@ -1,4 +1,5 @@
-export { Engine, DEFAULT_TEXT_LIMITS, DEFAULT_PREFILL_TARGET_MS, type EngineOptions, type EngineInfo, type CompletionJob, type TextLimits } from "./engine.ts";
+export { Engine, DEFAULT_TEXT_LIMITS, DEFAULT_PREFILL_TARGET_MS, type EngineOptions, type EngineInfo, type CompletionJob, type CompletionDelta, type CompletionResult, type TextLimits } from "./engine.ts";
+export { MAX_TOP_LOGPROBS, type TokenLogprob, type TopLogprob } from "./logprobs.ts";
 export { RuntimeError, ModelFolderError, invalidRequest, type RuntimeErrorKind } from "./errors.ts";
 export { RESERVED_TEMPLATE_VARIABLES, type ChatMessage, type ToolDefinition, type ToolCall, type RenderOptions } from "./chat-template.ts";
 export type { GenerateResult, FinishReason } from "./generate.ts";

@@ -200,6 +200,8 @@ export class PrefillChunker {
 
 /** Bound on one attention score tensor during prefill on the in-place path (see maxChunkFor). */
 const SCORE_TENSOR_BYTES = 32 * 2 ** 20;
+/** Bound on the logits of one prefill run when every position's are asked for (prompt logprobs): 64 MiB, 130 tokens of a 128K vocabulary. */
+const ALL_LOGITS_BYTES = 64 * 2 ** 20;
 /** Graph plus weights onnxruntime-web's WASM backend is asked to load at most: its heap is 4 GiB (wasm32), and the KV cache and activations live there too. */
 export const WASM_HEAP_WEIGHTS_LIMIT = 3.5 * 2 ** 30;
 
@@ -394,6 +396,10 @@ export class LlamaModel {
    * Reads `ids` into the cache in chunks of at most `chunkSize` tokens, so activations and logits stay
    * bounded whatever the prompt length; with prefillTargetMs, chunks are smaller where that keeps one run
    * near the target. Returns the last position's logits.
+   *
+   * With onLogits, every position's logits are computed (num_logits_to_keep 0) and handed over chunk by
+   * chunk (`rows`: `count` rows of vocab logits, positions start.. of `ids`; valid only during the call),
+   * in chunks of at most ALL_LOGITS_BYTES of logits. Without it (the default) only the last position's.
    */
   async prefill(
     cache: KvCache,
@@ -401,10 +407,11 @@ export class LlamaModel {
     chunkSize: number,
     signal?: AbortSignal,
     onProgress?: (done: number, total: number) => void | Promise<void>,
+    onLogits?: (rows: Float32Array, start: number, count: number) => void,
   ): Promise<Float32Array> {
     if (ids.length === 0) throw new Error("prefill needs at least one token");
     let logits: Float32Array | null = null;
-    const chunks = new PrefillChunker(chunkSize, this.prefillTargetMs);
+    const chunks = new PrefillChunker(onLogits ? Math.min(chunkSize, Math.max(1, Math.floor(ALL_LOGITS_BYTES / (4 * this.vocabSize)))) : chunkSize, this.prefillTargetMs);
     // With a recall tier, the last tokens (the question, the turn) are read once as a probe whose queries
     // bring back the archived blocks they point to, and then read for real; see runtime/kv/compaction.ts.
     const compactor = cache.compactor;
@@ -425,7 +432,13 @@ export class LlamaModel {
       }
       const end = Math.min(ids.length, start + chunks.size, start + this.maxChunkFor(cache.length), start < probeAt ? probeAt : ids.length);
       const t0 = performance.now();
-      logits = await this.forward(cache, Array.prototype.slice.call(ids, start, end) as number[]);
+      if (onLogits) {
+        const rows = await this.forward(cache, Array.prototype.slice.call(ids, start, end) as number[], { allLogits: true });
+        onLogits(rows, start, end - start);
+        logits = rows.slice((end - start - 1) * this.vocabSize, (end - start) * this.vocabSize);
+      } else {
+        logits = await this.forward(cache, Array.prototype.slice.call(ids, start, end) as number[]);
+      }
       chunks.observe(end - start, performance.now() - t0);
       start = end;
       await onProgress?.(end, ids.length);

@@ -9,9 +9,12 @@ import { bodyLimit } from "hono/body-limit";
 import { conversationFor, type ChatMessage, type Engine, type SessionManager } from "../runtime/index.ts";
 import { authMiddleware, isAuthenticated, tenantOf, type ApiKey } from "./auth.ts";
 import { badRequest, toErrorResponse } from "./http-errors.ts";
-import { RouteKit, clientAbort, jsonListResponse, newId, nowSeconds, respondChat, toChatMessage, usage, timings } from "./http-kit.ts";
-import { applyTemplateSchema, chatCompletionSchema, completionSchema, detokenizeSchema, tokenizeSchema } from "./schemas.ts";
+import { RouteKit, chatChoicesOf, clientAbort, jsonListResponse, respondChat, toChatMessage } from "./http-kit.ts";
+import { respondCompletion } from "./completions.ts";
+import { applyTemplateSchema, chatCompletionSchema, detokenizeSchema, tokenizeSchema } from "./schemas.ts";
+import { registerOpenApi } from "./openapi.ts";
 import { isSnapshotUpload, registerSessionRoutes } from "./session-routes.ts";
+import { registerPlayground } from "./playground.ts";
 
 export interface AppOptions {
   engine: Engine;
@@ -55,6 +58,7 @@ export function createApp(options: AppOptions): Hono {
     const error = { message: "the server is shutting down", type: "server_error", param: null, code: "shutting_down" };
     return c.json({ error }, 503, { connection: "close" });
   });
+  registerOpenApi(app, { modelId: engine.info.modelId, auth: options.apiKey !== undefined || (options.apiKeys?.length ?? 0) > 0 }); // before auth: no key needed
   app.use("*", authMiddleware({ apiKey: options.apiKey, apiKeys: options.apiKeys }));
   const jsonBodyLimit = bodyLimit({
     maxSize: options.maxBodyBytes,
@@ -72,6 +76,8 @@ export function createApp(options: AppOptions): Hono {
     await next();
   };
   app.use("*", working(/^\/v1\/(chat\/completions|completions|sessions|sessions\/[^/]+\/(messages|append))$/));
+
+  registerPlayground(app); // GET / and its files (src/playground/), public: see auth.ts
 
   app.get("/health", (c) => {
     // Without a valid key (when keys are configured) it says only that the server is up.
@@ -122,6 +128,7 @@ export function createApp(options: AppOptions): Hono {
       stream: req.stream === true,
       includeUsage: req.stream_options?.include_usage === true,
       functions: req.tool_choice === "none" ? null : new Set((tools ?? []).map((t) => t.function.name)),
+      n: chatChoicesOf(req).n,
     };
 
     if (req.session_id != null) {
@@ -129,52 +136,27 @@ export function createApp(options: AppOptions): Hono {
       // or a new start); the session keeps the KV they share. A request that would silently drop the session's
       // history (an OpenAI client sending only its new message) is refused, saying how to continue.
       if (!sessions) throw badRequest("sessions are not enabled on this server", "session_id");
+      if (common.n > 1) throw badRequest("n: a session turn has one reply; n > 1 needs a request without session_id", "n");
       const sessionId = req.session_id;
       await sessions.assertReady(tenantOf(c), sessionId);
       const conversation = (current: ChatMessage[]) => conversationFor(sessionId, current, messages, req.session_history);
+      // The request's own fields first (logit_bias, ...), then whether it continues the session.
+      const turn = { ...kit.generationOf(req, maxTokens, abort.signal), logprobs: chatChoicesOf(req).logprobs, messages: conversation, tools };
       const resident = sessions.residentMessages(tenantOf(c), sessionId);
       if (resident) conversation(resident); // refused before a stream opens, where this process has the session
-      const turn = { ...kit.generationOf(req, maxTokens, abort.signal), messages: conversation, tools };
       return respondChat(kit, c, { ...common, run: (onDelta, onToken) => sessions.turn(tenantOf(c), sessionId, { ...turn, onToken }, onDelta), extra: { session_id: sessionId } });
     }
 
     engine.checkAdmission(); // a full queue answers 429 before the prompt is tokenized, not after
     const promptIds = await engine.encodeChat(messages, { tools, addGenerationPrompt: true, extra: req.chat_template_kwargs }, abort.signal);
-    const job = kit.jobOf(req, promptIds, maxTokens, abort.signal);
+    const job = { ...kit.jobOf(req, promptIds, maxTokens, abort.signal), ...chatChoicesOf(req) };
     // Reuse the KV of an in-memory session of the same tenant that shares this prompt's beginning (a copy: the session is not touched).
     const tenant = tenantOf(c);
     if (sessions) job.prepare = () => sessions.prefixCache(tenant, promptIds) ?? engine.model.newCache();
     return respondChat(kit, c, { ...common, templateKwargs: req.chat_template_kwargs, run: (onDelta, onToken) => engine.complete({ ...job, onToken }, onDelta) });
   });
 
-  app.post("/v1/completions", async (c) => {
-    const req = await kit.parse(c, completionSchema);
-    kit.checkModel(req.model);
-    const abort = clientAbort(c);
-    engine.checkAdmission();
-    const promptIds = typeof req.prompt === "string" ? await engine.encodePrompt(req.prompt, req.parse_special ?? false, abort.signal) : req.prompt;
-    const job = kit.jobOf(req, promptIds, kit.maxTokensOf(req.max_tokens) ?? 16 /* OpenAI's default here */, abort.signal);
-    const tenant = tenantOf(c);
-    if (sessions) job.prepare = () => sessions.prefixCache(tenant, promptIds) ?? engine.model.newCache();
-    const id = newId("cmpl");
-    const created = nowSeconds();
-    const model = engine.info.modelId;
-    if (req.stream) {
-      const choice = (text: string | null, finish: string | null) => ({ index: 0, text: text ?? "", logprobs: null, finish_reason: finish });
-      const head = { id, object: "text_completion", created, model };
-      return kit.stream((onDelta) => engine.complete(job, onDelta), abort, head, req.stream_options?.include_usage === true, choice);
-    }
-    const result = await engine.complete(job);
-    return c.json({
-      id,
-      object: "text_completion",
-      created,
-      model,
-      choices: [{ index: 0, text: result.text, logprobs: null, finish_reason: result.finishReason }],
-      usage: usage(result),
-      timings: timings(result),
-    });
-  });
+  app.post("/v1/completions", (c) => respondCompletion(kit, c, sessions));
 
   if (sessions) registerSessionRoutes(app, kit, sessions, options.maxSnapshotBytes ?? 8 * 2 ** 30);
 

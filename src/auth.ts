@@ -11,6 +11,7 @@ import type { Context, MiddlewareHandler } from "hono";
 import { bearerAuth } from "hono/bearer-auth";
 import { HTTPException } from "hono/http-exception";
 import { DEFAULT_TENANT, NAME_PATTERN } from "../runtime/index.ts";
+import { isPlaygroundAsset } from "./playground.ts";
 
 export { DEFAULT_TENANT };
 
@@ -120,7 +121,8 @@ function digestsEqual(a: Uint8Array, b: Uint8Array): boolean {
 /**
  * Refuses requests without a valid key (hono's HTTPException 401, answered as OpenAI error JSON by the
  * app's error handler) and records the caller's tenant. /health answers everyone; a valid key there only
- * marks the request authenticated (it then gets the full body).
+ * marks the request authenticated (it then gets the full body). The playground's files (GET / and its
+ * assets) answer everyone and carry no tenant.
  */
 export function authMiddleware(options: AuthOptions): MiddlewareHandler {
   const keys = keyTable(options);
@@ -143,6 +145,8 @@ export function authMiddleware(options: AuthOptions): MiddlewareHandler {
     },
   });
   return async (c, next) => {
+    // The playground's page and files (a fixed list) are public: the page asks for the key itself.
+    if (isPlaygroundAsset(c.req.method, c.req.path)) return next();
     if (c.req.path !== "/health") return bearer(c, next);
     try {
       await bearer(c, async () => {});

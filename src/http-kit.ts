@@ -11,19 +11,22 @@ import {
   parseToolCall,
   yieldToEventLoop,
   type ChatMessage,
+  type CompletionDelta,
   type CompletionJob,
   type Engine,
   type GenerateResult,
   type ParsedToolCall,
   type SamplingParams,
+  type TokenLogprob,
   type ToolOffer,
 } from "../runtime/index.ts";
 import { HttpError, badRequest, fromZod, toErrorResponse, zodIssueMessage } from "./http-errors.ts";
 import type { ChatCompletionRequest, CompletionRequest, chatMessageSchema } from "./schemas.ts";
+import { TokenStrings } from "./logprobs.ts";
 import { sseResponse } from "./sse.ts";
 
-/** The sampling fields every generating route accepts. */
-export type Sampled = Pick<ChatCompletionRequest, keyof CompletionRequest & keyof ChatCompletionRequest>;
+/** The sampling fields every generating route accepts (n and logprobs differ per route: see chatChoicesOf and completions.ts). */
+export type Sampled = Pick<ChatCompletionRequest, Exclude<keyof CompletionRequest & keyof ChatCompletionRequest, "n" | "logprobs" | "max_tokens">> & { max_tokens?: number | null };
 
 export const nowSeconds = () => Math.floor(Date.now() / 1000);
 export const newId = (prefix: string) => `${prefix}-${crypto.randomUUID().replaceAll("-", "").slice(0, 24)}`;
@@ -140,10 +143,15 @@ export function clientAbort(c: Context): AbortController {
 
 /** The engine-bound helpers of one app. */
 export class RouteKit {
+  /** The model's token strings and bytes, as logprobs report them. */
+  readonly tokens: TokenStrings;
+
   constructor(
     readonly engine: Engine,
     readonly log: (message: string) => void,
-  ) {}
+  ) {
+    this.tokens = new TokenStrings(engine.tokenizer);
+  }
 
   errorEvent = (error: unknown) => toErrorResponse(error, this.log).body;
 
@@ -214,11 +222,16 @@ export class RouteKit {
 }
 
 export interface ChatRun {
-  /** Starts the generation: text deltas to onDelta, each token id (before its text) to onToken. */
-  run: (onDelta?: (text: string) => void, onToken?: (id: number) => void) => Promise<GenerateResult & { templateKwargs?: Record<string, unknown> }>;
+  /**
+   * Starts the generation: text deltas (with their tokens' logprobs when asked for, and the choice's index)
+   * to onDelta, each token id (before its text) with its choice's index to onToken.
+   */
+  run: (onDelta?: CompletionDelta, onToken?: (id: number, index: number) => void) => Promise<GenerateResult & { templateKwargs?: Record<string, unknown>; choices?: GenerateResult[] }>;
   abort: AbortController;
   stream: boolean;
   includeUsage: boolean;
+  /** Choices asked for (n; default 1). */
+  n?: number;
   /**
    * Names of the custom tools offered (the request's `tools`, maybe none); null turns tool-call reading
    * off (tool_choice "none"). A reply in one of Llama-3.1's tool-call forms becomes tool_calls.
@@ -233,56 +246,89 @@ export interface ChatRun {
   extra?: Record<string, unknown>;
 }
 
+/** What a chat request asks of sampling beyond generationOf: n choices, logprobs with top_logprobs alternatives. */
+export function chatChoicesOf(req: { n?: number | null; logprobs?: boolean | null; top_logprobs?: number | null }): { n: number; logprobs?: number } {
+  return { n: req.n ?? 1, ...(req.logprobs === true ? { logprobs: req.top_logprobs ?? 0 } : {}) };
+}
+
 /**
  * Answers a chat generation as OpenAI's chat.completion, or as a stream of chat.completion.chunk. A reply
  * that is a tool call (runtime/tool-calls.ts) comes back as `tool_calls` with finish_reason "tool_calls": in
  * a stream, as OpenAI streams one (the call's id, type and name, then its arguments), never as content first.
+ * With n > 1 every choice is read the same way; streamed, each chunk's choice carries its index (the
+ * samples run one after another, so choice 0's chunks come first). With logprobs, each choice's
+ * `logprobs.content` holds its tokens' (streamed: each chunk those of the tokens it adds; tokens whose text
+ * is held back, like a tool call's, go with the next chunk that is sent for that choice).
  */
 export async function respondChat(kit: RouteKit, c: Context, chat: ChatRun): Promise<Response> {
   const id = newId("chatcmpl");
   const created = nowSeconds();
   const model = kit.engine.info.modelId;
+  const n = chat.n ?? 1;
   const pythonTagId = kit.engine.tokenizer.specialTokenId(PYTHON_TAG);
   const offerOf = (kwargs: Record<string, unknown> | undefined): ToolOffer | null => (chat.functions ? { functions: chat.functions, builtin: builtinToolsOf(kwargs) } : null);
   const toolCallOf = (call: ParsedToolCall) => ({ id: newId("call"), type: "function", function: call });
+  const choicesOf = (result: GenerateResult & { choices?: GenerateResult[] }) => result.choices ?? [result];
 
   if (chat.stream) {
     const head = { id, object: "chat.completion.chunk", created, model, ...chat.extra };
-    const chunk = (delta: Record<string, unknown>, finish: string | null = null) => ({ ...head, choices: [{ index: 0, delta, logprobs: null, finish_reason: finish }] });
-    const calls = new ToolCallStream(offerOf(chat.templateKwargs), pythonTagId);
+    const calls = Array.from({ length: n }, () => new ToolCallStream(offerOf(chat.templateKwargs), pythonTagId));
+    const pending: TokenLogprob[][] = Array.from({ length: n }, () => []);
+    let logprobsAsked = false;
+    const logprobsOf = (index: number) => {
+      if (!logprobsAsked) return null;
+      const batch = pending[index]!;
+      pending[index] = [];
+      return kit.tokens.chat(batch);
+    };
+    const chunk = (index: number, delta: Record<string, unknown>, finish: string | null = null, logprobs: unknown = null) => ({
+      ...head,
+      choices: [{ index, delta, logprobs, finish_reason: finish }],
+    });
     return kit.sse(async (send) => {
-      send(chunk({ role: "assistant", content: "" }));
+      for (let index = 0; index < n; index++) send(chunk(index, { role: "assistant", content: "" }));
       const result = await chat.run(
-        (text) => {
-          const content = calls.text(text);
-          if (content) send(chunk({ content }));
+        (text, logprobs, index = 0) => {
+          if (logprobs) {
+            logprobsAsked = true;
+            pending[index]!.push(...logprobs);
+          }
+          const content = calls[index]!.text(text);
+          if (content) send(chunk(index, { content }, null, logprobsOf(index)));
         },
-        (token) => calls.token(token),
+        (token, index = 0) => calls[index]!.token(token),
       );
-      const { toolCall, content } = calls.finish(result.finishReason, offerOf(result.templateKwargs ?? chat.templateKwargs));
-      if (content) send(chunk({ content }));
-      if (toolCall) {
-        // As OpenAI streams a call: id, type and name with empty arguments, then the arguments.
-        const call = toolCallOf(toolCall);
-        send(chunk({ tool_calls: [{ index: 0, id: call.id, type: call.type, function: { name: toolCall.name, arguments: "" } }] }));
-        send(chunk({ tool_calls: [{ index: 0, function: { arguments: toolCall.arguments } }] }));
-      }
-      send(chunk({}, toolCall ? "tool_calls" : result.finishReason));
+      choicesOf(result).forEach((choice, index) => {
+        const { toolCall, content } = calls[index]!.finish(choice.finishReason, offerOf(result.templateKwargs ?? chat.templateKwargs));
+        if (content) send(chunk(index, { content }, null, logprobsOf(index)));
+        if (toolCall) {
+          // As OpenAI streams a call: id, type and name with empty arguments, then the arguments.
+          const call = toolCallOf(toolCall);
+          send(chunk(index, { tool_calls: [{ index: 0, id: call.id, type: call.type, function: { name: toolCall.name, arguments: "" } }] }, null, logprobsOf(index)));
+          send(chunk(index, { tool_calls: [{ index: 0, function: { arguments: toolCall.arguments } }] }));
+        }
+        const rest = pending[index]!.length > 0 ? logprobsOf(index) : null;
+        send(chunk(index, {}, toolCall ? "tool_calls" : choice.finishReason, rest));
+      });
       if (chat.includeUsage) send({ ...head, choices: [], usage: usage(result), timings: timings(result) });
     }, chat.abort);
   }
   const result = await chat.run();
   const offer = offerOf(result.templateKwargs ?? chat.templateKwargs);
-  const pythonTag = pythonTagId !== null && result.tokenIds[0] === pythonTagId;
-  const toolCall = offer ? parseToolCall({ text: result.text, pythonTag, finishReason: result.finishReason }, offer) : null;
-  const message = toolCall ? { role: "assistant", content: null, tool_calls: [toolCallOf(toolCall)] } : { role: "assistant", content: result.text };
+  const choices = choicesOf(result).map((choice, index) => {
+    const pythonTag = pythonTagId !== null && choice.tokenIds[0] === pythonTagId;
+    const toolCall = offer ? parseToolCall({ text: choice.text, pythonTag, finishReason: choice.finishReason }, offer) : null;
+    const message = toolCall ? { role: "assistant", content: null, tool_calls: [toolCallOf(toolCall)] } : { role: "assistant", content: choice.text };
+    const logprobs = choice.logprobs ? kit.tokens.chat(choice.logprobs) : null;
+    return { index, message, logprobs, finish_reason: toolCall ? "tool_calls" : choice.finishReason };
+  });
   return c.json({
     id,
     object: "chat.completion",
     created,
     model,
     ...chat.extra,
-    choices: [{ index: 0, message, logprobs: null, finish_reason: toolCall ? "tool_calls" : result.finishReason }],
+    choices,
     usage: usage(result),
     timings: timings(result),
   });

@@ -3,9 +3,14 @@
  * Unknown fields are ignored (OpenAI clients send many); fields we cannot honour are refused by name.
  */
 import { z } from "zod";
-import { MAX_JSON_DEPTH, NAME_PATTERN, RESERVED_TEMPLATE_VARIABLES, jsonDepth } from "../runtime/index.ts";
+import { MAX_JSON_DEPTH, MAX_TOP_LOGPROBS, NAME_PATTERN, RESERVED_TEMPLATE_VARIABLES, jsonDepth } from "../runtime/index.ts";
 
 const MAX_TOKENS_LIMIT = 1 << 30;
+/** Most choices (`n`) one request may ask for: each is a decode of its own after the one prefill. */
+export const MAX_CHOICES = 16;
+/** Most prompts one /v1/completions request may carry (an array of texts or of token-id arrays). */
+export const MAX_PROMPTS = 64;
+const choicesField = z.number().int().min(1).max(MAX_CHOICES).nullable().optional();
 
 /**
  * Free-form JSON fields (chat_template_kwargs, tool parameters, tool-call arguments) nest at most
@@ -118,13 +123,42 @@ export const chatCompletionSchema = z.object({
   session_id: z.string().nullable().optional(),
   /** With session_id: extend (default: the messages are the whole conversation and must begin with the session's), append (they are new messages), replace (they become the conversation). */
   session_history: z.enum(["extend", "append", "replace"]).optional(),
-});
+  /** Independent samples from one prefill, each a choice (sample i draws with seed + i). */
+  n: choicesField,
+  /** Each generated token's logprob (log-softmax of the raw logits) in choices[i].logprobs.content. */
+  logprobs: z.boolean().nullable().optional(),
+  /** With logprobs: this many most likely tokens per position too. */
+  top_logprobs: z.number().int().min(0).max(MAX_TOP_LOGPROBS).nullable().optional(),
+}).refine((r) => r.top_logprobs == null || r.logprobs === true, { message: "only with logprobs: true", path: ["top_logprobs"] });
 export type ChatCompletionRequest = z.infer<typeof chatCompletionSchema>;
+
+/**
+ * A completion prompt: a text, token ids, or an array of texts or of token-id arrays (at most MAX_PROMPTS),
+ * one form per request.
+ */
+const promptField = z.union([
+  z.string(),
+  z
+    .array(z.union([z.string(), z.number().int().min(0), z.array(z.number().int().min(0)).min(1)]))
+    .min(1)
+    .superRefine((items, ctx) => {
+      const kinds = new Set(items.map((x) => typeof x));
+      if (kinds.size > 1) ctx.addIssue({ code: "custom", message: "one form per request: a text, token ids, an array of texts or an array of token-id arrays" });
+      else if (!kinds.has("number") && items.length > MAX_PROMPTS) ctx.addIssue({ code: "custom", message: `at most ${MAX_PROMPTS} prompts` });
+    }),
+]);
 
 export const completionSchema = z.object({
   ...samplingFields,
-  prompt: z.union([z.string(), z.array(z.number().int().min(0)).min(1)]),
-  echo: z.literal(false, { message: "echo is not supported" }).nullable().optional(),
+  /** 0 reads the prompt only (with echo and logprobs: scores it). */
+  max_tokens: z.number().int().min(0).max(MAX_TOKENS_LIMIT).nullable().optional(),
+  /** A text, token ids, or several of either (each prompt's choices follow the previous prompt's). */
+  prompt: promptField,
+  n: choicesField,
+  /** The legacy API's logprobs: each token's logprob and this many most likely tokens per position. */
+  logprobs: z.number().int().min(0).max(MAX_TOP_LOGPROBS).nullable().optional(),
+  /** The prompt comes back before the completion (with logprobs: the prompt's tokens with theirs, the first null). */
+  echo: z.boolean().nullable().optional(),
   /** llama.cpp's parse_special: special-token strings in a text prompt become special tokens (default: plain text). */
   parse_special: z.boolean().optional(),
 });

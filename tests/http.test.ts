@@ -176,9 +176,10 @@ describe("bad input gets OpenAI error JSON with its 4xx, and the server goes on 
     await stillServing();
   });
 
-  test("unsupported options are refused by name: n > 1, logprobs", async () => {
-    await expectError(await post("/v1/chat/completions", chat({ n: 2 })), 400, "n");
-    await expectError(await post("/v1/chat/completions", chat({ logprobs: true })), 400, "logprobs");
+  test("options out of range are refused by name: n > 16, top_logprobs > 20, logprobs not a boolean (see logprobs.test.ts)", async () => {
+    await expectError(await post("/v1/chat/completions", chat({ n: 17 })), 400, "n");
+    await expectError(await post("/v1/chat/completions", chat({ logprobs: true, top_logprobs: 21 })), 400, "top_logprobs");
+    await expectError(await post("/v1/chat/completions", chat({ logprobs: 2 })), 400, "logprobs");
     await stillServing();
   });
 

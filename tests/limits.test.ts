@@ -45,8 +45,8 @@ describe("validation messages name the field and the limit", () => {
     ["/v1/chat/completions", { max_tokens: 2 }, "messages", "messages: required (an array)"],
     ["/v1/chat/completions", chat({ messages: [{ role: "wizard", content: "x" }] }), "messages.0.role", 'messages.0.role: must be one of "system", "developer", "user"'],
     ["/v1/chat/completions", chat({ tools: [{ type: "function", function: { name: "" } }] }), "tools.0.function.name", "tools.0.function.name: at least 1 character"],
-    ["/v1/completions", { prompt: [], max_tokens: 1 }, "prompt", "prompt: at least 1 number"],
-    ["/v1/chat/completions", chat({ n: 2 }), "n", "n: only n=1 is supported"],
+    ["/v1/completions", { prompt: [], max_tokens: 1 }, "prompt", "prompt: at least 1 item"],
+    ["/v1/chat/completions", chat({ n: 17 }), "n", "n: at most 16"],
   ];
   for (const [path, body, param, message] of cases) {
     test(message, async () => {
