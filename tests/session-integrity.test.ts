@@ -48,7 +48,7 @@ describe("a turn is all or nothing", () => {
     const abort = new AbortController();
     abortAfterRuns(abort, 2);
     try {
-      const res = await app.request("/v1/chat/completions", { method: "POST", body: chatBody([SYSTEM, DOC_B, QUESTION], { session_id: "s" }), signal: abort.signal });
+      const res = await app.request("/v1/chat/completions", { method: "POST", body: chatBody([SYSTEM, DOC_B, QUESTION], { session_id: "s", session_history: "replace" }), signal: abort.signal });
       await res.text();
     } catch {
       // the request was aborted: what it answered does not matter here
@@ -76,7 +76,7 @@ describe("a turn is all or nothing", () => {
     expect((await post("/v1/sessions", { id: "q", messages: [SYSTEM, DOC_A], chat_template_kwargs: DATE })).status).toBe(201);
     const reference = await reply(fresh, [SYSTEM, DOC_A, QUESTION]);
     // The turn replaces the session's conversation; the plain request, queued right behind it, begins with the old one.
-    const turn = reply(app, [SYSTEM, DOC_B, QUESTION], { session_id: "q" });
+    const turn = reply(app, [SYSTEM, DOC_B, QUESTION], { session_id: "q", session_history: "replace" });
     while (!engine.queueState.busy) await new Promise((r) => setImmediate(r));
     const plain = reply(app, [SYSTEM, DOC_A, QUESTION]);
     const [, borrowed] = await Promise.all([turn, plain]);
@@ -94,7 +94,7 @@ describe("a turn is all or nothing", () => {
     mkdirSync(target);
     writeFileSync(join(target, "blocker"), "x");
 
-    const failed = await app.request("/v1/chat/completions", { method: "POST", body: chatBody([SYSTEM, DOC_B, QUESTION], { session_id: "p" }) });
+    const failed = await app.request("/v1/chat/completions", { method: "POST", body: chatBody([SYSTEM, DOC_B, QUESTION], { session_id: "p", session_history: "replace" }) });
     expect(failed.status).toBe(503);
     expect(((await failed.json()) as any).error.code).toBe("store_failed");
     const after = (await (await app.request("/v1/sessions/p")).json()) as any;
