@@ -17,7 +17,8 @@
  * read back), and every commit is fenced by the lease.
  *
  * The record and its state are in session.ts, the per-session locks in session-locks.ts, the memory
- * budget in kv-memory.ts, the store in snapshot-store.ts; this file is the manager that ties them.
+ * budget in kv-memory.ts, the store contract in session-store.ts (stores in stores/); this file is the
+ * manager that ties them.
  */
 import { assertTemplateKwargsAllowed, type ChatMessage, type ToolDefinition } from "./chat-template.ts";
 import type { CompletionJob, Engine, TokenizedPiece } from "./engine.ts";

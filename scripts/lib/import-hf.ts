@@ -10,7 +10,7 @@
  * when complete.
  */
 import { closeSync, existsSync, ftruncateSync, openSync, readFileSync, writeSync } from "node:fs";
-import { copyFile, mkdir, rename, rm, stat, writeFile } from "node:fs/promises";
+import { copyFile, mkdir, rm, stat, writeFile } from "node:fs/promises";
 import { basename, dirname, join, resolve } from "node:path";
 import { ropeSpec, type RopeConfigFields } from "../../runtime/rope.ts";
 import {
@@ -26,6 +26,7 @@ import {
   type WeightSource,
   type WriteProgress,
 } from "./onnx-llama.ts";
+import { swapIntoPlace } from "./model-folder.ts";
 import { Checkpoint, CheckpointError } from "./safetensors.ts";
 
 export { CheckpointError } from "./safetensors.ts";
@@ -227,17 +228,7 @@ export async function importHfCheckpoint(options: ImportOptions): Promise<Import
       }
       const files = await Promise.all(written.map(async (path) => ({ path, bytes: (await stat(join(tmp, path))).size })));
 
-      await mkdir(dirname(target), { recursive: true });
-      const old = join(dirname(target), `.${basename(target)}.old-${tag}`);
-      const hadOld = existsSync(target);
-      if (hadOld) await rename(target, old);
-      try {
-        await rename(tmp, target);
-      } catch (err) {
-        if (hadOld) await rename(old, target);
-        throw err;
-      }
-      if (hadOld) await rm(old, { recursive: true, force: true });
+      await swapIntoPlace(tmp, target, tag);
       return { outDir: target, files, largestTensorBytes, seconds: (performance.now() - started) / 1000 };
     } finally {
       await rm(tmp, { recursive: true, force: true });

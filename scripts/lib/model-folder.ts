@@ -91,6 +91,27 @@ export async function isUpToDate(outDir: string, stamp: string): Promise<boolean
   }
 }
 
+/**
+ * Puts a finished folder `tmp` in place of `target`: the old folder aside, the new one in, the old one
+ * removed. If the rename fails and `acceptExisting` says the folder now at `target` will do (a concurrent
+ * writer's identical result), that one stays; otherwise the old folder comes back and the error is thrown.
+ */
+export async function swapIntoPlace(tmp: string, target: string, tag: string, acceptExisting: () => Promise<boolean> = async () => false): Promise<void> {
+  await mkdir(dirname(target), { recursive: true });
+  const old = join(dirname(target), `.${basename(target)}.old-${tag}`);
+  const hadOld = existsSync(target);
+  if (hadOld) await rename(target, old);
+  try {
+    await rename(tmp, target);
+  } catch (err) {
+    if (!(await acceptExisting())) {
+      if (hadOld && !existsSync(target)) await rename(old, target);
+      throw err;
+    }
+  }
+  if (hadOld) await rm(old, { recursive: true, force: true });
+}
+
 export interface BuiltFile {
   /** Path relative to the model folder. */
   path: string;
@@ -163,21 +184,8 @@ export async function buildModelFolder(
       files.push({ path, bytes: (await stat(join(tmp, path))).size });
     }
 
-    // Swap into place: old folder aside, new one in, old one removed.
-    await mkdir(dirname(target), { recursive: true });
-    const old = join(dirname(target), `.${basename(target)}.old-${tag}`);
-    const hadOld = existsSync(target);
-    if (hadOld) await rename(target, old);
-    try {
-      await rename(tmp, target);
-    } catch (err) {
-      // A concurrent build may have put its own folder in place first; keep it if it is the same build.
-      if (!(await isUpToDate(target, stamp))) {
-        if (hadOld && !existsSync(target)) await rename(old, target);
-        throw err;
-      }
-    }
-    if (hadOld) await rm(old, { recursive: true, force: true });
+    // A concurrent build may have put its own folder in place first; keep it if it is the same build.
+    await swapIntoPlace(tmp, target, tag, () => isUpToDate(target, stamp));
     return { outDir: target, stamp, files };
   } finally {
     await rm(tmp, { recursive: true, force: true });
