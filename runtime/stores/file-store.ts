@@ -619,10 +619,14 @@ class FileTenantStore implements TenantStore {
   }
 
   private async readClaim(id: string, token: number): Promise<Claim | null> {
+    const path = this.claimPath(id, token);
     try {
-      return JSON.parse(await readFile(this.claimPath(id, token), "utf8")) as Claim;
+      return JSON.parse(await readFile(path, "utf8")) as Claim;
     } catch {
-      return null; // being written (a renewal renames over it) or removed: read again
+      // Claims are written whole (linked or renamed into place): one that does not parse was damaged outside
+      // this store. Past a minute it counts as expired, so that it cannot hold the session forever.
+      const age = await stat(path).then((st) => Date.now() - st.mtimeMs, () => 0);
+      return age > 60_000 ? { owner: "", expiresAt: 0 } : null;
     }
   }
 
@@ -641,12 +645,18 @@ class FileTenantStore implements TenantStore {
     }
     const token = (top ?? 0) + 1;
     await mkdir(join(this.dir, LEASES_DIR), { recursive: true });
+    // Exclusive create, whole: the claim is written aside and linked to its name, which fails if the name
+    // exists (each token is granted once). A process killed while writing leaves only its temporary file,
+    // never an empty or half-written claim that would read as held forever.
+    const temp = this.tempPath(`lease-${id}`);
+    await writeFile(temp, JSON.stringify({ owner, expiresAt: Date.now() + ttlMs } satisfies Claim));
     try {
-      // Exclusive create: each token is granted once.
-      await writeFile(this.claimPath(id, token), JSON.stringify({ owner, expiresAt: Date.now() + ttlMs } satisfies Claim), { flag: "wx" });
+      await link(temp, this.claimPath(id, token));
     } catch (e) {
       if (isCode(e, "EEXIST")) return null;
       throw e;
+    } finally {
+      await rm(temp, { force: true });
     }
     // A claimer that had read an older top could have created a lower token just now; the highest wins.
     const [highest] = await this.claims(id);
