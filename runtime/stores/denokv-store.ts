@@ -189,6 +189,62 @@ interface Piece {
   len: number;
 }
 
+/**
+ * The local (SQLite) backend answers "database is locked" when another process holds the file's write lock
+ * a moment too long (several workers on one file, or one killed mid-transaction, whose lock the next opener
+ * recovers): such a call is tried again, for up to LOCKED_RETRY_MS, with backoff. An atomic operation is
+ * replayed on a new builder, so a retry commits exactly the operations asked for; a listing is retried only
+ * before it has yielded anything.
+ */
+const LOCKED_RETRY_MS = 15_000;
+const isLocked = (e: unknown) => e instanceof Error && /database (table )?is locked|SQLITE_BUSY/i.test(e.message);
+
+async function whileLocked<T>(attempt: () => Promise<T>): Promise<T> {
+  const deadline = Date.now() + LOCKED_RETRY_MS;
+  for (let delay = 5; ; delay = Math.min(200, delay * 2)) {
+    try {
+      return await attempt();
+    } catch (e) {
+      if (!isLocked(e) || Date.now() > deadline) throw e;
+      await new Promise((resolve) => setTimeout(resolve, delay));
+    }
+  }
+}
+
+function retryingWhileLocked(kv: Kv): Kv {
+  return {
+    get: (key) => whileLocked(() => kv.get(key)),
+    getMany: (keys) => whileLocked(() => kv.getMany(keys)),
+    async *list(selector, options) {
+      let yielded = false;
+      for (const deadline = Date.now() + LOCKED_RETRY_MS; ; ) {
+        try {
+          for await (const entry of kv.list(selector, options)) {
+            yielded = true;
+            yield entry as never;
+          }
+          return;
+        } catch (e) {
+          if (yielded || !isLocked(e) || Date.now() > deadline) throw e;
+          await new Promise((resolve) => setTimeout(resolve, 20));
+        }
+      }
+    },
+    atomic() {
+      const ops: ((op: KvAtomic) => KvAtomic)[] = [];
+      const builder: KvAtomic = {
+        check: (...checks) => (ops.push((op) => op.check(...checks)), builder),
+        set: (key, value, options) => (ops.push((op) => op.set(key, value, options)), builder),
+        delete: (key) => (ops.push((op) => op.delete(key)), builder),
+        sum: (key, n) => (ops.push((op) => op.sum(key, n)), builder),
+        commit: () => whileLocked(() => ops.reduce((op, apply) => apply(op), kv.atomic()).commit()),
+      };
+      return builder;
+    },
+    close: () => kv.close(),
+  };
+}
+
 export interface DenoKvStoreOptions {
   /** Bytes per stored chunk (default 60 KiB, at most 64 KiB). */
   chunkBytes?: number;
@@ -217,7 +273,7 @@ export class DenoKvSessionStore implements SessionStore {
     const chunkBytes = options.chunkBytes ?? DEFAULT_CHUNK_BYTES;
     if (!Number.isInteger(chunkBytes) || chunkBytes < 16 || chunkBytes > MAX_VALUE_BYTES) throw new RangeError(`denokv: chunkBytes must be an integer in [16, ${MAX_VALUE_BYTES}]`);
     const kv = await deno.openKv(path || undefined);
-    return new DenoKvSessionStore(kv, chunkBytes, path);
+    return new DenoKvSessionStore(retryingWhileLocked(kv), chunkBytes, path);
   }
 
   forTenant(tenant: string): TenantStore {

@@ -138,7 +138,8 @@ export function workerSuite(name: string, store: StoreUnderTest, skip: string | 
         // b's turn waits for the dead worker's lease to expire (1.5 s), then runs on the last committed version:
         // the dead turn left nothing.
         const after = await say(b.url, "crash", "After the crash?");
-        expect(after.status).toBe(200);
+        if (after.status !== 200) console.error(`worker b said:\n${b.output().slice(-3000)}`);
+        expect({ status: after.status, error: after.body.error ?? null }).toEqual({ status: 200, error: null });
         expect(await messagesOf(b.url, "crash")).toBe(2 + 2 + 2);
         // A worker that restarts on the same store sees exactly that.
         const again = await startWorker(shared.spec);
