@@ -16,7 +16,7 @@ import { decodeSnapshot, encodeSnapshot, readSnapshotSummary } from "../runtime/
 import { RedisSessionStore, type RedisStoreOptions } from "../runtime/stores/redis-store.ts";
 import { snapshotDataOf } from "./helpers/snapshot-data.ts";
 import { REDIS_SERVER, redisAvailable, startRedisServer, type RedisServer } from "./helpers/redis-server.ts";
-import { STORE_CASES } from "./helpers/store-conformance.ts";
+import { bytes, concat, STORE_CASES } from "./helpers/store-conformance.ts";
 
 const haveRedis = redisAvailable;
 if (!haveRedis) console.warn(`tests/store-redis.test.ts: SKIPPED: ${REDIS_SERVER} is not installed (Debian package redis-server; .ci/run installs it)`);
@@ -26,17 +26,6 @@ let url = "";
 let admin: Redis;
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-const bytes = (n: number, seed: number) => Uint8Array.from({ length: n }, (_, i) => (i * 31 + seed * 7) & 255);
-const concat = (parts: Iterable<Uint8Array>) => {
-  const list = [...parts];
-  const out = new Uint8Array(list.reduce((a, p) => a + p.length, 0));
-  let at = 0;
-  for (const p of list) {
-    out.set(p, at);
-    at += p.length;
-  }
-  return out;
-};
 
 let prefixes = 0;
 /** A store handle on its own key prefix, so that a test can count the keys it made. */
@@ -116,7 +105,7 @@ describe.skipIf(!haveRedis)("redis store: chunks and collection", () => {
         } else {
           const delta = bytes(700 + i, i);
           v = await t.append("s", [delta], v);
-          expected = concat([expected, delta]);
+          expected = concat(expected, delta);
         }
         if (i % 5 === 0) {
           v = await t.truncate("s", v.bytes - 100);
@@ -160,7 +149,7 @@ describe.skipIf(!haveRedis)("redis store: chunks and collection", () => {
       await t.remove("parent");
       expect((await chunkKeys(prefix)).length).toBe(51);
       for (let i = 1; i < 5; i++) expect(await readAll(store, `child${i}`)).toEqual(base);
-      expect(await readAll(store, "child0")).toEqual(concat([base, bytes(10, 1)]));
+      expect(await readAll(store, "child0")).toEqual(concat(base, bytes(10, 1)));
       for (let i = 0; i < 5; i++) await t.remove(`child${i}`);
       expect(await keys(`${prefix}*:blob:*`)).toEqual([]);
     } finally {
@@ -253,7 +242,7 @@ describe.skipIf(!haveRedis)("redis store: chunks and collection", () => {
       const positions = Int32Array.from({ length }, (_, i) => i);
       cache.assign([make(1), make(2), make(3)], [make(4), make(5), make(6)], positions, length, length);
       const data = snapshotDataOf(cache, Int32Array.from({ length }, (_, i) => 1000 + i), cache.layerArrays(), { messages: [{ role: "user", content: "hi" }] });
-      const encoded = concat(encodeSnapshot(data, 64));
+      const encoded = concat(...encodeSnapshot(data, 64));
       const t = store.forTenant("default");
       await t.save("snap", encodeSnapshot(data, 64));
       const expected = await readSnapshotSummary(async (o, n) => encoded.slice(o, Math.min(encoded.length, o + n)), encoded.length);
@@ -328,7 +317,7 @@ describe.skipIf(!haveRedis)("redis store: Node and Deno workers on the same stor
         expect(reply.sum).toBe(sum);
         expect(reply.bytes).toBe(data.length + 2);
         expect(reply.token).toBeGreaterThan(earlier.token);
-        expect(await readAll(store, "s")).toEqual(concat([data, new Uint8Array([sum & 255, sum >> 8])]));
+        expect(await readAll(store, "s")).toEqual(concat(data, new Uint8Array([sum & 255, sum >> 8])));
       } finally {
         await store.close();
         rmSync(scriptDir, { recursive: true, force: true });

@@ -11,7 +11,7 @@
  * dead writer leaves swept, and a second Deno process on the same file.
  */
 import assert from "node:assert/strict";
-import { STORE_CASES } from "../helpers/store-conformance.ts";
+import { bytes, concat, STORE_CASES } from "../helpers/store-conformance.ts";
 import { DEFAULT_CHUNK_BYTES, DenoKvSessionStore, type DenoKvTenant } from "../../runtime/stores/denokv-store.ts";
 
 const dir = await Deno.makeTempDir({ prefix: "ulsess-denokv-" });
@@ -28,16 +28,6 @@ for (const [name, run] of STORE_CASES) Deno.test(`denokv conformance: ${name}`, 
 
 let n = 0;
 const uid = (label: string) => `${label}-${Date.now().toString(36)}-${(n++).toString(36)}`;
-const bytes = (len: number, seed: number) => Uint8Array.from({ length: len }, (_, i) => (i * 31 + seed * 7) & 255);
-const concat = (...parts: Uint8Array[]) => {
-  const out = new Uint8Array(parts.reduce((a, p) => a + p.length, 0));
-  let at = 0;
-  for (const p of parts) {
-    out.set(p, at);
-    at += p.length;
-  }
-  return out;
-};
 const readAll = (t: DenoKvTenant, id: string) => t.read(id, async (r) => new Uint8Array(await r.read(r.size)));
 const stream = (data: Uint8Array, chunk = 5000) =>
   new ReadableStream<Uint8Array>({

@@ -16,8 +16,10 @@ export type StoreCase = (open: OpenStore) => Promise<void>;
 let counter = 0;
 const uid = (label: string) => `${label}-${Date.now().toString(36)}-${(counter++).toString(36)}-${Math.floor(Math.random() * 1e6).toString(36)}`;
 
-const bytes = (n: number, seed: number) => Uint8Array.from({ length: n }, (_, i) => (i * 31 + seed * 7) & 255);
-const concat = (...parts: Uint8Array[]) => {
+/** `n` bytes of a pattern that differs by seed. */
+export const bytes = (n: number, seed: number) => Uint8Array.from({ length: n }, (_, i) => (i * 31 + seed * 7) & 255);
+/** The parts, one after another, in one array. */
+export const concat = (...parts: Uint8Array[]) => {
   const out = new Uint8Array(parts.reduce((a, p) => a + p.length, 0));
   let at = 0;
   for (const p of parts) {
