@@ -190,27 +190,6 @@ export class RouteKit {
   }
 
   /**
-   * Streams a generation as SSE chunks that share `head` (id, object, created, model); `choice` builds each
-   * chunk's choice from a text delta, or from null with the finish reason for the closing chunk. `run`
-   * starts the generation with the delta callback; it must submit to the engine synchronously (see sse).
-   */
-  stream(
-    run: (onDelta: (text: string) => void) => Promise<GenerateResult>,
-    abort: AbortController,
-    head: Record<string, unknown>,
-    includeUsage: boolean,
-    choice: (text: string | null, finish: string | null) => Record<string, unknown>,
-    opening?: Record<string, unknown>,
-  ): Response {
-    return this.sse(async (send) => {
-      if (opening) send({ ...head, choices: [opening] });
-      const result = await run((text) => send({ ...head, choices: [choice(text, null)] }));
-      send({ ...head, choices: [choice(null, result.finishReason)] });
-      if (includeUsage) send({ ...head, choices: [], usage: usage(result), timings: timings(result) });
-    }, abort);
-  }
-
-  /**
    * An SSE response whose producer starts a generation; it must submit to the engine synchronously (before
    * its first await): a full queue must be a 429, not an error event inside a 200 stream, and the stream's
    * producer starts synchronously, so nothing can enter the queue between this check and its submission.

@@ -94,7 +94,7 @@ export class FileByteSource implements SnapshotReader {
    * Opens `path` for reading the version `versionOf(stat)` says it holds (default: the whole file). The default
    * buffer (8 MB) is large enough that most snapshot frames (a chunk of one layer's keys or values) lie in it whole.
    */
-  static async open(path: string, bufferBytes = 8 << 20, _unused?: undefined, versionOf?: (st: BigStat) => StoreVersion): Promise<FileByteSource> {
+  static async open(path: string, bufferBytes = 8 << 20, versionOf?: (st: BigStat) => StoreVersion): Promise<FileByteSource> {
     const handle = await open(path, "r");
     try {
       const st = (await handle.stat({ bigint: true })) as unknown as BigStat;
@@ -361,7 +361,7 @@ class FileTenantStore implements TenantStore {
     const record = await this.readRecord(id);
     try {
       // The record is read first: a commit after it only adds bytes past its length, or renames a new file in.
-      return await FileByteSource.open(this.path(id), bufferBytes, undefined, (st) => this.versionOf(st, record));
+      return await FileByteSource.open(this.path(id), bufferBytes, (st) => this.versionOf(st, record));
     } catch (e) {
       if (isCode(e, "ENOENT")) throw new NotFound(id);
       throw e;
